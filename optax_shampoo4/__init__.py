@@ -1,0 +1,47 @@
+"""optax_shampoo4: memory-efficient second-order optimization for JAX/Optax.
+
+4-bit Shampoo (quantized eigenvectors) [S4], Cholesky quantization with error feedback [CQ], and 4-bit
+AdamW / 4-bit Factor [A4], as pure-functional Optax transformations whose states are pytrees.
+
+Public API:
+  Optimizers:       shampoo_adamw, shampoo_sgdm, adamw_4bit
+  Transformations:  scale_by_shampoo, scale_by_adam_4bit
+  Quantization:     quantize, dequantize, codebook, QuantizedArray
+  Memory:           state_nbytes, memory_report, format_memory_report
+"""
+
+import os as _os
+
+
+def _avoid_jaxlib_0_10_cpu_deadlock():
+  # jaxlib 0.10.x's CPU runtime can hang forever on programs with many independent linear-algebra custom
+  # calls when its concurrency-optimized scheduler is on (seen with jaxlib 0.10.2; 0.9.2 is unaffected).
+  # The flag only changes CPU scheduling and only takes effect if no JAX backend exists yet.
+  try:
+    from importlib.metadata import version
+    jaxlib_version = version("jaxlib")
+  except Exception:  # pragma: no cover - metadata missing
+    return
+  flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
+  flags = _os.environ.get("XLA_FLAGS", "")
+  if jaxlib_version.startswith("0.10.") and flag not in flags:
+    _os.environ["XLA_FLAGS"] = f"{flags} {flag}=false".strip()
+
+
+_avoid_jaxlib_0_10_cpu_deadlock()
+
+from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState, scale_by_adam_4bit  # noqa: E402
+from optax_shampoo4.alias import adamw_4bit, shampoo_adamw, shampoo_sgdm  # noqa: E402
+from optax_shampoo4.memory import format_memory_report, memory_report, state_nbytes  # noqa: E402
+from optax_shampoo4.quantization import QuantizedArray, codebook, dequantize, quantize  # noqa: E402
+from optax_shampoo4.shampoo import (  # noqa: E402
+    CholeskyPreconditioner, EigenPreconditioner, MatrixPreconditioner, ShampooState, scale_by_shampoo)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "shampoo_adamw", "shampoo_sgdm", "adamw_4bit", "scale_by_shampoo", "scale_by_adam_4bit",
+    "quantize", "dequantize", "codebook", "QuantizedArray", "state_nbytes", "memory_report",
+    "format_memory_report", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",
+    "CholeskyPreconditioner", "ScaleByAdam4bitState", "FactoredMoment",
+]

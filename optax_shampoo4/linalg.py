@@ -1,0 +1,174 @@
+"""Batched fp32 linear algebra for Shampoo preconditioners, built from matrix products.
+
+Every function takes stacks of matrices (``(..., n, n)``) and runs at ``Precision.HIGHEST``, because XLA's
+default fp32 dot is TF32 on recent GPUs and bf16 passes on TPUs, which is too coarse for preconditioner
+statistics whose eigenvalues span six decades.
+
+Batched QR is avoided on purpose: on GPUs ``jnp.linalg.qr`` over a stack is orders of magnitude slower
+than matrix products (SPEC §5). Orthonormalization is a shifted Cholesky-QR repeated three times, which
+reproduces the Q factor of a QR decomposition with matrix products, one Cholesky and one triangular solve
+per pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+_FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def matmul(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
+  return jnp.matmul(a, b, precision=precision)
+
+
+def transpose(a: jax.Array) -> jax.Array:
+  return jnp.swapaxes(a, -1, -2)
+
+
+def symmetrize(a: jax.Array) -> jax.Array:
+  return 0.5 * (a + transpose(a))
+
+
+def gram(x: jax.Array) -> jax.Array:
+  """``x xᵀ`` (symmetrized)."""
+  return symmetrize(matmul(x, transpose(x)))
+
+
+def bjorck(rows: jax.Array, steps: int) -> jax.Array:
+  """``steps`` Björck (Newton–Schulz) steps ``V ← 1.5 V − 0.5 V Vᵀ V`` towards the nearest orthogonal matrix.
+
+  Converges quadratically while the singular values lie in (0, √3); one step turns a 4-bit quantized
+  orthogonal matrix (orthogonality error ~1e-2) into one with error ~1e-4 [S4, §3.2].
+  """
+  for _ in range(steps):
+    rows = 1.5 * rows - 0.5 * matmul(matmul(rows, transpose(rows)), rows)
+  return rows
+
+
+def orthogonality_error(rows: jax.Array) -> jax.Array:
+  """``max |V Vᵀ − I|`` per matrix of the stack."""
+  n = rows.shape[-1]
+  return jnp.max(jnp.abs(matmul(rows, transpose(rows)) - jnp.eye(n, dtype=rows.dtype)), axis=(-2, -1))
+
+
+def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0) -> jax.Array:
+  """Q factor of ``x = Q R`` (positive diagonal of R) by shifted Cholesky-QR, ``passes`` times.
+
+  Each pass scales the columns to unit norm (Q is invariant to positive column scaling), factors the Gram
+  matrix ``XᵀX + s I = R̃ᵀ R̃`` and sets ``X ← X R̃⁻¹``. The shift ``s = shift · u · ‖XᵀX‖_F`` (u the fp32
+  unit roundoff) keeps the Cholesky factorization from breaking down when the columns are nearly
+  dependent, and each pass improves the conditioning (Fukaya et al., *Shifted Cholesky QR for computing
+  the QR factorization of ill-conditioned matrices*, SIAM J. Sci. Comput. 2020). A final Björck step
+  removes the ~1e-5 orthogonality error the shift leaves. Because every ``R̃`` is upper triangular, the
+  column spans ``span(Q[:, :k]) = span(x[:, :k])`` are those of QR, which is what subspace iteration
+  needs (a polar factor would not converge to the eigenbasis).
+
+  Measured (fp32, order 1200): orthogonality error ~1e-6 both for a rank-5 statistic started from the
+  identity and for a statistic with eigenvalues spanning 1e7 started from a 4-bit basis.
+  """
+  n = x.shape[-1]
+  eye = jnp.eye(n, dtype=x.dtype)
+  for _ in range(passes):
+    norms = jnp.sqrt(jnp.sum(x * x, axis=-2, keepdims=True))
+    x = x / jnp.maximum(norms, jnp.finfo(x.dtype).tiny)
+    gram_matrix = symmetrize(matmul(transpose(x), x))
+    frobenius = jnp.sqrt(jnp.sum(gram_matrix * gram_matrix, axis=(-2, -1), keepdims=True))
+    lower = jnp.linalg.cholesky(gram_matrix + (shift * _FP32_UNIT_ROUNDOFF) * frobenius * eye)
+    # x ← x R̃⁻¹ with R̃ = lowerᵀ: solve  x_new · lowerᵀ = x.
+    x = lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
+  return transpose(bjorck(transpose(x), 1))
+
+
+def subspace_iteration_step(statistic: jax.Array, rows: jax.Array, *, shift: float = 1e-5):
+  """One warm-started step of simultaneous (subspace) iteration for the eigenbasis of ``statistic``.
+
+  Args:
+    statistic: symmetric positive semi-definite ``A`` (..., n, n).
+    rows: the previous eigenvectors as rows, ``Vᵀ`` (..., n, n), in order of decreasing eigenvalue.
+    shift: ``A + shift·λ̂ I`` is iterated instead of ``A`` (λ̂ the largest column norm of ``A V``), which
+      leaves the eigenvectors unchanged and bounds the condition number of ``A V`` by ``1/shift``, so that
+      the fp32 Cholesky-QR cannot break down on rank-deficient statistics (the first ``G Gᵀ``).
+
+  Returns:
+    ``(new_rows, eigenvalues)``: ``Pᵀ`` with ``P = orth(A V)``, and the Rayleigh quotients
+    ``diag(Pᵀ A P)`` (fp32).
+  """
+  columns = transpose(rows)
+  product = matmul(statistic, columns)
+  largest = jnp.max(jnp.sqrt(jnp.sum(product * product, axis=-2)), axis=-1)[..., None, None]
+  basis = orthonormalize_columns(product + shift * largest * columns)
+  eigenvalues = jnp.sum(basis * matmul(statistic, basis), axis=-2)
+  return transpose(basis), eigenvalues
+
+
+def relative_damping(eigenvalues: jax.Array, epsilon) -> jax.Array:
+  """``ρ = ε · max(λ)`` per matrix (SPEC §2), kept strictly positive for an all-zero statistic."""
+  largest = jnp.max(eigenvalues, axis=-1, keepdims=True)
+  return epsilon * jnp.maximum(largest, 0.0) + jnp.finfo(jnp.float32).tiny
+
+
+def inverse_root_from_eigenbasis(rows: jax.Array, eigenvalues: jax.Array, *, root: int = 4,
+                                 epsilon=1e-6) -> jax.Array:
+  """``Vᵀ diag((λ + ρ)^(-1/root)) V`` with rows of ``rows`` the eigenvectors; ``ρ = ε·max(λ)``."""
+  damped = jnp.maximum(eigenvalues, 0.0) + relative_damping(eigenvalues, epsilon)
+  scaled = rows * (damped ** (-1.0 / root))[..., :, None]
+  return symmetrize(matmul(transpose(rows), scaled))
+
+
+def inverse_root_eigh(statistic: jax.Array, *, root: int = 4, epsilon=1e-6) -> jax.Array:
+  """``(A + ε·λmax I)^(-1/root)`` through a symmetric eigendecomposition (fp32)."""
+  eigenvalues, vectors = jnp.linalg.eigh(symmetrize(statistic))
+  return inverse_root_from_eigenbasis(transpose(vectors), eigenvalues, root=root, epsilon=epsilon)
+
+
+def largest_eigenvalue(statistic: jax.Array, iterations: int = 24) -> jax.Array:
+  """Power-iteration estimate of ``λmax`` of a PSD stack, shape ``(...,)``."""
+  n = statistic.shape[-1]
+  vector = jnp.ones(statistic.shape[:-1], statistic.dtype) / jnp.sqrt(n)
+
+  def body(_, v):
+    w = jnp.einsum("...ij,...j->...i", statistic, v, precision=HIGHEST)
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), jnp.finfo(w.dtype).tiny)
+
+  vector = lax.fori_loop(0, iterations, body, vector)
+  return jnp.einsum("...i,...ij,...j->...", vector, statistic, vector, precision=HIGHEST)
+
+
+def inverse_root_newton(statistic: jax.Array, *, root: int = 4, epsilon=1e-6,
+                        iterations: int = 30) -> jax.Array:
+  """``(A + ε·λmax I)^(-1/root)`` by the coupled Newton iteration (Guo & Higham 2006), matrix products only.
+
+  ``M₀ = z A_ρ, H₀ = z^{1/p} I`` with ``z = (1 + p) / (2‖A_ρ‖)``; then ``T = ((p+1) I − M)/p``,
+  ``H ← H T``, ``M ← T^p M``, so that ``M → I`` and ``H → A_ρ^{-1/p}``.
+  """
+  n = statistic.shape[-1]
+  eye = jnp.eye(n, dtype=statistic.dtype)
+  largest = largest_eigenvalue(statistic)
+  damped = symmetrize(statistic) + (epsilon * jnp.maximum(largest, 0.0) +
+                                    jnp.finfo(jnp.float32).tiny)[..., None, None] * eye
+  # 1.05·λmax over-estimates the spectral norm safely (power iteration approaches it from below).
+  z = (1.0 + root) / (2.0 * 1.05 * (largest * (1.0 + epsilon) + jnp.finfo(jnp.float32).tiny))
+  m = damped * z[..., None, None]
+  h = eye * (z ** (1.0 / root))[..., None, None]
+
+  def body(_, carry):
+    m, h = carry
+    t = ((root + 1.0) * eye - m) / root
+    t_power = t
+    for _ in range(root - 1):
+      t_power = matmul(t_power, t)
+    return matmul(t_power, m), matmul(h, t)
+
+  _, h = lax.fori_loop(0, iterations, body, (m, h))
+  return symmetrize(h)
+
+
+def cholesky_lower(statistic: jax.Array, epsilon) -> jax.Array:
+  """Lower Cholesky factor of ``A + ε·max(diag A)·I`` (NaN where the factorization fails)."""
+  n = statistic.shape[-1]
+  diagonal_max = jnp.max(jnp.diagonal(statistic, axis1=-2, axis2=-1), axis=-1)
+  ridge = epsilon * jnp.maximum(diagonal_max, 0.0) + jnp.finfo(jnp.float32).tiny
+  return jnp.linalg.cholesky(symmetrize(statistic) + ridge[..., None, None] * jnp.eye(n, dtype=statistic.dtype))

@@ -1,0 +1,359 @@
+"""Block-wise and rank-1 quantization of optimizer states to 4 or 8 bits.
+
+A quantizer is a *normalization* followed by a *mapping* (SPEC §1, after [A4] and [S4]):
+
+* normalization divides every element by a scale: the absolute maximum of its block of ``block_size``
+  consecutive elements along the last axis (``"block"``), the smaller of its row and column maxima
+  (``"rank1"``, [A4]), or the block maxima of the strictly lower and strictly upper triangles taken
+  separately (``"triangular"``, used to store a Cholesky factor and its error in one array, [CQ]);
+* mapping replaces the normalized value by the index of the nearest entry of a sorted codebook, ties going
+  to the lower index.
+
+Codes are stored in ``uint8``; at 4 bits two codes share a byte (even element in the low nibble), and every
+row is padded to an even length so that no byte holds elements of two rows.
+
+References:
+  [S4] Wang et al., *4-bit Shampoo for Memory-Efficient Network Training*, NeurIPS 2024.
+  [A4] Li, Chen, Zhu, *Memory Efficient Optimizers with 4-bit States*, NeurIPS 2023.
+  [CQ] Li et al., *Memory-Efficient 4-bit Preconditioned Stochastic Optimization*, arXiv 2412.10663.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CODEBOOKS = ("linear2", "dynamic_tree", "dynamic_tree_unsigned", "linear_nozero")
+NORMALIZATIONS = ("block", "rank1", "triangular")
+BITS = (4, 8)
+# Rank-1 normalization has no second axis for 1-D tensors; [A4] falls back to blocks of this size.
+RANK1_FALLBACK_BLOCK_SIZE = 128
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Codebooks
+# ----------------------------------------------------------------------------------------------------------
+def _dynamic_tree(bits: int, signed: bool) -> np.ndarray:
+  """Dynamic-tree (dynamic exponent) map of Dettmers et al., as built by bitsandbytes."""
+  exponent_levels = bits - 1
+  values = [0.0, 1.0]
+  for level in range(exponent_levels):
+    items = 2**level + 1 if signed else 2 ** (level + 1) + 1
+    boundaries = np.linspace(0.1, 1.0, items)
+    means = (boundaries[:-1] + boundaries[1:]) / 2.0
+    scale = 10.0 ** (level - (exponent_levels - 1))
+    values.extend(scale * means)
+    if signed:
+      values.extend(-scale * means)
+  return np.sort(np.asarray(values, np.float64))
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook64(name: str, bits: int) -> np.ndarray:
+  if bits not in BITS:
+    raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+  levels = 2**bits
+  if name == "linear2":
+    x = np.linspace(-1.0, 1.0, levels)
+    x[levels // 2 - 1] = 0.0  # give the signed map an exact zero
+    table = np.sign(x) * x**2
+  elif name == "dynamic_tree":
+    table = _dynamic_tree(bits, signed=True)
+  elif name == "dynamic_tree_unsigned":
+    table = _dynamic_tree(bits, signed=False)
+  elif name == "linear_nozero":
+    table = (np.arange(levels, dtype=np.float64) + 1.0) / levels
+  else:
+    raise ValueError(f"codebook must be one of {CODEBOOKS}, got {name!r}")
+  assert table.shape == (levels,) and np.all(np.diff(table) > 0), (name, bits)
+  table.setflags(write=False)
+  return table
+
+
+def codebook(name: str, bits: int = 4) -> np.ndarray:
+  """Returns the sorted values of a codebook (index order = code value), as float32.
+
+  Args:
+    name: ``"linear2"`` (signed, ``sign(x)·x²`` of a linear grid with an exact zero; Shampoo states),
+      ``"dynamic_tree"`` (signed dynamic exponent; Adam first moment), ``"dynamic_tree_unsigned"``
+      (ablation, and 8-bit Adam second moment) or ``"linear_nozero"`` (``(i + 1) / 2**bits``; 4-bit Adam
+      second moment: no zero, so ``1 / (sqrt(v) + eps)`` cannot explode).
+    bits: 4 or 8.
+  """
+  return _codebook64(name, bits).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _decision_boundaries(name: str, bits: int) -> np.ndarray:
+  table = _codebook64(name, bits)
+  return ((table[:-1] + table[1:]) / 2.0).astype(np.float32)
+
+
+def _encode(normalized: jax.Array, name: str, bits: int) -> jax.Array:
+  """Index of the nearest codebook entry, ties to the lower one: #{k : normalized > midpoint_k}.
+
+  A branchless binary search over the sorted midpoints: ``bits`` comparisons per element instead of
+  ``2**bits - 1``. NaN compares false everywhere and gets code 0.
+  """
+  boundaries = jnp.asarray(_decision_boundaries(name, bits))
+  index = jnp.zeros(normalized.shape, jnp.int32)
+  step = 2 ** (bits - 1)
+  while step >= 1:
+    index = index + jnp.where(normalized > boundaries[index + (step - 1)], step, 0)
+    step //= 2
+  return index.astype(jnp.uint8)
+
+
+def _decode(codes: jax.Array, name: str, bits: int) -> jax.Array:
+  return jnp.asarray(codebook(name, bits))[codes.astype(jnp.int32)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nibble packing
+# ----------------------------------------------------------------------------------------------------------
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+  """Packs 4-bit codes (uint8 < 16) along the last axis: element 2j low nibble, 2j+1 high nibble.
+
+  Each row is padded to an even length on its own, so bytes never straddle rows.
+  """
+  if codes.shape[-1] % 2:
+    codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+  return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: jax.Array, length: int) -> jax.Array:
+  """Inverse of :func:`pack_nibbles`: the first ``length`` codes of every row."""
+  codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+  return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stored array
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QuantizationSpec:
+  """What a :class:`QuantizedArray` holds, beyond its arrays (static, hashable pytree aux data)."""
+
+  shape: Tuple[int, ...]
+  codebook: str
+  bits: int
+  block_size: int
+  normalization: str
+  keep_diagonal: bool
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QuantizedArray:
+  """A quantized tensor: codes, fp32 scales and (optionally) an fp32 diagonal.
+
+  A pytree: ``codes``, ``scales`` (a tuple) and ``diagonal`` (or ``None``) are children; the
+  :class:`QuantizationSpec` is auxiliary data. It therefore passes through ``jit``, ``vmap``, ``scan``,
+  ``cond`` and ``jax.tree.map`` like any container of arrays, and checkpoints like one.
+
+  For ``"block"`` and ``"triangular"`` normalizations the leading axes are read off ``codes``, so a
+  QuantizedArray produced under ``vmap`` (or stacked with ``jax.tree.map``) decodes to the batched array.
+  """
+
+  def __init__(self, codes, scales, diagonal, spec: QuantizationSpec):
+    self.codes = codes
+    self.scales = tuple(scales)
+    self.diagonal = diagonal
+    self.spec = spec
+
+  def tree_flatten_with_keys(self):
+    key = jax.tree_util.GetAttrKey
+    children = ((key("codes"), self.codes), (key("scales"), self.scales), (key("diagonal"), self.diagonal))
+    return children, self.spec
+
+  @classmethod
+  def tree_unflatten(cls, spec, children):
+    codes, scales, diagonal = children
+    return cls(codes, scales, diagonal, spec)
+
+  @property
+  def shape(self) -> Tuple[int, ...]:
+    if self.spec.normalization == "rank1":
+      return self.spec.shape
+    return tuple(self.codes.shape[:-1]) + (self.spec.shape[-1],)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored: codes + scales + diagonal."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self))
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return dequantize(self, dtype)
+
+  def __repr__(self):
+    s = self.spec
+    return (f"QuantizedArray(shape={self.shape}, {s.bits}-bit {s.codebook}, {s.normalization}"
+            f"{'/' + str(s.block_size) if s.normalization != 'rank1' else ''}"
+            f"{', diagonal kept' if s.keep_diagonal else ''})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scales
+# ----------------------------------------------------------------------------------------------------------
+def _block_absmax(x: jax.Array, block_size: int) -> jax.Array:
+  """Absolute maximum of each block of ``block_size`` along the last axis (last block may be short)."""
+  n = x.shape[-1]
+  blocks = -(-n // block_size)
+  padded = jnp.pad(jnp.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, blocks * block_size - n)])
+  return padded.reshape(*x.shape[:-1], blocks, block_size).max(axis=-1)
+
+
+def _expand_blocks(scales: jax.Array, block_size: int, n: int) -> jax.Array:
+  return jnp.repeat(scales, block_size, axis=-1, total_repeat_length=scales.shape[-1] * block_size)[..., :n]
+
+
+def _rank1_scales(x: jax.Array) -> Tuple[jax.Array, ...]:
+  absx = jnp.abs(x)
+  axes = range(x.ndim)
+  return tuple(absx.max(axis=tuple(a for a in axes if a != d)) for d in axes)
+
+
+def _expand_rank1(scales: Tuple[jax.Array, ...]) -> jax.Array:
+  ndim = len(scales)
+  expanded = None
+  for d, vector in enumerate(scales):
+    shaped = vector.reshape([-1 if a == d else 1 for a in range(ndim)])
+    expanded = shaped if expanded is None else jnp.minimum(expanded, shaped)
+  return expanded
+
+
+def _triangle_masks(n: int):
+  row = jnp.arange(n)[:, None]
+  col = jnp.arange(n)[None, :]
+  return row > col, row < col
+
+
+def _safe_divide(x: jax.Array, scale: jax.Array) -> jax.Array:
+  # An all-zero block has scale 0 and must decode to exact zeros; a NaN scale must stay visible (it does:
+  # the NaN is in the stored scale, so the block decodes to NaN while its neighbours are untouched).
+  positive = scale > 0
+  return jnp.where(positive, x / jnp.where(positive, scale, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantize / dequantize
+# ----------------------------------------------------------------------------------------------------------
+def validate_quantization_args(*, codebook: str, bits: int, block_size: int, normalization: str = "block",
+                               argument_prefix: str = "") -> None:
+  """Raises ``ValueError``/``TypeError`` naming the argument if a quantizer setting is invalid."""
+  p = argument_prefix
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
+    raise ValueError(f"{p}bits must be one of {BITS} for a quantized state, got {bits!r}")
+  if codebook not in CODEBOOKS:
+    raise ValueError(f"{p}codebook must be one of {CODEBOOKS}, got {codebook!r}")
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"{p}normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+    raise TypeError(f"{p}block_size must be an int, got {type(block_size).__name__}")
+  if block_size <= 0:
+    raise ValueError(f"{p}block_size must be positive, got {block_size}")
+  if bits == 4 and block_size % 2:
+    raise ValueError(f"{p}block_size must be even for 4-bit codes (two codes per byte), got {block_size}")
+
+
+def quantize(x: jax.Array, *, codebook: str = "linear2", bits: int = 4, block_size: int = 64,
+             keep_diagonal: bool = False, normalization: str = "block") -> QuantizedArray:
+  """Quantizes ``x`` (rank ≥ 1, any float dtype) to ``bits``-bit codes.
+
+  Args:
+    x: the array. Computation is in float32.
+    codebook: one of :data:`CODEBOOKS` (see :func:`codebook`).
+    bits: 4 (two codes per byte) or 8.
+    block_size: elements per absmax block along the last axis (each row separately; the last block of a
+      row may be shorter). Default 64, the Shampoo setting of [S4]; [A4] uses 128 for Adam moments.
+    keep_diagonal: for square matrices (the last two axes equal): keep the diagonal exactly in float32 and
+      zero it before the block scales are taken ("diag-real" of [S4]).
+    normalization: ``"block"``; ``"rank1"`` (per-axis max vectors, elementwise min; 1-D input falls back
+      to blocks of 128); or ``"triangular"`` (square matrices: separate block scales for the strictly
+      lower and strictly upper triangles, diagonal kept exactly).
+
+  Returns:
+    A :class:`QuantizedArray`. Non-finite inputs: a NaN or ±inf element makes its own block's scale
+    non-finite, so that block (only) decodes to non-finite values; other blocks are unaffected.
+  """
+  validate_quantization_args(codebook=codebook, bits=bits, block_size=block_size, normalization=normalization)
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"quantize needs an array of rank >= 1, got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"quantize needs a floating-point array, got dtype {x.dtype}")
+  if normalization == "rank1" and x.ndim == 1:
+    normalization, block_size = "block", RANK1_FALLBACK_BLOCK_SIZE
+  square = x.ndim >= 2 and x.shape[-1] == x.shape[-2]
+  if normalization == "triangular":
+    if not square:
+      raise ValueError(f"normalization='triangular' needs square matrices, got shape {x.shape}")
+    keep_diagonal = True
+  if keep_diagonal and not square:
+    raise ValueError(f"keep_diagonal=True needs square matrices in the last two axes, got shape {x.shape}")
+
+  x = x.astype(jnp.float32)
+  n = x.shape[-1]
+  diagonal = None
+  if keep_diagonal:
+    diagonal = jnp.diagonal(x, axis1=-2, axis2=-1)
+    x = jnp.where(jnp.eye(n, dtype=bool), 0.0, x)
+
+  if normalization == "block":
+    scales = (_block_absmax(x, block_size),)
+    elementwise_scale = _expand_blocks(scales[0], block_size, n)
+  elif normalization == "rank1":
+    scales = _rank1_scales(x)
+    elementwise_scale = _expand_rank1(scales)
+  else:
+    lower, upper = _triangle_masks(n)
+    scales = (_block_absmax(jnp.where(lower, x, 0.0), block_size),
+              _block_absmax(jnp.where(upper, x, 0.0), block_size))
+    elementwise_scale = jnp.where(lower, _expand_blocks(scales[0], block_size, n),
+                                  _expand_blocks(scales[1], block_size, n))
+
+  codes = _encode(_safe_divide(x, elementwise_scale), codebook, bits)
+  if bits == 4:
+    codes = pack_nibbles(codes)
+  spec = QuantizationSpec(tuple(x.shape), codebook, bits, block_size, normalization, keep_diagonal)
+  return QuantizedArray(codes, scales, diagonal, spec)
+
+
+def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
+  """Decodes a :class:`QuantizedArray` to a dense array of ``dtype`` (computed in float32)."""
+  if not isinstance(q, QuantizedArray):
+    raise TypeError(f"dequantize expects a QuantizedArray, got {type(q).__name__}")
+  spec = q.spec
+  n = spec.shape[-1]
+  codes = unpack_nibbles(q.codes, n) if spec.bits == 4 else q.codes
+  values = _decode(codes, spec.codebook, spec.bits)
+  if spec.normalization == "block":
+    out = values * _expand_blocks(q.scales[0], spec.block_size, n)
+  elif spec.normalization == "rank1":
+    out = values * _expand_rank1(q.scales)
+  else:
+    lower, _ = _triangle_masks(n)
+    out = values * jnp.where(lower, _expand_blocks(q.scales[0], spec.block_size, n),
+                             _expand_blocks(q.scales[1], spec.block_size, n))
+  if spec.keep_diagonal:
+    out = jnp.where(jnp.eye(n, dtype=bool), q.diagonal[..., None, :], out)
+  return out.astype(dtype)
+
+
+def fake_quantize(x: jax.Array, **kwargs) -> jax.Array:
+  """``dequantize(quantize(x, **kwargs))`` in the dtype of ``x``: the value the stored state will have."""
+  return dequantize(quantize(x, **kwargs), jnp.asarray(x).dtype)
+
+
+def max_rounding_error(name: str, bits: int) -> float:
+  """Half the widest gap of the codebook: bound on ``|x/scale − decode(encode(x/scale))|`` in the range."""
+  return float(np.max(np.diff(_codebook64(name, bits))) / 2.0)
+
