@@ -158,8 +158,7 @@ def scale_by_adam_4bit(
   def init_fn(params):
     mu = jax.tree.map(lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape), params)
     nu = jax.tree.map(init_leaf_second, params)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByAdam4bitState(zero, mu, nu, zero)
+    return ScaleByAdam4bitState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -69,7 +69,8 @@ class MatrixCodec:
 
   def store(self, x: jax.Array, *, keep_diagonal: bool = False, triangular: bool = False) -> Stored:
     if not self.quantized:
-      return x.astype(jnp.float32)
+      # a copy, so that no two state leaves share a buffer (donating the state would fail)
+      return jnp.array(x, dtype=jnp.float32, copy=True)
     return quantize(x, codebook=self.codebook, bits=self.bits, block_size=self.block_size,
                     keep_diagonal=keep_diagonal, normalization="triangular" if triangular else "block")
 
@@ -296,7 +297,7 @@ def scale_by_shampoo(
     start_step: int = 1,
     inverse_root_method: str = "eigh",
     error_feedback: bool = True,
-    error_feedback_beta: float = 0.9,
+    error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
     shard_blocks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -328,7 +329,7 @@ def scale_by_shampoo(
     inverse_root_method: for ``"matrix"`` and ``"cholesky"``: ``"eigh"`` (symmetric eigendecomposition) or
       ``"newton"`` (coupled Newton iteration, matrix products only). Static.
     error_feedback: ``"cholesky"`` only: quantize ``C + E`` and carry the quantization error (default True).
-    error_feedback_beta: ``"cholesky"`` only: EMA factor ``β_e`` of the error state (default 0.9, chosen by
+    error_feedback_beta: ``"cholesky"`` only: EMA factor ``β_e`` of the error state (default 0.0 — plain error feedback — chosen by
       experiment, see ``docs/ablation.md``).
     preconditioning_precision: matmul precision of the per-step ``L̂ G R̂`` only: ``"high"`` (default: TF32
       on GPUs, 3 bf16 passes on TPUs — far below the 4-bit quantization error), ``"highest"`` or
@@ -395,8 +396,8 @@ def scale_by_shampoo(
     preconditioners = {
         _stack_key(order): storage_for(order).init(plan.stack_length(order), order, hyper())
         for order in plan.orders}
-    zero = jnp.zeros([], jnp.int32)
-    return ShampooState(zero, preconditioners, zero, zero)
+    counter = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: the state may be donated
+    return ShampooState(counter(), preconditioners, counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -462,12 +463,17 @@ def scale_by_shampoo(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def preconditioner_storage(state: ShampooState, order: int, *, quantize: str, bits: int = 4,
-                           block_size: int = 64, codebook: str = "linear2", min_quantized_size: int = 4096,
-                           **storage_kwargs) -> Tuple[_Storage, Any]:
-  """The storage object and stack state of one order class — for analysis (e.g. rebuilding statistics)."""
-  codec = MatrixCodec(bits if order * order >= min_quantized_size else 32, codebook, block_size)
-  storage = _STORAGE_CLASSES[quantize](codec, storage_kwargs.get("bjorck_steps", (1, 4)),
-                                       storage_kwargs.get("inverse_root_method", "eigh"),
-                                       storage_kwargs.get("error_feedback", True))
-  return storage, state.preconditioners[_stack_key(order)]
+def make_storage(quantize: str = "eigenvectors", *, bits: int = 4, codebook: str = "linear2",
+                 block_size: int = 64, bjorck_steps: Tuple[int, int] = (1, 4), inverse_root_method: str = "eigh",
+                 error_feedback: bool = True):
+  """One preconditioner storage (the object :func:`scale_by_shampoo` uses per order class), for analysis.
+
+  Its methods ``init(count, order, hyper)``, ``update_statistics(state, grams, hyper)``,
+  ``update_inverse_root(state, hyper)`` and ``inverse_root(state)`` act on a stack of preconditioners;
+  ``hyper`` is ``Hyper(beta, epsilon, error_feedback_beta)``.
+  """
+  codec = MatrixCodec(bits, codebook, block_size)
+  return _STORAGE_CLASSES[quantize](codec, tuple(bjorck_steps), inverse_root_method, error_feedback)
+
+
+Hyper = _Hyper
