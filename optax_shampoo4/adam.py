@@ -53,6 +53,7 @@ class _MomentLayout:
   block_size: int
   second_moment: str
   min_quantized_size: int
+  second_moment_codebook_override: Optional[str] = None
 
   def quantized(self, shape) -> bool:
     size = 1
@@ -69,6 +70,8 @@ class _MomentLayout:
 
   @property
   def second_codebook(self) -> str:
+    if self.second_moment_codebook_override is not None:
+      return self.second_moment_codebook_override
     return "linear_nozero" if self.bits == 4 else "dynamic_tree_unsigned"
 
   def store_first(self, m, shape):
@@ -109,6 +112,7 @@ def scale_by_adam_4bit(
     block_size: Optional[int] = None,
     second_moment: str = "rank1",
     min_quantized_size: int = 4096,
+    second_moment_codebook: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's rule, storing both moments in 4 (or 8) bits [A4].
 
@@ -123,6 +127,9 @@ def scale_by_adam_4bit(
     second_moment: ``"rank1"`` (default), ``"block"`` or ``"factored"`` (4-bit Factor: Adafactor row and
       column EMAs in fp32 for tensors of rank ≥ 2). Static.
     min_quantized_size: tensors with at most this many elements keep fp32 moments (default 4096). Static.
+    second_moment_codebook: override the second moment's codebook (default ``"linear_nozero"`` at 4 bits,
+      ``"dynamic_tree_unsigned"`` at 8). For ablations: a codebook with a zero lets ``v`` decode to 0 and
+      the update explode [A4]. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByAdam4bitState`. Moments cost
@@ -147,7 +154,10 @@ def scale_by_adam_4bit(
     validate_quantization_args(codebook="dynamic_tree", bits=bits, block_size=block_size)
   if isinstance(min_quantized_size, bool) or not isinstance(min_quantized_size, int) or min_quantized_size < 0:
     raise ValueError(f"min_quantized_size must be a non-negative int, got {min_quantized_size!r}")
-  layout = _MomentLayout(bits, block_size, second_moment, min_quantized_size)
+  if second_moment_codebook is not None and bits != 32:
+    validate_quantization_args(codebook=second_moment_codebook, bits=bits, block_size=block_size,
+                               argument_prefix="second_moment_")
+  layout = _MomentLayout(bits, block_size, second_moment, min_quantized_size, second_moment_codebook)
 
   def init_leaf_second(p):
     shape = p.shape
