@@ -5,5 +5,5 @@ OUT=${OUT:-out}; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, optax, flax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 timeout 120 python3 benchmarks/quantization.py 2>&1 | grep -v -i warn | tee "$OUT/quantization.log"
-timeout 300 python3 benchmarks/shampoo_step.py 2>&1 | grep -v -i warn | tee "$OUT/shampoo_step.log"
+timeout 500 python3 benchmarks/shampoo_step.py 2>&1 | grep -v -i warn | tee "$OUT/shampoo_step.log"
 timeout 120 python3 benchmarks/adam_step.py 2>&1 | grep -v -i warn | tee "$OUT/adam_step.log"

@@ -117,7 +117,16 @@ def _encode(normalized: jax.Array, name: str, bits: int) -> jax.Array:
 
 
 def _decode(codes: jax.Array, name: str, bits: int) -> jax.Array:
-  return jnp.asarray(codebook(name, bits))[codes.astype(jnp.int32)]
+  table = codebook(name, bits)
+  if bits <= 4:
+    # 16 selects fuse into the surrounding elementwise work; a gather from a constant table can make XLA
+    # constant-fold (and materialize) huge index arrays at compile time.
+    values = jnp.zeros(codes.shape, jnp.float32)
+    for code, value in enumerate(table):
+      if value != 0.0:
+        values = jnp.where(codes == code, value, values)
+    return values
+  return jnp.asarray(table)[codes.astype(jnp.int32)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +228,10 @@ def _block_absmax(x: jax.Array, block_size: int) -> jax.Array:
 
 
 def _expand_blocks(scales: jax.Array, block_size: int, n: int) -> jax.Array:
-  return jnp.repeat(scales, block_size, axis=-1, total_repeat_length=scales.shape[-1] * block_size)[..., :n]
+  # broadcast + reshape rather than jnp.repeat, whose constant index arrays XLA would constant-fold
+  blocks = scales.shape[-1]
+  expanded = jnp.broadcast_to(scales[..., None], scales.shape + (block_size,))
+  return expanded.reshape(*scales.shape[:-1], blocks * block_size)[..., :n]
 
 
 def _rank1_scales(x: jax.Array) -> Tuple[jax.Array, ...]:
