@@ -31,7 +31,8 @@ def _avoid_jaxlib_0_10_cpu_deadlock():
 _avoid_jaxlib_0_10_cpu_deadlock()
 
 from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState, scale_by_adam_4bit  # noqa: E402
-from optax_shampoo4.alias import adamw_4bit, shampoo_adamw, shampoo_sgdm  # noqa: E402
+from optax_shampoo4.alias import (  # noqa: E402
+    STATIC_ARGS, adamw_4bit, inject_hyperparams, shampoo_adamw, shampoo_sgdm)
 from optax_shampoo4.memory import format_memory_report, memory_report, state_nbytes  # noqa: E402
 from optax_shampoo4.quantization import QuantizedArray, codebook, dequantize, quantize  # noqa: E402
 from optax_shampoo4.shampoo import (  # noqa: E402
@@ -40,7 +41,7 @@ from optax_shampoo4.shampoo import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "shampoo_adamw", "shampoo_sgdm", "adamw_4bit", "scale_by_shampoo", "scale_by_adam_4bit",
+    "shampoo_adamw", "shampoo_sgdm", "adamw_4bit", "STATIC_ARGS", "inject_hyperparams", "scale_by_shampoo", "scale_by_adam_4bit",
     "quantize", "dequantize", "codebook", "QuantizedArray", "state_nbytes", "memory_report",
     "format_memory_report", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",
     "CholeskyPreconditioner", "ScaleByAdam4bitState", "FactoredMoment",

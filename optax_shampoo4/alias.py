@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import optax
 
@@ -10,6 +10,26 @@ from optax_shampoo4.adam import scale_by_adam_4bit
 from optax_shampoo4.shampoo import scale_by_shampoo
 
 ScalarOrSchedule = Union[float, optax.Schedule]
+
+# Arguments that define shapes, storage layouts or Python control flow. Under ``optax.inject_hyperparams``
+# they must be static: ``optax.inject_hyperparams(shampoo_adamw, static_args=STATIC_ARGS)(...)``. Every
+# other numeric argument (learning rate, b1, b2, eps, weight decay, beta, epsilon, error_feedback_beta and
+# the intervals statistics_every / inverse_root_every) may be a traced hyperparameter.
+STATIC_ARGS = ("bits", "adam_bits", "block_size", "max_order", "min_quantized_size", "bjorck_steps", "start_step",
+               "shard_blocks", "error_feedback", "skip_nonfinite", "quantize", "codebook", "second_moment",
+               "inverse_root_method", "preconditioning_precision", "nesterov")
+
+
+def inject_hyperparams(factory: Callable[..., optax.GradientTransformation], **kwargs):
+  """``optax.inject_hyperparams`` for this library's factories, with their :data:`STATIC_ARGS` kept static.
+
+  Example: ``inject_hyperparams(shampoo_adamw)(learning_rate=1e-3, beta=0.9)``; the state's
+  ``hyperparams`` then hold the learning rate, betas, epsilons and intervals as arrays.
+  """
+  import inspect
+  names = inspect.signature(factory).parameters
+  static = tuple(name for name in STATIC_ARGS if name in names) + tuple(kwargs.pop("static_args", ()))
+  return optax.inject_hyperparams(factory, static_args=static, **kwargs)
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
 
@@ -68,7 +88,23 @@ def shampoo_adamw(
     adam_bits: int = 32,
     second_moment: str = "rank1",
     skip_nonfinite: bool = False,
-    **shampoo_kwargs,
+    bits: int = 4,
+    quantize: str = "eigenvectors",
+    block_size: int = 64,
+    codebook: str = "linear2",
+    max_order: int = 1200,
+    statistics_every: int = 100,
+    inverse_root_every: int = 500,
+    beta: float = 0.95,
+    epsilon: float = 1e-6,
+    bjorck_steps: Tuple[int, int] = (1, 4),
+    min_quantized_size: int = 4096,
+    start_step: int = 1,
+    inverse_root_method: str = "eigh",
+    error_feedback: bool = True,
+    error_feedback_beta: float = 0.0,
+    preconditioning_precision: str = "high",
+    shard_blocks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo-preconditioned AdamW [S4]: grafted Shampoo direction → Adam → decoupled weight decay → lr.
 
@@ -81,10 +117,16 @@ def shampoo_adamw(
       the whole optimizer state is 4-bit.
     second_moment: Adam's second-moment storage when ``adam_bits < 32``.
     skip_nonfinite: wrap in ``optax.apply_if_finite``.
-    **shampoo_kwargs: passed to :func:`scale_by_shampoo` (``bits``, ``quantize``, ``statistics_every``…).
+    bits, quantize, …, shard_blocks: the Shampoo arguments, see :func:`scale_by_shampoo`.
   """
   return _finalize(optax.chain(
-      scale_by_shampoo(**shampoo_kwargs),
+      scale_by_shampoo(
+          bits=bits, quantize=quantize, block_size=block_size, codebook=codebook, max_order=max_order,
+          statistics_every=statistics_every, inverse_root_every=inverse_root_every, beta=beta, epsilon=epsilon,
+          bjorck_steps=bjorck_steps, min_quantized_size=min_quantized_size, start_step=start_step,
+          inverse_root_method=inverse_root_method, error_feedback=error_feedback,
+          error_feedback_beta=error_feedback_beta, preconditioning_precision=preconditioning_precision,
+          shard_blocks=shard_blocks),
       _adam(b1, b2, eps, adam_bits, second_moment),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -99,7 +141,23 @@ def shampoo_sgdm(
     *,
     mask: MaskOrFn = None,
     skip_nonfinite: bool = False,
-    **shampoo_kwargs,
+    bits: int = 4,
+    quantize: str = "eigenvectors",
+    block_size: int = 64,
+    codebook: str = "linear2",
+    max_order: int = 1200,
+    statistics_every: int = 100,
+    inverse_root_every: int = 500,
+    beta: float = 0.95,
+    epsilon: float = 1e-6,
+    bjorck_steps: Tuple[int, int] = (1, 4),
+    min_quantized_size: int = 4096,
+    start_step: int = 1,
+    inverse_root_method: str = "eigh",
+    error_feedback: bool = True,
+    error_feedback_beta: float = 0.0,
+    preconditioning_precision: str = "high",
+    shard_blocks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo-preconditioned SGD with momentum [S4]: grafted Shampoo direction + L2 decay → momentum → lr.
 
@@ -112,10 +170,16 @@ def shampoo_sgdm(
     weight_decay: L2 coefficient (default 5e-4).
     mask: weight-decay mask.
     skip_nonfinite: wrap in ``optax.apply_if_finite``.
-    **shampoo_kwargs: passed to :func:`scale_by_shampoo`.
+    bits, quantize, …, shard_blocks: the Shampoo arguments, see :func:`scale_by_shampoo`.
   """
   return _finalize(optax.chain(
-      scale_by_shampoo(**shampoo_kwargs),
+      scale_by_shampoo(
+          bits=bits, quantize=quantize, block_size=block_size, codebook=codebook, max_order=max_order,
+          statistics_every=statistics_every, inverse_root_every=inverse_root_every, beta=beta, epsilon=epsilon,
+          bjorck_steps=bjorck_steps, min_quantized_size=min_quantized_size, start_step=start_step,
+          inverse_root_method=inverse_root_method, error_feedback=error_feedback,
+          error_feedback_beta=error_feedback_beta, preconditioning_precision=preconditioning_precision,
+          shard_blocks=shard_blocks),
       optax.add_decayed_weights(weight_decay, mask),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),

@@ -193,9 +193,10 @@ class QuantizedArray:
 
   @property
   def shape(self) -> Tuple[int, ...]:
-    if self.spec.normalization == "rank1":
+    codes_shape = getattr(self.codes, "shape", None)
+    if self.spec.normalization == "rank1" or codes_shape is None:
       return self.spec.shape
-    return tuple(self.codes.shape[:-1]) + (self.spec.shape[-1],)
+    return tuple(codes_shape[:-1]) + (self.spec.shape[-1],)
 
   @property
   def ndim(self) -> int:

@@ -1,0 +1,181 @@
+"""Train a small Flax CNN on scikit-learn's digits with several optimizers and compare them.
+
+    python examples/compare.py [--steps 400] [--optimizers adamw,shampoo4,...] [--seed 0] [--out runs/compare]
+
+Prints one table (final train loss, test accuracy, optimizer state bytes and bytes per parameter, ms per
+step), and writes ``results.json``, ``loss_curves.png`` and ``state_memory.png`` into ``--out``. With
+``--checkpoint-dir`` each optimizer's final train state is saved with Orbax; ``--resume`` restores it
+and continues training for ``--steps`` more steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax.training import train_state
+
+import optax_shampoo4 as o4
+
+SHAMPOO = dict(statistics_every=10, inverse_root_every=50)
+
+
+def optimizers(learning_rate: float):
+  """The compared optimizers, by name (the same learning rate for all: grafting makes it transfer)."""
+  return {
+      "adamw": lambda: optax.adamw(learning_rate, weight_decay=1e-4),
+      "adamw_4bit": lambda: o4.adamw_4bit(learning_rate, weight_decay=1e-4),
+      "shampoo32": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=32, **SHAMPOO),
+      "shampoo4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=4, **SHAMPOO),
+      "cholesky4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=4, quantize="cholesky",
+                                            **SHAMPOO),
+      "all_4bit": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=4, adam_bits=4, **SHAMPOO),
+  }
+
+
+class CNN(nn.Module):
+  """Two 3×3 convolutions and two dense layers for 8×8 grey digits."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    x = nn.relu(nn.Conv(64, (3, 3))(x))
+    x = nn.avg_pool(x, (4, 4), strides=(4, 4))
+    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10)(x)
+
+
+def load_digits_split(seed: int):
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  order = np.random.default_rng(seed).permutation(len(digits.target))
+  images = (digits.images[order] / 16.0).astype(np.float32)[..., None]
+  labels = digits.target[order].astype(np.int32)
+  return (images[:1500], labels[:1500]), (images[1500:], labels[1500:])
+
+
+def make_step(model):
+  @jax.jit
+  def step(state, images, labels):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, images)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+  return step
+
+
+def evaluate(model, params, images, labels):
+  logits = model.apply({"params": params}, images)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return float(loss), float(jnp.mean(jnp.argmax(logits, -1) == labels))
+
+
+def checkpoint_path(directory: str, name: str) -> str:
+  return os.path.abspath(os.path.join(directory, name))
+
+
+def train_one(name, tx, args, data, progress):
+  (train_x, train_y), (test_x, test_y) = data
+  model = CNN()
+  params = model.init(jax.random.PRNGKey(args.seed), train_x[:1])["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  first_step = 0
+  if args.resume and args.checkpoint_dir:
+    import orbax.checkpoint as ocp
+    state = ocp.StandardCheckpointer().restore(checkpoint_path(args.checkpoint_dir, name), state)
+    first_step = int(state.step)
+  step_fn = make_step(model)
+  rng = np.random.default_rng(args.seed + first_step)
+  curve, times = [], []
+  for i in range(args.steps):
+    index = rng.integers(0, len(train_y), args.batch_size)
+    start = time.perf_counter()
+    state, loss = step_fn(state, train_x[index], train_y[index])
+    loss = float(loss)  # also waits for the step
+    times.append(time.perf_counter() - start)
+    curve.append(loss)
+    progress.update(1)
+    progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
+  if args.checkpoint_dir:
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(checkpoint_path(args.checkpoint_dir, name), state, force=True)
+    checkpointer.wait_until_finished()
+  train_loss, _ = evaluate(model, state.params, train_x, train_y)
+  _, test_accuracy = evaluate(model, state.params, test_x, test_y)
+  n_params = sum(p.size for p in jax.tree.leaves(state.params))
+  state_bytes = o4.state_nbytes(state.opt_state)
+  steady = times[min(len(times) - 1, 5):]  # skip compilation
+  return {"train_loss": train_loss, "test_accuracy": test_accuracy, "state_bytes": state_bytes,
+          "state_bytes_per_param": state_bytes / n_params, "ms_per_step": 1e3 * float(np.median(steady)),
+          "curve": curve, "params": n_params, "steps_done": first_step + args.steps}
+
+
+def plot(results, out):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, r in results.items():
+    curve = np.asarray(r["curve"])
+    window = max(1, len(curve) // 40)
+    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+    ax.plot(smooth, label=name)
+  ax.set(xlabel="step", ylabel="train loss (moving average)", yscale="log", title="digits CNN")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "loss_curves.png"), dpi=120)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  names = list(results)
+  ax.bar(names, [results[n]["state_bytes"] / 1024 for n in names])
+  ax.set(ylabel="optimizer state (KiB)", title="optimizer state memory")
+  plt.setp(ax.get_xticklabels(), rotation=20)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "state_memory.png"), dpi=120)
+  plt.close("all")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--learning-rate", type=float, default=3e-3)
+  parser.add_argument("--optimizers", default="adamw,adamw_4bit,shampoo32,shampoo4,cholesky4,all_4bit")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="runs/compare")
+  parser.add_argument("--checkpoint-dir", default=None)
+  parser.add_argument("--resume", action="store_true")
+  args = parser.parse_args(argv)
+  available = optimizers(args.learning_rate)
+  names = args.optimizers.split(",")
+  unknown = [n for n in names if n not in available]
+  if unknown:
+    parser.error(f"unknown optimizers {unknown}; choose from {sorted(available)}")
+  os.makedirs(args.out, exist_ok=True)
+  data = load_digits_split(args.seed)
+  from tqdm import tqdm
+  results = {}
+  with tqdm(total=args.steps * len(names), unit="step") as progress:
+    for name in names:
+      results[name] = train_one(name, available[name](), args, data, progress)
+  header = f"{'optimizer':<12} {'train loss':>10} {'test acc':>9} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}"
+  print(header)
+  for name, r in results.items():
+    print(f"{name:<12} {r['train_loss']:>10.4f} {r['test_accuracy']:>9.4f} {r['state_bytes']:>12,} "
+          f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"args": vars(args), "machine": str(jax.devices()[0]), "results": results}, f, indent=1)
+  plot(results, args.out)
+  return results
+
+
+if __name__ == "__main__":
+  main()

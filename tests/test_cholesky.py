@@ -1,0 +1,78 @@
+"""Cholesky quantization with error feedback (SPEC §3, [CQ])."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_shampoo4 import diagnostics, linalg, shampoo
+
+
+def gram_stream(n=96, m=48, steps=60, seed=0):
+  rng = np.random.default_rng(seed)
+  scales = np.logspace(0, -2, n)[:, None]
+  return [(lambda g: g @ g.T / m)(rng.standard_normal((n, m)) * scales) for _ in range(steps)]
+
+
+def test_error_feedback_reduces_the_statistic_error():
+  grams = gram_stream()
+  with_feedback = diagnostics.error_feedback_errors(grams, error_feedback=True)
+  without = diagnostics.error_feedback_errors(grams, error_feedback=False)
+  assert np.mean(with_feedback[10:]) < 0.6 * np.mean(without[10:]), (np.mean(with_feedback), np.mean(without))
+
+
+def test_rebuilt_statistic_stays_symmetric_positive_definite_over_a_long_run():
+  storage = shampoo.make_storage("cholesky")
+  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  n = 80
+  state = storage.init(2, n, hyper)
+  step = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper))
+  rng = np.random.default_rng(1)
+  for _ in range(200):
+    g = rng.standard_normal((2, n, 8)) * rng.uniform(0.01, 100)  # low-rank updates of varying scale
+    state, ok = step(state, jnp.asarray(g @ np.swapaxes(g, -1, -2), jnp.float32))
+    assert bool(jnp.all(ok))
+    statistic = np.asarray(storage.statistic(state), np.float64)
+    np.testing.assert_allclose(statistic, np.swapaxes(statistic, -1, -2), atol=1e-5 * np.abs(statistic).max())
+    # C̄ C̄ᵀ with a positive fp32 diagonal of C̄: positive definite (checked in float64, where the product
+    # is exact enough; the fp32 product carries ~1e-8-relative rounding).
+    factor = np.asarray(storage._unpack(state)[0], np.float64)
+    assert np.all(np.diagonal(factor, axis1=-2, axis2=-1) > 0)
+    assert np.min(np.linalg.eigvalsh(factor @ np.swapaxes(factor, -1, -2))) > 0
+
+
+def test_packed_array_holds_factor_and_error_in_one_4bit_matrix():
+  storage = shampoo.make_storage("cholesky")
+  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  state = storage.init(1, 64, hyper)
+  grams = gram_stream(n=64, steps=5)
+  for g in grams:
+    state, _ = storage.update_statistics(state, jnp.asarray(g[None], jnp.float32), hyper)
+  packed = state.factor_and_error
+  assert packed.codes.shape == (1, 64, 32) and packed.codes.dtype == jnp.uint8  # n²/2 bytes: one matrix
+  factor, error = storage._unpack(state)
+  assert float(jnp.abs(jnp.triu(error)).max()) == 0.0  # E strictly lower
+  assert float(jnp.abs(error).max()) > 0  # and not empty: it carries the quantization residual
+  dense = np.asarray(storage.codec.load(packed)[0])
+  np.testing.assert_array_equal(np.tril(dense), np.asarray(factor[0]))
+  np.testing.assert_array_equal(np.triu(dense, 1).T, np.asarray(error[0]))
+
+
+def test_without_error_feedback_the_error_state_stays_zero():
+  storage = shampoo.make_storage("cholesky", error_feedback=False)
+  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  state = storage.init(1, 64, hyper)
+  for g in gram_stream(n=64, steps=3):
+    state, _ = storage.update_statistics(state, jnp.asarray(g[None], jnp.float32), hyper)
+  _, error = storage._unpack(state)
+  assert float(jnp.abs(error).max()) == 0.0
+
+
+def test_failed_factorization_keeps_the_previous_factor():
+  storage = shampoo.make_storage("cholesky")
+  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  state = storage.init(1, 64, hyper)
+  bad = jnp.full((1, 64, 64), jnp.nan)
+  new_state, ok = storage.update_statistics(state, bad, hyper)
+  assert not bool(ok[0])
+  for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

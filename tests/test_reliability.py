@@ -1,0 +1,147 @@
+"""Numerical faults, the Optax contract, and checkpoints (issue: reliability and ecosystem fit)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_shampoo4 as o4
+
+PARAMS = {"w": jnp.ones((64, 80)) * 0.1, "b": jnp.zeros(80)}
+
+
+def small_optimizers():
+  kw = dict(statistics_every=1, inverse_root_every=2)
+  return {"shampoo_adamw": o4.shampoo_adamw(1e-2, **kw), "shampoo_all4": o4.shampoo_adamw(1e-2, adam_bits=4, **kw),
+          "shampoo_sgdm": o4.shampoo_sgdm(1e-2, quantize="cholesky", **kw), "adamw_4bit": o4.adamw_4bit(1e-2)}
+
+
+def grads_at(i, params=PARAMS):
+  return jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape, p.dtype), params)
+
+
+@pytest.mark.parametrize("name", list(small_optimizers()))
+def test_nonfinite_gradients_leave_the_state_bit_identical(name):
+  tx = small_optimizers()[name]
+  inner = tx  # the transformation that owns the quantized state is the chain's first element
+  state = tx.init(PARAMS)
+  step = jax.jit(tx.update)
+  for i in range(3):  # past statistics and inverse-root steps
+    _, state = step(grads_at(i), state, PARAMS)
+  for bad in (jnp.nan, jnp.inf):
+    grads = grads_at(9)
+    grads["w"] = grads["w"].at[3, 5].set(bad)
+    _, new_state = step(grads, state, PARAMS)
+    own_old, own_new = state[0], new_state[0]
+    assert int(own_new.nonfinite_count) == int(own_old.nonfinite_count) + 1
+    for field in own_old._fields:
+      if field != "nonfinite_count":
+        for a, b in zip(jax.tree.leaves(getattr(own_new, field)), jax.tree.leaves(getattr(own_old, field))):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  del inner
+
+
+def test_skip_nonfinite_keeps_params_and_every_state():
+  tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=1, skip_nonfinite=True)
+  state = tx.init(PARAMS)
+  _, state = tx.update(grads_at(0), state, PARAMS)
+  grads = grads_at(1)
+  grads["b"] = grads["b"].at[0].set(jnp.nan)
+  updates, new_state = tx.update(grads, state, PARAMS)
+  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+  for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_inject_hyperparams_gives_identical_updates():
+  # Numeric hyperparameters, the schedule intervals included, become traced arrays; shape-defining ones
+  # are listed in o4.STATIC_ARGS.
+  # Both sides get the same float32 values: with 4-bit states, a hyperparameter rounded differently
+  # (Python float vs float32 array) can flip a code and change the trajectory.
+  f32 = lambda value: jnp.asarray(value, jnp.float32)  # arrays, which inject_hyperparams treats as numeric
+  kw = dict(statistics_every=1, inverse_root_every=2, beta=f32(0.9), epsilon=f32(1e-5), adam_bits=4,
+            b1=f32(0.9), b2=f32(0.999), eps=f32(1e-8), weight_decay=f32(0.05), learning_rate=f32(1e-2))
+  plain = o4.shampoo_adamw(**kw)
+  injected = o4.inject_hyperparams(o4.shampoo_adamw)(**kw)
+  s1, s2 = plain.init(PARAMS), injected.init(PARAMS)
+  for i in range(3):
+    u1, s1 = jax.jit(plain.update)(grads_at(i), s1, PARAMS)
+    u2, s2 = jax.jit(injected.update)(grads_at(i), s2, PARAMS)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+  assert set(s2.hyperparams) >= {"learning_rate", "beta", "epsilon", "statistics_every"}
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2.inner_state)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(small_optimizers()))
+def test_optax_contract(name):
+  tx = small_optimizers()[name]
+  # extra args accepted, bf16 dtype preserved, no recompilation on the second call
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+  state = tx.init(params)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  tx.update(grads_at(0, params), state, params, some_extra_arg=1.0)  # extra keyword arguments are accepted
+  update = jax.jit(tx.update)
+  updates, state = update(grads_at(0, params), state, params)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  signature = lambda tree: (jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+  before = signature(state)
+  updates, state = update(grads_at(1, params), state, params)
+  assert signature(state) == before
+  assert update._cache_size() == 1
+  # MultiSteps and masked wrap it; lax.scan runs it
+  multi = optax.MultiSteps(tx, every_k_schedule=2)
+  ms = multi.init(params)
+  for i in range(2):
+    _, ms = jax.jit(multi.update)(grads_at(i, params), ms, params)
+  masked = optax.masked(tx, {"w": True, "b": False})
+  _, _ = masked.update(grads_at(0, params), masked.init(params), params)
+
+  def body(carry, i):
+    p, s = carry
+    u, s = tx.update(grads_at(0, p), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (final, _), _ = jax.lax.scan(body, (params, tx.init(params)), jnp.arange(3))
+  assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(final))
+
+
+@pytest.mark.parametrize("name", ["shampoo_all4", "adamw_4bit"])
+def test_rosenbrock_and_matrix_parabola_converge(name):
+  tx = small_optimizers()[name]
+  target = jnp.asarray(np.random.default_rng(0).standard_normal((64, 80)), jnp.float32)
+
+  def loss(p):
+    matrix = jnp.sum((p["w"] - target) ** 2)
+    x, y = p["b"][0], p["b"][1]
+    return matrix + (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+  params, state = PARAMS, tx.init(PARAMS)
+  step = jax.jit(lambda p, s: (lambda g: tx.update(g, s, p))(jax.grad(loss)(p)))
+  start = float(loss(params))
+  for _ in range(400):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert float(loss(params)) < 0.05 * start
+
+
+def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
+  import orbax.checkpoint as ocp
+  tx = o4.shampoo_adamw(1e-2, adam_bits=4, statistics_every=1, inverse_root_every=2)
+  step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(tx.update(g, s, p)))
+  params, state = PARAMS, tx.init(PARAMS)
+  for i in range(3):
+    params, state = step(params, state, grads_at(i))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": params, "state": state})
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "ckpt", {"params": params, "state": state})
+  p1, s1, p2, s2 = params, state, restored["params"], restored["state"]
+  for i in range(3, 6):
+    p1, s1 = step(p1, s1, grads_at(i))
+    p2, s2 = step(p2, s2, grads_at(i))
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert isinstance(s2[0].preconditioners["order_64"].eigenvectors, o4.QuantizedArray)
