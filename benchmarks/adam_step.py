@@ -16,7 +16,7 @@ from optax_shampoo4 import adamw_4bit
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args()
   shapes = common.gpt2_medium_shapes()
   n = common.parameter_count(shapes)
@@ -30,6 +30,7 @@ def main():
   for name, tx in optimizers.items():
     seconds, nbytes = time_step(tx, params, grads, args.repeats)
     results[name] = {"step_s": seconds, "state_bytes": nbytes}
+    print(f"{name}: {seconds * 1e3:.3f} ms/step, {nbytes / 2**20:.1f} MiB", flush=True)
   base = results["optax.adamw"]["step_s"]
   for name, r in results.items():
     rows.append([name, r["step_s"] * 1e3, r["step_s"] / base, r["state_bytes"] / 2**20, r["state_bytes"] / n])
