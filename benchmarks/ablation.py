@@ -103,8 +103,9 @@ def main():
     for storage, extra in STORAGES:
       if bits == 32 and storage != "matrix":
         continue
+      steps = extra.get("bjorck_steps", 1)
       tx = shampoo_adamw(3e-3, weight_decay=1e-4, bits=bits, quantize=storage, statistics_every=10,
-                         inverse_root_every=50, **extra)
+                         inverse_root_every=50, bjorck_steps=(steps, 4 * steps))
       r = compare.train_one(label(storage, extra), tx, run_args, data, Quiet())
       rows.append([f"{bits}-bit", label(storage, extra) if bits != 32 else "fp32 (classic)", r["train_loss"],
                    r["test_accuracy"]])
