@@ -256,6 +256,16 @@ class ShampooState(NamedTuple):
   failure_count: jax.Array
 
 
+class _NotParams:
+  """Marks, for ``optax.tree.map_params``, state that is not shaped like the parameters."""
+
+  def __repr__(self):
+    return "NOT_PARAMS"
+
+
+NOT_PARAMS = _NotParams()
+
+
 def _stack_key(order: int) -> str:
   return f"order_{order}"
 
@@ -397,6 +407,11 @@ def scale_by_shampoo(
     return plan, treedef, leaves
 
   def init_fn(params):
+    if type(params).__name__ == "_ParamsPlaceholder":
+      # optax.tree.map_params probes the state's layout with a placeholder for the whole params tree; the
+      # preconditioner stacks are not params-shaped, so they are marked as one non-params leaf.
+      counter = lambda: jnp.zeros([], jnp.int32)
+      return ShampooState(counter(), NOT_PARAMS, counter(), counter())
     plan, _, _ = plan_for(params)
     preconditioners = {
         _stack_key(order): storage_for(order).init(plan.stack_length(order), order, hyper())

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optax_shampoo4 as o4
 
@@ -127,9 +129,10 @@ def test_rosenbrock_and_matrix_parabola_converge(name):
   assert float(loss(params)) < 0.05 * start
 
 
-def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("name", list(small_optimizers()))
+def test_orbax_checkpoint_resume_is_bit_identical(tmp_path, name):
   import orbax.checkpoint as ocp
-  tx = o4.shampoo_adamw(1e-2, adam_bits=4, statistics_every=1, inverse_root_every=2)
+  tx = small_optimizers()[name]
   step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(tx.update(g, s, p)))
   params, state = PARAMS, tx.init(PARAMS)
   for i in range(3):
@@ -144,4 +147,79 @@ def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
     p2, s2 = step(p2, s2, grads_at(i))
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert isinstance(s2[0].preconditioners["order_64"].eigenvectors, o4.QuantizedArray)
+  assert any(isinstance(x, o4.QuantizedArray) for x in jax.tree.leaves(
+      s2, is_leaf=lambda x: isinstance(x, o4.QuantizedArray)))
+
+
+def test_restoring_into_an_incompatible_configuration_fails_clearly(tmp_path):
+  import orbax.checkpoint as ocp
+  state = o4.shampoo_adamw(1e-2).init(PARAMS)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  # a new learning rate is compatible: same state structure
+  restored = checkpointer.restore(tmp_path / "ckpt", o4.shampoo_adamw(3e-2).init(PARAMS))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  with pytest.raises(Exception, match="(?i)shape|structure|mismatch|tree|key"):
+    checkpointer.restore(tmp_path / "ckpt", o4.shampoo_adamw(1e-2, bits=32).init(PARAMS))
+
+
+def test_map_params_and_reduce_on_plateau():
+  tx = o4.shampoo_adamw(1e-2, adam_bits=4, statistics_every=1, inverse_root_every=2)
+  state = tx.init(PARAMS)
+  # Adam's quantized moments are params-shaped trees of QuantizedArrays: map over them as units.
+  is_quantized = lambda x: isinstance(x, o4.QuantizedArray)
+  seen = []
+  mapped = optax.tree.map_params(tx, lambda p: seen.append(type(p)) or p, state, is_leaf=is_quantized)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  assert o4.QuantizedArray in seen  # the 4-bit first moment of "w" was visited as a params leaf
+  plateau = optax.chain(tx, optax.contrib.reduce_on_plateau(patience=2))
+  pstate = plateau.init(PARAMS)
+  for i in range(3):
+    _, pstate = plateau.update(grads_at(i), pstate, PARAMS, value=jnp.asarray(1.0))
+  assert float(pstate[1].scale) <= 1.0
+
+
+def test_long_bf16_run_with_schedule_stays_finite_and_decodable():
+  from test_shampoo import digits_mlp_problem
+  loss, params, batch, full = digits_mlp_problem()
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 100, 1500)
+  tx = o4.shampoo_adamw(schedule, adam_bits=4, statistics_every=10, inverse_root_every=50)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, i):
+    grads = jax.grad(lambda p: loss(jax.tree.map(lambda x: x.astype(jnp.float32), p), *batch(i)))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(1500):
+    params, state = step(params, state, i)
+  assert all(p.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+  assert int(state[0].failure_count) == 0 and int(state[0].count) == 1500
+  for q in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, o4.QuantizedArray)):
+    if isinstance(q, o4.QuantizedArray):
+      assert bool(jnp.all(jnp.isfinite(o4.dequantize(q))))
+  final = float(loss(jax.tree.map(lambda x: x.astype(jnp.float32), params), *full))
+  assert final < 0.2
+
+
+FUZZ_SHAPES = [(), (0,), (1,), (5,), (1, 1), (0, 7), (3, 1, 70), (66, 65), (2, 3, 4, 5), (1, 130, 1, 2)]
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FUZZ_SHAPES), st.sampled_from(["float32", "bfloat16"])),
+                min_size=1, max_size=4),
+       st.sampled_from(["shampoo_all4", "adamw_4bit"]))
+def test_fuzz_random_pytrees(leaves, name):
+  params = {"group": [jnp.ones(shape, dtype) * 0.1 for shape, dtype in leaves[1:]],
+            "first": jnp.ones(leaves[0][0], leaves[0][1]) * 0.1}
+  tx = small_optimizers()[name]
+  state = tx.init(params)
+  for i in range(2):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape, p.dtype), params)
+    updates, state = tx.update(grads, state, params)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.shape == p.shape and u.dtype == p.dtype
+    assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
