@@ -1,0 +1,174 @@
+"""Byte-level language model on the Python standard library's source files, several optimizers compared.
+
+    python examples/lm.py [--steps 300] [--size tiny|small|base] [--optimizers adamw,shampoo4,...] [--out runs/lm]
+
+The corpus is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (present on every Python
+installation, no download), concatenated in sorted order; the last 10 % is held out. Prints the same table
+as ``compare.py`` with held-out bits per byte instead of accuracy, and writes ``results.json``,
+``loss_curves.png`` and ``state_memory.png``. ``--size base`` is meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sysconfig
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax.training import train_state
+
+import optax_shampoo4 as o4
+from compare import optimizers, plot
+
+SIZES = {"tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
+         "small": dict(width=256, layers=4, heads=8, context=128, batch=32),
+         "base": dict(width=768, layers=12, heads=12, context=256, batch=32)}
+
+
+def load_corpus(max_bytes: int = 4_000_000):
+  """Bytes of the standard library's .py files (sorted paths), split 90 % / 10 %."""
+  root = sysconfig.get_paths()["stdlib"]
+  chunks, total = [], 0
+  for directory, _, files in sorted(os.walk(root)):
+    if "site-packages" in directory or "test" in os.path.basename(directory):
+      continue
+    for name in sorted(files):
+      if name.endswith(".py"):
+        with open(os.path.join(directory, name), "rb") as f:
+          data = f.read()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+          break
+    if total >= max_bytes:
+      break
+  corpus = np.frombuffer(b"".join(chunks)[:max_bytes], np.uint8)
+  if len(corpus) < 10_000:
+    raise RuntimeError(f"standard library sources not found under {root}")
+  split = int(0.9 * len(corpus))
+  return corpus[:split], corpus[split:]
+
+
+class Block(nn.Module):
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.SelfAttention(self.heads, qkv_features=self.width)(nn.LayerNorm()(x), mask=mask)
+    h = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.width)(nn.gelu(h))
+
+
+class ByteTransformer(nn.Module):
+  width: int
+  layers: int
+  heads: int
+  context: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(256, self.width)(tokens) + self.param(
+        "position", nn.initializers.normal(0.02), (self.context, self.width))[: tokens.shape[1]]
+    for _ in range(self.layers):
+      x = Block(self.width, self.heads)(x)
+    return nn.Dense(256)(nn.LayerNorm()(x))
+
+
+def batches(data, context, batch, rng):
+  starts = rng.integers(0, len(data) - context - 1, batch)
+  windows = np.stack([data[s:s + context + 1] for s in starts]).astype(np.int32)
+  return windows[:, :-1], windows[:, 1:]
+
+
+def train_one(name, tx, args, corpus, progress):
+  size = SIZES[args.size]
+  train, held_out = corpus
+  model = ByteTransformer(size["width"], size["layers"], size["heads"], size["context"])
+  params = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, size["context"]), jnp.int32))["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  if args.resume and args.checkpoint_dir:
+    import orbax.checkpoint as ocp
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state)
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
+    return state.apply_gradients(grads=grads), loss
+
+  evaluate = jax.jit(loss_fn)
+  rng = np.random.default_rng(args.seed + int(state.step))
+  curve, times = [], []
+  for _ in range(args.steps):
+    x, y = batches(train, size["context"], size["batch"], rng)
+    start = time.perf_counter()
+    state, loss = step(state, x, y)
+    loss = float(loss)
+    times.append(time.perf_counter() - start)
+    curve.append(loss)
+    progress.update(1)
+    progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
+  if args.checkpoint_dir:
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state, force=True)
+    checkpointer.wait_until_finished()
+  eval_rng = np.random.default_rng(1234)
+  held = [float(evaluate(state.params, *batches(held_out, size["context"], size["batch"], eval_rng)))
+          for _ in range(8)]
+  n_params = sum(p.size for p in jax.tree.leaves(state.params))
+  state_bytes = o4.state_nbytes(state.opt_state)
+  return {"train_loss": float(np.mean(curve[-10:])), "held_out_bits_per_byte": float(np.mean(held) / np.log(2)),
+          "state_bytes": state_bytes, "state_bytes_per_param": state_bytes / n_params,
+          "ms_per_step": 1e3 * float(np.median(times[min(len(times) - 1, 5):])), "curve": curve,
+          "params": n_params, "steps_done": int(state.step)}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+  parser.add_argument("--learning-rate", type=float, default=3e-3)
+  parser.add_argument("--optimizers", default="adamw,adamw_4bit,shampoo32,shampoo4,all_4bit")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max-bytes", type=int, default=4_000_000)
+  parser.add_argument("--out", default="runs/lm")
+  parser.add_argument("--checkpoint-dir", default=None)
+  parser.add_argument("--resume", action="store_true")
+  args = parser.parse_args(argv)
+  available = optimizers(args.learning_rate)
+  names = args.optimizers.split(",")
+  unknown = [n for n in names if n not in available]
+  if unknown:
+    parser.error(f"unknown optimizers {unknown}; choose from {sorted(available)}")
+  os.makedirs(args.out, exist_ok=True)
+  corpus = load_corpus(args.max_bytes)
+  from tqdm import tqdm
+  results = {}
+  with tqdm(total=args.steps * len(names), unit="step") as progress:
+    for name in names:
+      results[name] = train_one(name, available[name](), args, corpus, progress)
+  print(f"{'optimizer':<12} {'train loss':>10} {'held-out bpb':>12} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
+  for name, r in results.items():
+    print(f"{name:<12} {r['train_loss']:>10.4f} {r['held_out_bits_per_byte']:>12.4f} {r['state_bytes']:>12,} "
+          f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"args": vars(args), "machine": str(jax.devices()[0]), "corpus_bytes": [len(c) for c in corpus],
+               "results": results}, f, indent=1)
+  plot(results, args.out)
+  return results
+
+
+if __name__ == "__main__":
+  main()
