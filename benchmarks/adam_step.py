@@ -6,7 +6,6 @@ params and state donated, as in a training loop.
 
 import argparse
 
-import jax
 import optax
 
 from benchmarks import common

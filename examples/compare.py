@@ -143,38 +143,53 @@ def plot(results, out):
   plt.close("all")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--batch-size", type=int, default=64)
+def comparison_parser(description, steps, out, default_optimizers):
+  """The command-line flags shared by the example comparisons."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--steps", type=int, default=steps)
   parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--optimizers", default="adamw,adamw_4bit,shampoo32,shampoo4,cholesky4,all_4bit")
+  parser.add_argument("--optimizers", default=default_optimizers)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="runs/compare")
+  parser.add_argument("--out", default=out)
   parser.add_argument("--checkpoint-dir", default=None)
   parser.add_argument("--resume", action="store_true")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def run_comparison(parser, args, train_fn, data, metric, extra_json=None):
+  """Trains every optimizer of ``args.optimizers`` with ``train_fn``, prints the table, writes JSON + PNGs.
+
+  ``metric`` is ``(result key, column title)`` of the quality column beside the train loss.
+  """
   available = optimizers(args.learning_rate)
   names = args.optimizers.split(",")
   unknown = [n for n in names if n not in available]
   if unknown:
     parser.error(f"unknown optimizers {unknown}; choose from {sorted(available)}")
   os.makedirs(args.out, exist_ok=True)
-  data = load_digits_split(args.seed)
   from tqdm import tqdm
   results = {}
   with tqdm(total=args.steps * len(names), unit="step") as progress:
     for name in names:
-      results[name] = train_one(name, available[name](), args, data, progress)
-  header = f"{'optimizer':<12} {'train loss':>10} {'test acc':>9} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}"
-  print(header)
+      results[name] = train_fn(name, available[name](), args, data, progress)
+  key, title = metric
+  print(f"{'optimizer':<12} {'train loss':>10} {title:>12} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
   for name, r in results.items():
-    print(f"{name:<12} {r['train_loss']:>10.4f} {r['test_accuracy']:>9.4f} {r['state_bytes']:>12,} "
+    print(f"{name:<12} {r['train_loss']:>10.4f} {r[key]:>12.4f} {r['state_bytes']:>12,} "
           f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
   with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "machine": str(jax.devices()[0]), "results": results}, f, indent=1)
+    json.dump({"args": vars(args), "machine": str(jax.devices()[0]), **(extra_json or {}), "results": results},
+              f, indent=1)
   plot(results, args.out)
   return results
+
+
+def main(argv=None):
+  parser = comparison_parser(__doc__.splitlines()[0], 400, "runs/compare",
+                             "adamw,adamw_4bit,shampoo32,shampoo4,cholesky4,all_4bit")
+  parser.add_argument("--batch-size", type=int, default=64)
+  args = parser.parse_args(argv)
+  return run_comparison(parser, args, train_one, load_digits_split(args.seed), ("test_accuracy", "test acc"))
 
 
 if __name__ == "__main__":

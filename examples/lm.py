@@ -10,8 +10,6 @@ as ``compare.py`` with held-out bits per byte instead of accuracy, and writes ``
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sysconfig
 import time
@@ -24,7 +22,7 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import optimizers, plot
+from compare import comparison_parser, run_comparison
 
 SIZES = {"tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
          "small": dict(width=256, layers=4, heads=8, context=128, batch=32),
@@ -136,38 +134,13 @@ def train_one(name, tx, args, corpus, progress):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=300)
+  parser = comparison_parser(__doc__.splitlines()[0], 300, "runs/lm", "adamw,adamw_4bit,shampoo32,shampoo4,all_4bit")
   parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-  parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--optimizers", default="adamw,adamw_4bit,shampoo32,shampoo4,all_4bit")
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max-bytes", type=int, default=4_000_000)
-  parser.add_argument("--out", default="runs/lm")
-  parser.add_argument("--checkpoint-dir", default=None)
-  parser.add_argument("--resume", action="store_true")
   args = parser.parse_args(argv)
-  available = optimizers(args.learning_rate)
-  names = args.optimizers.split(",")
-  unknown = [n for n in names if n not in available]
-  if unknown:
-    parser.error(f"unknown optimizers {unknown}; choose from {sorted(available)}")
-  os.makedirs(args.out, exist_ok=True)
   corpus = load_corpus(args.max_bytes)
-  from tqdm import tqdm
-  results = {}
-  with tqdm(total=args.steps * len(names), unit="step") as progress:
-    for name in names:
-      results[name] = train_one(name, available[name](), args, corpus, progress)
-  print(f"{'optimizer':<12} {'train loss':>10} {'held-out bpb':>12} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
-  for name, r in results.items():
-    print(f"{name:<12} {r['train_loss']:>10.4f} {r['held_out_bits_per_byte']:>12.4f} {r['state_bytes']:>12,} "
-          f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "machine": str(jax.devices()[0]), "corpus_bytes": [len(c) for c in corpus],
-               "results": results}, f, indent=1)
-  plot(results, args.out)
-  return results
+  return run_comparison(parser, args, train_one, corpus, ("held_out_bits_per_byte", "held-out bpb"),
+                        extra_json={"corpus_bytes": [len(c) for c in corpus]})
 
 
 if __name__ == "__main__":

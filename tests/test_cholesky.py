@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shampoo4 import diagnostics, linalg, shampoo
+from optax_shampoo4 import diagnostics, shampoo
 
 
 def gram_stream(n=96, m=48, steps=60, seed=0):
