@@ -105,3 +105,17 @@ def test_compiled_program_gathers_no_full_preconditioner_stack():
     if "all-gather(" in line:
       shape = tuple(int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d)
       assert shape not in full_shapes, line
+
+
+def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
+  import orbax.checkpoint as ocp
+  tx = o4.shampoo_adamw(1e-2, adam_bits=4, statistics_every=1, inverse_root_every=2, shard_blocks=8)
+  _, state, _ = run(tx, 3, shard=sharder)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == b.sharding
