@@ -110,9 +110,12 @@ def test_optax_contract(name):
   assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(final))
 
 
-@pytest.mark.parametrize("name", ["shampoo_all4", "adamw_4bit"])
+@pytest.mark.parametrize("name", list(small_optimizers()))
 def test_rosenbrock_and_matrix_parabola_converge(name):
-  tx = small_optimizers()[name]
+  # SGD's step is the (grafted) gradient itself; Rosenbrock's gradients reach hundreds, so it needs a
+  # smaller learning rate than the Adam-based optimizers, as in Optax's own convergence tests.
+  tx = (o4.shampoo_sgdm(5e-4, quantize="cholesky", statistics_every=1, inverse_root_every=2)
+        if name == "shampoo_sgdm" else small_optimizers()[name])
   target = jnp.asarray(np.random.default_rng(0).standard_normal((64, 80)), jnp.float32)
 
   def loss(p):
