@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import optax
 
 from optax_shampoo4.adam import scale_by_adam_4bit
-from optax_shampoo4.shampoo import scale_by_shampoo
+from optax_shampoo4.shampoo import check_number, scale_by_shampoo
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 
@@ -37,6 +37,16 @@ def _adam(b1, b2, eps, bits, second_moment):
   if bits == 32 and second_moment == "rank1":
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, bits=bits, second_moment=second_moment)
+
+
+def _check_alias(learning_rate, weight_decay, momentum=None, skip_nonfinite=False):
+  if not callable(learning_rate):
+    check_number("learning_rate", learning_rate, 0.0)
+  check_number("weight_decay", weight_decay, 0.0)
+  if momentum is not None:
+    check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+  if not isinstance(skip_nonfinite, bool):
+    raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
 
 
 def _finalize(tx, skip_nonfinite: bool):
@@ -70,6 +80,7 @@ def adamw_4bit(
 
   Optimizer state: about 1.03–1.06 bytes per parameter (0.53 for "factored") instead of optax.adamw's 8.
   """
+  _check_alias(learning_rate, weight_decay, skip_nonfinite=skip_nonfinite)
   return _finalize(optax.chain(
       scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, bits=bits, second_moment=second_moment),
       optax.add_decayed_weights(weight_decay, mask),
@@ -119,6 +130,9 @@ def shampoo_adamw(
     skip_nonfinite: wrap in ``optax.apply_if_finite``.
     bits, quantize, …, shard_blocks: the Shampoo arguments, see :func:`scale_by_shampoo`.
   """
+  _check_alias(learning_rate, weight_decay, skip_nonfinite=skip_nonfinite)
+  if adam_bits not in (4, 8, 32) or isinstance(adam_bits, bool):
+    raise ValueError(f"adam_bits must be one of (4, 8, 32), got {adam_bits!r}")
   return _finalize(optax.chain(
       scale_by_shampoo(
           bits=bits, quantize=quantize, block_size=block_size, codebook=codebook, max_order=max_order,
@@ -172,6 +186,7 @@ def shampoo_sgdm(
     skip_nonfinite: wrap in ``optax.apply_if_finite``.
     bits, quantize, …, shard_blocks: the Shampoo arguments, see :func:`scale_by_shampoo`.
   """
+  _check_alias(learning_rate, weight_decay, momentum, skip_nonfinite)
   return _finalize(optax.chain(
       scale_by_shampoo(
           bits=bits, quantize=quantize, block_size=block_size, codebook=codebook, max_order=max_order,

@@ -277,7 +277,7 @@ def _check_int(name, value, minimum=1):
     raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_number(name, value, low=None, high=None, low_open=False, high_open=False):
+def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
   """Validates a numeric hyperparameter; traced/array values (inject_hyperparams) are accepted as is."""
   if isinstance(value, (jax.Array, np.ndarray)) or callable(value):
     return
@@ -382,9 +382,9 @@ def scale_by_shampoo(
   if (not isinstance(bjorck_steps, (tuple, list)) or len(bjorck_steps) != 2 or
       any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in bjorck_steps)):
     raise ValueError(f"bjorck_steps must be a pair of non-negative ints (t1, t2), got {bjorck_steps!r}")
-  _check_number("beta", beta, 0.0, 1.0, high_open=True)
-  _check_number("epsilon", epsilon, 0.0, low_open=True)
-  _check_number("error_feedback_beta", error_feedback_beta, 0.0, 1.0, high_open=True)
+  check_number("beta", beta, 0.0, 1.0, high_open=True)
+  check_number("epsilon", epsilon, 0.0, low_open=True)
+  check_number("error_feedback_beta", error_feedback_beta, 0.0, 1.0, high_open=True)
   if not isinstance(error_feedback, bool):
     raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}")
 

@@ -226,3 +226,17 @@ def test_fuzz_random_pytrees(leaves, name):
   for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
     assert u.shape == p.shape and u.dtype == p.dtype
     assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("factory,kwargs,match", [
+    (o4.shampoo_sgdm, dict(learning_rate=0.1, momentum=1.0), "momentum"),
+    (o4.shampoo_sgdm, dict(learning_rate=-0.1), "learning_rate"),
+    (o4.shampoo_adamw, dict(learning_rate=1e-3, weight_decay=-1.0), "weight_decay"),
+    (o4.shampoo_adamw, dict(learning_rate=1e-3, adam_bits=16), "adam_bits"),
+    (o4.shampoo_adamw, dict(learning_rate=1e-3, bits=2), "bits"),
+    (o4.adamw_4bit, dict(learning_rate="fast"), "learning_rate"),
+    (o4.adamw_4bit, dict(learning_rate=1e-3, skip_nonfinite="yes"), "skip_nonfinite"),
+])
+def test_aliases_validate_their_arguments(factory, kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    factory(**kwargs)
