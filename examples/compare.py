@@ -78,8 +78,22 @@ def evaluate(model, params, images, labels):
   return float(loss), float(jnp.mean(jnp.argmax(logits, -1) == labels))
 
 
-def checkpoint_path(directory: str, name: str) -> str:
-  return os.path.abspath(os.path.join(directory, name))
+def maybe_restore(args, name, state):
+  """With ``--resume --checkpoint-dir``: the train state saved for optimizer ``name``, else ``state``."""
+  if not (args.resume and args.checkpoint_dir):
+    return state
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state)
+
+
+def maybe_save(args, name, state):
+  """With ``--checkpoint-dir``: saves optimizer ``name``'s train state (Orbax, overwriting)."""
+  if not args.checkpoint_dir:
+    return
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state, force=True)
+  checkpointer.wait_until_finished()
 
 
 def train_one(name, tx, args, data, progress):
@@ -87,11 +101,8 @@ def train_one(name, tx, args, data, progress):
   model = CNN()
   params = model.init(jax.random.PRNGKey(args.seed), train_x[:1])["params"]
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  first_step = 0
-  if args.resume and args.checkpoint_dir:
-    import orbax.checkpoint as ocp
-    state = ocp.StandardCheckpointer().restore(checkpoint_path(args.checkpoint_dir, name), state)
-    first_step = int(state.step)
+  state = maybe_restore(args, name, state)
+  first_step = int(state.step)
   step_fn = make_step(model)
   rng = np.random.default_rng(args.seed + first_step)
   curve, times = [], []
@@ -104,11 +115,7 @@ def train_one(name, tx, args, data, progress):
     curve.append(loss)
     progress.update(1)
     progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
-  if args.checkpoint_dir:
-    import orbax.checkpoint as ocp
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(checkpoint_path(args.checkpoint_dir, name), state, force=True)
-    checkpointer.wait_until_finished()
+  maybe_save(args, name, state)
   train_loss, _ = evaluate(model, state.params, train_x, train_y)
   _, test_accuracy = evaluate(model, state.params, test_x, test_y)
   n_params = sum(p.size for p in jax.tree.leaves(state.params))

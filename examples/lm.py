@@ -22,7 +22,7 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import comparison_parser, run_comparison
+from compare import comparison_parser, maybe_restore, maybe_save, run_comparison
 
 SIZES = {"tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
          "small": dict(width=256, layers=4, heads=8, context=128, batch=32),
@@ -92,9 +92,7 @@ def train_one(name, tx, args, corpus, progress):
   model = ByteTransformer(size["width"], size["layers"], size["heads"], size["context"])
   params = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, size["context"]), jnp.int32))["params"]
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  if args.resume and args.checkpoint_dir:
-    import orbax.checkpoint as ocp
-    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state)
+  state = maybe_restore(args, name, state)
 
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
@@ -117,11 +115,7 @@ def train_one(name, tx, args, corpus, progress):
     curve.append(loss)
     progress.update(1)
     progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
-  if args.checkpoint_dir:
-    import orbax.checkpoint as ocp
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state, force=True)
-    checkpointer.wait_until_finished()
+  maybe_save(args, name, state)
   eval_rng = np.random.default_rng(1234)
   held = [float(evaluate(state.params, *batches(held_out, size["context"], size["batch"], eval_rng)))
           for _ in range(8)]
