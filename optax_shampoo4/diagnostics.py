@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,8 +74,7 @@ def error_feedback_errors(grams, *, bits: int = 4, beta: float = 0.95, error_fee
   Runs the library's Cholesky storage and an fp32 one on the same stream of ``grams`` (``G Gᵀ``, each
   ``(n, n)``) and returns ``‖L̂_k − L_k‖_F / ‖L_k‖_F`` for every step ``k``.
   """
-  import jax  # local: keeps this module importable without tracing anything at import time
-  from optax_shampoo4 import shampoo
+  from optax_shampoo4 import shampoo  # local: shampoo imports nothing from here, but keeps import order light
 
   hyper = shampoo.Hyper(beta, epsilon, error_feedback_beta)
   quantized = shampoo.make_storage("cholesky", bits=bits, error_feedback=error_feedback)
