@@ -126,7 +126,7 @@ def train_one(name, tx, args, data, progress):
           "curve": curve, "params": n_params, "steps_done": first_step + args.steps}
 
 
-def plot(results, out):
+def plot(results, out, title="digits CNN"):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -136,7 +136,7 @@ def plot(results, out):
     window = max(1, len(curve) // 40)
     smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
     ax.plot(smooth, label=name)
-  ax.set(xlabel="step", ylabel="train loss (moving average)", yscale="log", title="digits CNN")
+  ax.set(xlabel="step", ylabel="train loss (moving average)", yscale="log", title=title)
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "loss_curves.png"), dpi=120)
@@ -163,12 +163,13 @@ def comparison_parser(description, steps, out, default_optimizers):
   return parser
 
 
-def run_comparison(parser, args, train_fn, data, metric, extra_json=None):
+def run_comparison(parser, args, train_fn, data, metric, extra_json=None, available=None, title="digits CNN"):
   """Trains every optimizer of ``args.optimizers`` with ``train_fn``, prints the table, writes JSON + PNGs.
 
-  ``metric`` is ``(result key, column title)`` of the quality column beside the train loss.
+  ``metric`` is ``(result key, column title)`` of the quality column beside the train loss; ``available``
+  maps optimizer names to factories (default: :func:`optimizers` at ``args.learning_rate``).
   """
-  available = optimizers(args.learning_rate)
+  available = available or optimizers(args.learning_rate)
   names = args.optimizers.split(",")
   unknown = [n for n in names if n not in available]
   if unknown:
@@ -179,15 +180,15 @@ def run_comparison(parser, args, train_fn, data, metric, extra_json=None):
   with tqdm(total=args.steps * len(names), unit="step") as progress:
     for name in names:
       results[name] = train_fn(name, available[name](), args, data, progress)
-  key, title = metric
-  print(f"{'optimizer':<12} {'train loss':>10} {title:>12} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
+  key, column = metric
+  print(f"{'optimizer':<12} {'train loss':>10} {column:>12} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
   for name, r in results.items():
     print(f"{name:<12} {r['train_loss']:>10.4f} {r[key]:>12.4f} {r['state_bytes']:>12,} "
           f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"args": vars(args), "machine": str(jax.devices()[0]), **(extra_json or {}), "results": results},
               f, indent=1)
-  plot(results, args.out)
+  plot(results, args.out, title)
   return results
 
 
