@@ -17,7 +17,7 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 # the intervals statistics_every / inverse_root_every) may be a traced hyperparameter.
 STATIC_ARGS = ("bits", "adam_bits", "block_size", "max_order", "min_quantized_size", "bjorck_steps", "start_step",
                "shard_blocks", "error_feedback", "skip_nonfinite", "quantize", "codebook", "second_moment",
-               "inverse_root_method", "preconditioning_precision", "nesterov")
+               "inverse_root_method", "preconditioning_precision", "linalg_precision", "nesterov")
 
 
 def inject_hyperparams(factory: Callable[..., optax.GradientTransformation], **kwargs):
@@ -115,6 +115,7 @@ def shampoo_adamw(
     error_feedback: bool = True,
     error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
+    linalg_precision: Optional[str] = None,
     shard_blocks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo-preconditioned AdamW [S4]: grafted Shampoo direction → Adam → decoupled weight decay → lr.
@@ -140,6 +141,7 @@ def shampoo_adamw(
           bjorck_steps=bjorck_steps, min_quantized_size=min_quantized_size, start_step=start_step,
           inverse_root_method=inverse_root_method, error_feedback=error_feedback,
           error_feedback_beta=error_feedback_beta, preconditioning_precision=preconditioning_precision,
+          linalg_precision=linalg_precision,
           shard_blocks=shard_blocks),
       _adam(b1, b2, eps, adam_bits, second_moment),
       optax.add_decayed_weights(weight_decay, mask),
@@ -171,6 +173,7 @@ def shampoo_sgdm(
     error_feedback: bool = True,
     error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
+    linalg_precision: Optional[str] = None,
     shard_blocks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo-preconditioned SGD with momentum [S4]: grafted Shampoo direction + L2 decay → momentum → lr.
@@ -194,6 +197,7 @@ def shampoo_sgdm(
           bjorck_steps=bjorck_steps, min_quantized_size=min_quantized_size, start_step=start_step,
           inverse_root_method=inverse_root_method, error_feedback=error_feedback,
           error_feedback_beta=error_feedback_beta, preconditioning_precision=preconditioning_precision,
+          linalg_precision=linalg_precision,
           shard_blocks=shard_blocks),
       optax.add_decayed_weights(weight_decay, mask),
       optax.trace(decay=momentum, nesterov=nesterov),

@@ -45,6 +45,14 @@ from optax_shampoo4.quantization import QuantizedArray, dequantize, quantize, va
 STORAGES = ("eigenvectors", "matrix", "cholesky")
 INVERSE_ROOT_METHODS = ("eigh", "newton")
 PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "highest": lax.Precision.HIGHEST}
+# Products of the statistics / inverse-root updates: fp32, or three bf16 passes (≈1e-5 relative error, about
+# twice the rate of fp32 on GPUs). XLA's CPU backend does not implement the bf16 algorithms for every dot, and
+# has no faster path for them, so CPUs always use fp32.
+LINALG_PRECISIONS = {"highest": lax.Precision.HIGHEST, "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
+
+
+def _linalg_precision(name: str):
+  return lax.Precision.HIGHEST if jax.default_backend() == "cpu" else LINALG_PRECISIONS[name]
 # An eigenbasis whose rows deviate from orthonormality by more than this after an update is rejected.
 ORTHOGONALITY_TOLERANCE = 1e-3
 ROOT = 4  # Shampoo's L^{-1/4} G R^{-1/4} for 2-D blocks
@@ -158,7 +166,9 @@ class _EigenStorage(_Storage):
                                self._store_root(eye))
 
   def update_statistics(self, state, grams, hyper):
-    rows = linalg.bjorck(self.codec.load(state.eigenvectors), self.bjorck_steps[0])
+    rows = self.codec.load(state.eigenvectors)
+    if self.codec.quantized:  # fp32 rows come out of orthonormalize_columns already orthonormal
+      rows = linalg.bjorck(rows, self.bjorck_steps[0])
     previous = linalg.matmul(linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
     statistic = hyper.beta * linalg.symmetrize(previous) + (1.0 - hyper.beta) * grams
     new_rows, eigenvalues = linalg.subspace_iteration_step(statistic, rows)
@@ -168,7 +178,7 @@ class _EigenStorage(_Storage):
     eigenvalues = jnp.maximum(jnp.take_along_axis(eigenvalues, order, axis=-1), 0.0)
     new_rows = jnp.take_along_axis(new_rows, order[..., :, None], axis=-2)
     ok = (_all_finite(new_rows) & _all_finite(eigenvalues) &
-          (linalg.orthogonality_error(new_rows) <= ORTHOGONALITY_TOLERANCE))
+          (linalg.orthogonality_error_estimate(new_rows) <= ORTHOGONALITY_TOLERANCE))
     new = state._replace(eigenvectors=self.codec.store(new_rows), eigenvalues=eigenvalues)
     return _select(ok, new, state), ok
 
@@ -309,6 +319,7 @@ def scale_by_shampoo(
     error_feedback: bool = True,
     error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
+    linalg_precision: Optional[str] = None,
     shard_blocks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo preconditioning with quantized preconditioner states [S4][CQ], to chain before a base optimizer.
@@ -346,7 +357,11 @@ def scale_by_shampoo(
       experiment, see ``docs/ablation.md``).
     preconditioning_precision: matmul precision of the per-step ``L̂ G R̂`` only: ``"high"`` (default: TF32
       on GPUs, 3 bf16 passes on TPUs — far below the 4-bit quantization error), ``"highest"`` or
-      ``"default"``. All preconditioner linear algebra always runs at ``"highest"``. Static.
+      ``"default"``. Static.
+    linalg_precision: matmul precision of the statistics and inverse-root updates: ``"highest"`` (fp32) or
+      ``"bf16_3x"`` (three bf16 passes, relative error ≈1e-5, about 2× the fp32 rate on H100s; CPUs use
+      fp32 either way). Default: ``"highest"`` at ``bits=32``, ``"bf16_3x"`` for quantized storage, whose 4-bit
+      eigenvectors carry errors near 1e-2 (measured in ``benchmarks/profile.py``). Static.
     shard_blocks: pad every preconditioner stack to a multiple of this (the number of devices the stacks are
       sharded over, see :func:`optax_shampoo4.sharding.shampoo_state_sharding`). Static.
 
@@ -369,6 +384,10 @@ def scale_by_shampoo(
   if preconditioning_precision not in PRECISIONS:
     raise ValueError(f"preconditioning_precision must be one of {tuple(PRECISIONS)}, "
                      f"got {preconditioning_precision!r}")
+  if linalg_precision is None:
+    linalg_precision = "highest" if bits == 32 else "bf16_3x"
+  if linalg_precision not in LINALG_PRECISIONS:
+    raise ValueError(f"linalg_precision must be one of {tuple(LINALG_PRECISIONS)}, got {linalg_precision!r}")
   if bits != 32:
     validate_quantization_args(codebook=codebook, bits=bits, block_size=block_size)
   _check_int("max_order", max_order, 2)
@@ -455,10 +474,11 @@ def scale_by_shampoo(
 
     active = finite & (step >= start_step)
     preconditioners = state.preconditioners
-    preconditioners, stats_failures = lax.cond(
-        active & (step % statistics_every == 0), update_statistics, unchanged, preconditioners)
-    preconditioners, root_failures = lax.cond(
-        active & (step % inverse_root_every == 0), update_inverse_roots, unchanged, preconditioners)
+    with linalg.precision(_linalg_precision(linalg_precision)):  # the branches are traced here
+      preconditioners, stats_failures = lax.cond(
+          active & (step % statistics_every == 0), update_statistics, unchanged, preconditioners)
+      preconditioners, root_failures = lax.cond(
+          active & (step % inverse_root_every == 0), update_inverse_roots, unchanged, preconditioners)
 
     roots = {order: storage_for(order).inverse_root(preconditioners[_stack_key(order)])
              for order in plan.orders}

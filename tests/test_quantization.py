@@ -265,4 +265,5 @@ def test_property_roundtrip_error_is_bounded(x, codebook_bits, block_size):
   scale = np.repeat(scales, block_size, axis=-1)[..., :x.shape[-1]]
   slack = (1 + o4.codebook(codebook, bits)[0]) if codebook == "dynamic_tree" else 0.0
   bound = max(qz.max_rounding_error(codebook, bits), slack) * scale
-  assert np.all(np.abs(decoded - x) <= bound + 4e-6 * scale)
+  # XLA flushes denormals to zero, so blocks whose absmax is near the smallest normal float decode to 0.
+  assert np.all(np.abs(decoded - x) <= bound + 4e-6 * scale + 2 * np.finfo(np.float32).tiny)
