@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import time
 from typing import Any, Sequence
 
 import jax
@@ -36,7 +35,7 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import comparison_parser, maybe_restore, maybe_save, run_comparison
+from compare import comparison_parser, maybe_restore, maybe_save, run_comparison, timed_steps
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -279,17 +278,12 @@ def train_one(name, tx, args, data, progress):
   step_fn, evaluate = make_train_step(model), make_evaluate(model)
   rng = np.random.default_rng(args.seed + int(state.step))
   key = jax.random.PRNGKey(args.seed)
-  curve, times = [], []
-  for _ in range(args.steps):
+
+  def run_step(state):
     index = rng.integers(0, len(train_y), args.batch_size)
-    step_key = jax.random.fold_in(key, int(state.step))
-    start = time.perf_counter()
-    state, loss = step_fn(state, train_x[index], train_y[index], step_key)
-    loss = float(loss)  # also waits for the step
-    times.append(time.perf_counter() - start)
-    curve.append(loss)
-    progress.update(1)
-    progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
+    return step_fn(state, train_x[index], train_y[index], jax.random.fold_in(key, int(state.step)))
+
+  state, curve, times = timed_steps(state, args.steps, run_step, name, progress)
   maybe_save(args, name, state)
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
   state_bytes = o4.state_nbytes(state.opt_state)

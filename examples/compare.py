@@ -96,6 +96,21 @@ def maybe_save(args, name, state):
   checkpointer.wait_until_finished()
 
 
+def timed_steps(state, steps, run_step, name, progress):
+  """Calls ``run_step(state) -> (state, loss)`` ``steps`` times; returns the state, the losses and the
+  seconds of each call (the loss is read back, so each time covers the whole step)."""
+  curve, times = [], []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, loss = run_step(state)
+    loss = float(loss)
+    times.append(time.perf_counter() - start)
+    curve.append(loss)
+    progress.update(1)
+    progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
+  return state, curve, times
+
+
 def train_one(name, tx, args, data, progress):
   (train_x, train_y), (test_x, test_y) = data
   model = CNN()
@@ -105,16 +120,12 @@ def train_one(name, tx, args, data, progress):
   first_step = int(state.step)
   step_fn = make_step(model)
   rng = np.random.default_rng(args.seed + first_step)
-  curve, times = [], []
-  for i in range(args.steps):
+
+  def run_step(state):
     index = rng.integers(0, len(train_y), args.batch_size)
-    start = time.perf_counter()
-    state, loss = step_fn(state, train_x[index], train_y[index])
-    loss = float(loss)  # also waits for the step
-    times.append(time.perf_counter() - start)
-    curve.append(loss)
-    progress.update(1)
-    progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
+    return step_fn(state, train_x[index], train_y[index])
+
+  state, curve, times = timed_steps(state, args.steps, run_step, name, progress)
   maybe_save(args, name, state)
   train_loss, _ = evaluate(model, state.params, train_x, train_y)
   _, test_accuracy = evaluate(model, state.params, test_x, test_y)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sysconfig
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import comparison_parser, maybe_restore, maybe_save, run_comparison
+from compare import comparison_parser, maybe_restore, maybe_save, run_comparison, timed_steps
 
 SIZES = {"tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
          "small": dict(width=256, layers=4, heads=8, context=128, batch=32),
@@ -105,16 +104,11 @@ def train_one(name, tx, args, corpus, progress):
 
   evaluate = jax.jit(loss_fn)
   rng = np.random.default_rng(args.seed + int(state.step))
-  curve, times = [], []
-  for _ in range(args.steps):
-    x, y = batches(train, size["context"], size["batch"], rng)
-    start = time.perf_counter()
-    state, loss = step(state, x, y)
-    loss = float(loss)
-    times.append(time.perf_counter() - start)
-    curve.append(loss)
-    progress.update(1)
-    progress.set_postfix(optimizer=name, loss=f"{loss:.3f}")
+
+  def run_step(state):
+    return step(state, *batches(train, size["context"], size["batch"], rng))
+
+  state, curve, times = timed_steps(state, args.steps, run_step, name, progress)
   maybe_save(args, name, state)
   eval_rng = np.random.default_rng(1234)
   held = [float(evaluate(state.params, *batches(held_out, size["context"], size["batch"], eval_rng)))
