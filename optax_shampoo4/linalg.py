@@ -100,14 +100,18 @@ def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0) -
   n = x.shape[-1]
   eye = jnp.eye(n, dtype=x.dtype)
   for _ in range(passes):
-    norms = jnp.sqrt(jnp.sum(x * x, axis=-2, keepdims=True))
-    x = x / jnp.maximum(norms, jnp.finfo(x.dtype).tiny)
+    x = _unit_columns(x)
     gram_matrix = symmetrize(matmul(transpose(x), x))
     frobenius = jnp.sqrt(jnp.sum(gram_matrix * gram_matrix, axis=(-2, -1), keepdims=True))
     lower = jnp.linalg.cholesky(gram_matrix + (shift * _FP32_UNIT_ROUNDOFF) * frobenius * eye)
     # x ← x R̃⁻¹ with R̃ = lowerᵀ: solve  x_new · lowerᵀ = x.
     x = lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
-  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-2, keepdims=True)), jnp.finfo(x.dtype).tiny)
+  return _unit_columns(x)
+
+
+def _unit_columns(x: jax.Array) -> jax.Array:
+  norms = jnp.sqrt(jnp.sum(x * x, axis=-2, keepdims=True))
+  return x / jnp.maximum(norms, jnp.finfo(x.dtype).tiny)
 
 
 def subspace_iteration_step(statistic: jax.Array, rows: jax.Array, *, shift: float = 1e-5):

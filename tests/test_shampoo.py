@@ -305,3 +305,14 @@ def test_linalg_inverse_roots_agree_with_float64():
   q_ref, r_ref = np.linalg.qr(g[:, :, :40])
   q_ref = q_ref * np.sign(np.diagonal(r_ref, axis1=-2, axis2=-1))[:, None, :]
   np.testing.assert_allclose(q, q_ref, atol=2e-4)
+
+
+def test_orthogonality_estimate_tracks_the_exact_error():
+  rng = np.random.default_rng(5)
+  rows = jnp.asarray(np.linalg.qr(rng.standard_normal((2, 200, 200)))[0], jnp.float32)
+  exact, estimate = linalg.orthogonality_error(rows), linalg.orthogonality_error_estimate(rows)
+  assert float(jnp.max(exact)) < 1e-5 and float(jnp.max(estimate)) < 1e-4
+  # One pair of nearly parallel rows (a gross failure) must exceed the rejection tolerance in both measures.
+  broken = rows.at[:, 7].set(rows[:, 3] + 0.05 * rows[:, 7])
+  exact, estimate = linalg.orthogonality_error(broken), linalg.orthogonality_error_estimate(broken)
+  assert float(jnp.min(exact)) > 0.5 and float(jnp.min(estimate)) > shampoo.ORTHOGONALITY_TOLERANCE
