@@ -17,7 +17,8 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 # the intervals statistics_every / inverse_root_every) may be a traced hyperparameter.
 STATIC_ARGS = ("bits", "adam_bits", "block_size", "max_order", "min_quantized_size", "bjorck_steps", "start_step",
                "shard_blocks", "error_feedback", "skip_nonfinite", "quantize", "codebook", "second_moment",
-               "inverse_root_method", "preconditioning_precision", "linalg_precision", "nesterov")
+               "inverse_root_method", "preconditioning_precision", "linalg_precision", "nesterov",
+               "implementation")
 
 
 def inject_hyperparams(factory: Callable[..., optax.GradientTransformation], **kwargs):
@@ -65,6 +66,7 @@ def adamw_4bit(
     bits: int = 4,
     second_moment: str = "rank1",
     skip_nonfinite: bool = False,
+    implementation: str = "xla",
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with 4-bit moments [A4]: ``scale_by_adam_4bit`` + decoupled weight decay + learning rate.
 
@@ -77,12 +79,15 @@ def adamw_4bit(
     second_moment: ``"rank1"``, ``"block"`` or ``"factored"`` (4-bit Factor).
     skip_nonfinite: wrap in ``optax.apply_if_finite``: a step with a NaN/Inf gradient leaves the params and
       every state unchanged.
+    implementation: ``"xla"`` (default) or ``"pallas"`` (experimental fused kernels); see
+      :func:`scale_by_adam_4bit`.
 
   Optimizer state: about 1.03–1.06 bytes per parameter (0.53 for "factored") instead of optax.adamw's 8.
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite=skip_nonfinite)
   return _finalize(optax.chain(
-      scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, bits=bits, second_moment=second_moment),
+      scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, bits=bits, second_moment=second_moment,
+                         implementation=implementation),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   ), skip_nonfinite)

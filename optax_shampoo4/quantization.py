@@ -95,25 +95,35 @@ def _decision_boundaries(name: str, bits: int) -> np.ndarray:
 
 
 def _encode(normalized: jax.Array, name: str, bits: int) -> jax.Array:
-  """Index of the nearest codebook entry, ties to the lower one: #{k : normalized > midpoint_k}.
-
-  At 4 bits the 15 comparisons against constant midpoints fuse into one elementwise pass; at 8 bits a
-  branchless binary search does 8 comparisons (against looked-up midpoints) instead of 255. NaN compares
-  false everywhere and gets code 0.
-  """
-  boundaries = _decision_boundaries(name, bits)
-  if bits <= 4:
-    index = jnp.zeros(normalized.shape, jnp.uint8)
-    for boundary in boundaries:
-      index = index + (normalized > boundary).astype(jnp.uint8)
-    return index
-  table = jnp.asarray(boundaries)
+  """Index of the nearest codebook entry, ties to the lower one: #{k : normalized > midpoint_k}, by a
+  branchless binary search (8 comparisons against looked-up midpoints instead of 255). NaN compares false
+  everywhere and gets code 0. (4-bit codes: :func:`_encode_scaled`.)"""
+  table = jnp.asarray(_decision_boundaries(name, bits))
   index = jnp.zeros(normalized.shape, jnp.int32)
   step = 2 ** (bits - 1)
   while step >= 1:
     index = index + jnp.where(normalized > table[index + (step - 1)], step, 0)
     step //= 2
   return index.astype(jnp.uint8)
+
+
+def _encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int) -> jax.Array:
+  """Codes of ``x / scale`` (``scale`` ≥ 0, broadcastable to ``x``); where the scale is 0 or NaN, the code
+  nearest 0 (the block decodes to 0 × scale: zeros, or NaN that stays visible in the stored scale).
+
+  At 4 bits ``x`` is compared with each of the 15 ``midpoint_k · scale`` (one fused elementwise pass) instead
+  of dividing: a product is correctly rounded by every backend, while fp32 division is not (Triton emits an
+  approximate divide), so codes computed by XLA and by the fused Pallas kernels can agree bit for bit.
+  """
+  positive = scale > 0
+  if bits > 4:
+    return _encode(jnp.where(positive, x / jnp.where(positive, scale, 1.0), 0.0), name, bits)
+  safe_scale = jnp.where(positive, scale, 1.0)
+  x = jnp.where(positive, x, 0.0)
+  index = jnp.zeros(jnp.broadcast_shapes(x.shape, jnp.shape(scale)), jnp.uint8)
+  for boundary in _decision_boundaries(name, bits):
+    index = index + (x > boundary * safe_scale).astype(jnp.uint8)
+  return index
 
 
 def _decode(codes: jax.Array, name: str, bits: int) -> jax.Array:
@@ -144,7 +154,10 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
 
 def unpack_nibbles(packed: jax.Array, length: int) -> jax.Array:
   """Inverse of :func:`pack_nibbles`: the first ``length`` codes of every row."""
-  codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+  # A broadcast and per-position shift rather than stacking the two nibbles: XLA fuses this into the
+  # consumer, while a stack becomes a concatenate kernel that materializes the codes (measured on GPU).
+  shifts = jnp.asarray([0, 4], jnp.uint8)
+  codes = (packed[..., None] >> shifts) & 0xF
   return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
 
 
@@ -256,13 +269,6 @@ def _triangle_masks(n: int):
   return row > col, row < col
 
 
-def _safe_divide(x: jax.Array, scale: jax.Array) -> jax.Array:
-  # An all-zero block has scale 0 and must decode to exact zeros; a NaN scale must stay visible (it does:
-  # the NaN is in the stored scale, so the block decodes to NaN while its neighbours are untouched).
-  positive = scale > 0
-  return jnp.where(positive, x / jnp.where(positive, scale, 1.0), 0.0)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Quantize / dequantize
 # ----------------------------------------------------------------------------------------------------------
@@ -340,7 +346,7 @@ def quantize(x: jax.Array, *, codebook: str = "linear2", bits: int = 4, block_si
     elementwise_scale = jnp.where(lower, _expand_blocks(scales[0], block_size, n),
                                   _expand_blocks(scales[1], block_size, n))
 
-  codes = _encode(_safe_divide(x, elementwise_scale), codebook, bits)
+  codes = _encode_scaled(x, elementwise_scale, codebook, bits)
   if bits == 4:
     codes = pack_nibbles(codes)
   spec = QuantizationSpec(tuple(x.shape), codebook, bits, block_size, normalization, keep_diagonal)

@@ -472,13 +472,20 @@ def scale_by_shampoo(
     def unchanged(preconditioners):
       return preconditioners, jnp.zeros([], jnp.int32)
 
+    def update_both(preconditioners):
+      preconditioners, stats_failures = update_statistics(preconditioners)
+      preconditioners, root_failures = update_inverse_roots(preconditioners)
+      return preconditioners, stats_failures + root_failures
+
     active = finite & (step >= start_step)
-    preconditioners = state.preconditioners
+    do_statistics = active & (step % statistics_every == 0)
+    do_roots = active & (step % inverse_root_every == 0)
+    # One switch rather than two conds: XLA:GPU copies every branch predicate to the host and waits for it,
+    # which drains the launch queue once per conditional on every step.
+    branch = do_statistics.astype(jnp.int32) + 2 * do_roots.astype(jnp.int32)
     with linalg.precision(_linalg_precision(linalg_precision)):  # the branches are traced here
-      preconditioners, stats_failures = lax.cond(
-          active & (step % statistics_every == 0), update_statistics, unchanged, preconditioners)
-      preconditioners, root_failures = lax.cond(
-          active & (step % inverse_root_every == 0), update_inverse_roots, unchanged, preconditioners)
+      preconditioners, failures = lax.switch(
+          branch, (unchanged, update_statistics, update_inverse_roots, update_both), state.preconditioners)
 
     roots = {order: storage_for(order).inverse_root(preconditioners[_stack_key(order)])
              for order in plan.orders}
@@ -497,7 +504,7 @@ def scale_by_shampoo(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         preconditioners=preconditioners,
         nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-        failure_count=state.failure_count + stats_failures + root_failures)
+        failure_count=state.failure_count + failures)
     return jax.tree.unflatten(treedef, outputs), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

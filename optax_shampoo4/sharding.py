@@ -6,6 +6,14 @@ and inverse roots, the expensive part) ``k / devices`` preconditioners: build th
 ``shard_blocks=mesh.shape[axis]`` so that every stack's length is a multiple of the device count. Quantized
 stacks shard the same way; their block scales run along each row of each matrix, so no block ever
 straddles two devices. Scalars (counters) are replicated.
+
+Adam moments (:func:`~optax_shampoo4.scale_by_adam_4bit`) follow the params (FSDP): a moment of a param
+sharded along its first axis is sharded along the leading axis of every stored array — fp32 moments like
+the param; 4-bit codes and the row maxima of rank-1 scales along rows; flat block-quantized codes and
+block scales in contiguous chunks, which is allowed only when every device's chunk holds whole blocks
+(the param's rows per device × its other dims is a multiple of the block size: both arrays' lengths divide
+by the device count). Column maxima of rank-1 scales (a reduction over all rows) and anything that does
+not divide are replicated.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from optax_shampoo4.adam import ScaleByAdam4bitState
+from optax_shampoo4.quantization import QuantizedArray
 from optax_shampoo4.shampoo import ShampooState
 
 
@@ -26,12 +36,40 @@ def _stack_sharding(leaf, mesh: Mesh, axis: str):
   return NamedSharding(mesh, PartitionSpec(axis, *([None] * (ndim - 1))))
 
 
+def _leading_axis(sharding):
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec else None
+
+
+def _moment_sharding(moment, param_sharding, mesh: Mesh):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  axis = _leading_axis(param_sharding)
+  if axis is None:
+    return jax.tree.map(lambda _: replicated, moment)
+  names = axis if isinstance(axis, tuple) else (axis,)
+  devices = 1
+  for name in names:
+    devices *= mesh.shape[name]
+  along_rows = lambda a: NamedSharding(mesh, PartitionSpec(axis, *([None] * (a.ndim - 1))))
+  if isinstance(moment, QuantizedArray):
+    leading = [moment.codes, moment.scales[0]]
+    if not all(a.ndim >= 1 and a.shape[0] % devices == 0 for a in leading):
+      return jax.tree.map(lambda _: replicated, moment)
+    scales = (along_rows(moment.scales[0]),) + (replicated,) * (len(moment.scales) - 1)
+    diagonal = None if moment.diagonal is None else replicated
+    return QuantizedArray(along_rows(moment.codes), scales, diagonal, moment.spec)
+  return jax.tree.map(lambda a: along_rows(a) if a.ndim >= 1 and a.shape[0] % devices == 0 else replicated,
+                      moment)
+
+
 def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding: Any = None) -> Any:
   """A pytree of ``NamedSharding`` s matching ``state`` (concrete or from ``jax.eval_shape``).
 
   Every :class:`~optax_shampoo4.ShampooState` inside ``state`` (alone or within ``optax.chain``) gets its
-  preconditioner stacks sharded over ``axis``; leaves of other states take ``params_sharding`` when their
-  tree matches the params (e.g. fp32 Adam moments), else are replicated.
+  preconditioner stacks sharded over ``axis``; the moments of a :class:`~optax_shampoo4.adam.ScaleByAdam4bitState`
+  follow ``params_sharding`` by the rule in this module's docstring; leaves of other states take
+  ``params_sharding`` when their tree matches the params (e.g. ``optax.adam``'s moments), else are
+  replicated.
 
   Use it for ``jax.jit(update, out_shardings=...)``, ``jax.device_put`` and Orbax restore targets.
   """
@@ -44,6 +82,11 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
           count=replicated,
           preconditioners=jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.preconditioners),
           nonfinite_count=replicated, failure_count=replicated)
+    if isinstance(node, ScaleByAdam4bitState) and params_sharding is not None:
+      shardings, treedef = jax.tree.flatten(params_sharding)
+      moments = lambda tree: treedef.unflatten(
+          [_moment_sharding(m, s, mesh) for m, s in zip(treedef.flatten_up_to(tree), shardings)])
+      return ScaleByAdam4bitState(replicated, moments(node.mu), moments(node.nu), replicated)
     if params_sharding is not None:
       try:
         return jax.tree.map(lambda _, s: s, node, params_sharding)
@@ -51,7 +94,7 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
         pass
     return jax.tree.map(lambda _: replicated, node)
 
-  if is_shampoo(state):
+  if is_shampoo(state) or isinstance(state, ScaleByAdam4bitState):
     return assign(state)
   if isinstance(state, tuple) and not hasattr(state, "_fields"):  # optax.chain's tuple of states
     return tuple(optimizer_state_sharding(s, mesh, axis, params_sharding) for s in state)

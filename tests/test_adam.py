@@ -154,7 +154,41 @@ def test_all_4bit_shampoo_state_is_at_most_half_of_adamw_on_gpt2_shapes():
     (dict(b1=1.0), "b1"), (dict(b2=-0.1), "b2"), (dict(eps=-1.0), "eps"), (dict(bits=5), "bits"),
     (dict(second_moment="diag"), "second_moment"), (dict(block_size=0), "block_size"),
     (dict(min_quantized_size=-1), "min_quantized_size"), (dict(second_moment_codebook="x"), "codebook"),
+    (dict(implementation="triton"), "implementation"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     o4.scale_by_adam_4bit(**kwargs)
+
+
+@pytest.mark.parametrize("second_moment", ["rank1", "block"])
+def test_fused_kernels_match_the_xla_path(second_moment):
+  """The Pallas kernels (run by the interpreter on CPU) compute the same step and store the same bytes as
+  the XLA path: ragged row tiles (70 rows), bf16 gradients, a leaf the kernels skip (4-D rank-1), a
+  NaN step that must keep the state, and a traced b1 (inject_hyperparams)."""
+  params = {"ragged": jnp.zeros((70, 256)), "bf16": jnp.zeros((64, 128), jnp.bfloat16),
+            "conv": jnp.zeros((3, 3, 16, 128)), "vector": jnp.zeros((8192,))}
+  factories = {i: o4.inject_hyperparams(o4.adamw_4bit)(learning_rate=1e-2, b1=0.8, second_moment=second_moment,
+                                                      implementation=i) for i in ("xla", "pallas")}
+  states = {i: tx.init(params) for i, tx in factories.items()}
+  steps = {i: jax.jit(tx.update) for i, tx in factories.items()}
+  # rank-1: two kernels for each of the two matrices; blocks: one kernel for each of the four leaves
+  for i, count in (("pallas", 4), ("xla", 0)):
+    program = str(jax.make_jaxpr(factories[i].update)(params, states[i], params))
+    assert program.count("pallas_call[") == count, (i, program.count("pallas_call["))
+  key = jax.random.PRNGKey(0)
+  for t in range(5):
+    key, sub = jax.random.split(key)
+    grads = jax.tree.map(lambda p: (jax.random.normal(sub, p.shape) * (1 + t)).astype(p.dtype), params)
+    if t == 3:
+      grads["ragged"] = grads["ragged"].at[69, 200].set(jnp.nan)
+    updates = {}
+    for i in factories:
+      updates[i], states[i] = steps[i](grads, states[i], params)
+    for a, b in zip(jax.tree.leaves(updates["xla"]), jax.tree.leaves(updates["pallas"])):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-9)
+    for a, b in zip(jax.tree.leaves(states["xla"]), jax.tree.leaves(states["pallas"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  adam_state = states["pallas"].inner_state[0]
+  assert isinstance(adam_state, o4.adam.ScaleByAdam4bitState)
+  assert int(adam_state.count) == 4 and int(adam_state.nonfinite_count) == 1

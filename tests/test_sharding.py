@@ -119,3 +119,49 @@ def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == b.sharding
+
+
+@pytest.mark.parametrize("second_moment", ["rank1", "block", "factored"])
+def test_fsdp_sharded_params_and_4bit_adam_moments(second_moment):
+  """Params and gradients sharded along their rows over 8 devices (FSDP); the 4-bit moments follow them
+  (codes and row scales sharded, no block across two devices); results equal the single-device run."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+  params = {"a": jnp.zeros((96, 256)), "b": jnp.zeros((64, 128)), "odd": jnp.zeros((72, 100)), "bias": jnp.zeros(256)}
+  params = jax.tree.map(lambda p: p + 0.1, params)
+  rows = lambda p: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (p.ndim - 1))))
+  params_sharding = jax.tree.map(rows, params)
+  tx = o4.adamw_4bit(1e-2, second_moment=second_moment)
+  state_sharding = optimizer_state_sharding(jax.eval_shape(tx.init, params), mesh, "fsdp", params_sharding)
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  sharded = jax.jit(step, in_shardings=(params_sharding, state_sharding, params_sharding),
+                    out_shardings=(params_sharding, state_sharding))
+  single = jax.jit(step)
+  p_sharded, s_sharded = jax.device_put(params, params_sharding), jax.device_put(tx.init(params), state_sharding)
+  p_single, s_single = params, tx.init(params)
+  for i in range(4):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+    p_sharded, s_sharded = sharded(p_sharded, s_sharded, jax.device_put(grads, params_sharding))
+    p_single, s_single = single(p_single, s_single, grads)
+  for a, b in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(s_sharded), jax.tree.leaves(s_single)):
+    if a.dtype == jnp.uint8:  # codes: identical
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:  # fp32 scales / factors: sharded mean reductions round differently (factored: 1e-7)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+  adam_state = s_sharded[0]
+  mu_a, nu_a = adam_state.mu["a"], adam_state.nu["a"]
+  assert mu_a.codes.sharding.shard_shape(mu_a.codes.shape) == (mu_a.codes.shape[0] // 8,)
+  assert mu_a.scales[0].sharding.shard_shape(mu_a.scales[0].shape)[0] == mu_a.scales[0].shape[0] // 8
+  if second_moment == "rank1":
+    assert nu_a.codes.sharding.shard_shape(nu_a.codes.shape) == (12, 128)  # 96 rows / 8, 256 codes / 2
+  # "odd" (72 × 100): 900 elements per device is not a multiple of 128-element blocks -> replicated
+  assert adam_state.mu["odd"].codes.sharding.is_fully_replicated
+  total = o4.state_nbytes(s_sharded)
+  per_device = o4.state_nbytes(s_sharded, per_device=True)
+  assert per_device <= total / 8 + o4.state_nbytes(adam_state.mu["odd"]) + o4.state_nbytes(adam_state.nu["odd"]) \
+      + 4 * (256 + 128 + 256) + 64, (per_device, total)
