@@ -472,20 +472,18 @@ def scale_by_shampoo(
     def unchanged(preconditioners):
       return preconditioners, jnp.zeros([], jnp.int32)
 
-    def update_both(preconditioners):
-      preconditioners, stats_failures = update_statistics(preconditioners)
-      preconditioners, root_failures = update_inverse_roots(preconditioners)
+    def update_due(preconditioners):
+      preconditioners, stats_failures = lax.cond(do_statistics, update_statistics, unchanged, preconditioners)
+      preconditioners, root_failures = lax.cond(do_roots, update_inverse_roots, unchanged, preconditioners)
       return preconditioners, stats_failures + root_failures
 
     active = finite & (step >= start_step)
     do_statistics = active & (step % statistics_every == 0)
     do_roots = active & (step % inverse_root_every == 0)
-    # One switch rather than two conds: XLA:GPU copies every branch predicate to the host and waits for it,
-    # which drains the launch queue once per conditional on every step.
-    branch = do_statistics.astype(jnp.int32) + 2 * do_roots.astype(jnp.int32)
+    # XLA:GPU copies every conditional's predicate to the host and waits for it, which drains the launch
+    # queue: a plain step reads one predicate (the outer cond), and each expensive branch is traced once.
     with linalg.precision(_linalg_precision(linalg_precision)):  # the branches are traced here
-      preconditioners, failures = lax.switch(
-          branch, (unchanged, update_statistics, update_inverse_roots, update_both), state.preconditioners)
+      preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged, state.preconditioners)
 
     roots = {order: storage_for(order).inverse_root(preconditioners[_stack_key(order)])
              for order in plan.orders}
