@@ -98,9 +98,13 @@ def _encode(normalized: jax.Array, name: str, bits: int) -> jax.Array:
   """Index of the nearest codebook entry, ties to the lower one: #{k : normalized > midpoint_k}, by a
   branchless binary search (8 comparisons against looked-up midpoints instead of 255). NaN compares false
   everywhere and gets code 0. (4-bit codes: :func:`_encode_scaled`.)"""
-  table = jnp.asarray(_decision_boundaries(name, bits))
-  index = jnp.zeros(normalized.shape, jnp.int32)
+  boundaries = _decision_boundaries(name, bits)
+  table = jnp.asarray(boundaries)
+  # The first comparison is against the middle midpoint itself: a look-up at a constant index (all zeros)
+  # is a gather XLA constant-folds into an array the size of the tensor (seconds of compile per leaf).
   step = 2 ** (bits - 1)
+  index = jnp.where(normalized > boundaries[step - 1], step, 0).astype(jnp.int32)
+  step //= 2
   while step >= 1:
     index = index + jnp.where(normalized > table[index + (step - 1)], step, 0)
     step //= 2
