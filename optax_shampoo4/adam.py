@@ -17,7 +17,6 @@ Reference: Li, Chen, Zhu. *Memory Efficient Optimizers with 4-bit States.* NeurI
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -283,10 +282,9 @@ def scale_by_adam_4bit(
 
     # Phase 2: the step of every leaf.
     out, new_mu, new_nu = [], [], []
-    xla_step = functools.partial(_xla_leaf_step, layout, b1, b2, eps, eps_root)
     for g, stored_m, stored_v, view, scales in zip(leaves, mu_leaves, nu_leaves, views, maxima):
       if view is None:
-        step = xla_step(g, stored_m, stored_v, corrections, finite)
+        step = _xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v, corrections, finite)
       else:
         step = _fused_leaf_step(kernel_config, view, constants, g, stored_m, stored_v, corrections, finite, scales,
                                 interpret=interpret)

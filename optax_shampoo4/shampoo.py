@@ -49,13 +49,14 @@ PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "hig
 # twice the rate of fp32 on GPUs). XLA's CPU backend does not implement the bf16 algorithms for every dot, and
 # has no faster path for them, so CPUs always use fp32.
 LINALG_PRECISIONS = {"highest": lax.Precision.HIGHEST, "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
+# An eigenbasis whose rows deviate from orthonormality by more than this after an update is rejected.
+ORTHOGONALITY_TOLERANCE = 1e-3
+ROOT = 4  # Shampoo's L^{-1/4} G R^{-1/4} for 2-D blocks
 
 
 def _linalg_precision(name: str):
   return lax.Precision.HIGHEST if jax.default_backend() == "cpu" else LINALG_PRECISIONS[name]
-# An eigenbasis whose rows deviate from orthonormality by more than this after an update is rejected.
-ORTHOGONALITY_TOLERANCE = 1e-3
-ROOT = 4  # Shampoo's L^{-1/4} G R^{-1/4} for 2-D blocks
+
 
 Stored = Union[jax.Array, QuantizedArray]
 

@@ -12,18 +12,19 @@ sharded along its first axis is sharded along the leading axis of every stored a
 the param; 4-bit codes and the row maxima of rank-1 scales along rows; flat block-quantized codes and
 block scales in contiguous chunks, which is allowed only when every device's chunk holds whole blocks
 (the param's rows per device × its other dims is a multiple of the block size: both arrays' lengths divide
-by the device count). Column maxima of rank-1 scales (a reduction over all rows) and anything that does
-not divide are replicated.
+by the device count); 4-bit Factor's row factors along rows. Column maxima of rank-1 scales and 4-bit
+Factor's column factors (reductions over all rows) and anything that does not divide are replicated.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optax_shampoo4.adam import ScaleByAdam4bitState
+from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState
 from optax_shampoo4.quantization import QuantizedArray
 from optax_shampoo4.shampoo import ShampooState
 
@@ -46,20 +47,18 @@ def _moment_sharding(moment, param_sharding, mesh: Mesh):
   axis = _leading_axis(param_sharding)
   if axis is None:
     return jax.tree.map(lambda _: replicated, moment)
-  names = axis if isinstance(axis, tuple) else (axis,)
-  devices = 1
-  for name in names:
-    devices *= mesh.shape[name]
+  devices = math.prod(mesh.shape[name] for name in (axis if isinstance(axis, tuple) else (axis,)))
+  divides = lambda a: a.ndim >= 1 and a.shape[0] % devices == 0
   along_rows = lambda a: NamedSharding(mesh, PartitionSpec(axis, *([None] * (a.ndim - 1))))
   if isinstance(moment, QuantizedArray):
-    leading = [moment.codes, moment.scales[0]]
-    if not all(a.ndim >= 1 and a.shape[0] % devices == 0 for a in leading):
+    if not (divides(moment.codes) and divides(moment.scales[0])):  # a block would straddle two devices
       return jax.tree.map(lambda _: replicated, moment)
     scales = (along_rows(moment.scales[0]),) + (replicated,) * (len(moment.scales) - 1)
     diagonal = None if moment.diagonal is None else replicated
     return QuantizedArray(along_rows(moment.codes), scales, diagonal, moment.spec)
-  return jax.tree.map(lambda a: along_rows(a) if a.ndim >= 1 and a.shape[0] % devices == 0 else replicated,
-                      moment)
+  if isinstance(moment, FactoredMoment):  # column factors are a mean over all rows
+    return FactoredMoment(along_rows(moment.row) if divides(moment.row) else replicated, replicated)
+  return along_rows(moment) if divides(moment) else replicated
 
 
 def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding: Any = None) -> Any:

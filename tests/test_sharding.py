@@ -59,6 +59,40 @@ def last_update(tx, shard=None):
   return out, state
 
 
+def fsdp_runs(tx, params, steps, shardable=lambda p: True):
+  """``steps`` steps of ``tx`` with params, gradients and state sharded along rows over an 8-device
+  ``"fsdp"`` axis (leaves ``shardable`` rejects are replicated), and the same steps on one device.
+  Returns ``(params_sharding, sharded step, (params, state) sharded, (params, state) single, last grads)``."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+  rows = lambda p: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (p.ndim - 1))) if shardable(p)
+                                 else PartitionSpec())
+  params_sharding = jax.tree.map(rows, params)
+  state_sharding = optimizer_state_sharding(jax.eval_shape(tx.init, params), mesh, "fsdp", params_sharding)
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  sharded = jax.jit(step, in_shardings=(params_sharding, state_sharding, params_sharding),
+                    out_shardings=(params_sharding, state_sharding))
+  single = jax.jit(step)
+  p_sharded, s_sharded = jax.device_put(params, params_sharding), jax.device_put(tx.init(params), state_sharding)
+  p_single, s_single = params, tx.init(params)
+  for i in range(steps):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+    p_sharded, s_sharded = sharded(p_sharded, s_sharded, jax.device_put(grads, params_sharding))
+    p_single, s_single = single(p_single, s_single, grads)
+  return params_sharding, sharded, (p_sharded, s_sharded), (p_single, s_single), grads
+
+
+def assert_no_full_stack_gather(hlo: str, stacks) -> None:
+  full_shapes = {tuple(leaf.shape) for leaf in jax.tree.leaves(stacks) if leaf.ndim >= 3}
+  for line in hlo.splitlines():
+    if "all-gather(" in line:
+      shape = tuple(int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d)
+      assert shape not in full_shapes, line
+
+
 # Sharding changes fp32 rounding (per-device matmul tiling: ~1e-5 in the orthonormalization). Compared
 # are the preconditioned gradients and the inverse roots, which are what the optimizer uses. Classic
 # Shampoo (fp32 statistics, eigh) agrees to 1e-4. The one-step eigenvector method is not converged after
@@ -99,12 +133,7 @@ def test_compiled_program_gathers_no_full_preconditioner_stack():
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   compiled = jax.jit(tx.update, out_shardings=(NamedSharding(mesh, PartitionSpec()), state_sharding)).lower(
       grads, jax.device_put(state, state_sharding)).compile()
-  hlo = compiled.as_text()
-  full_shapes = {tuple(leaf.shape) for leaf in jax.tree.leaves(state.preconditioners) if leaf.ndim >= 3}
-  for line in hlo.splitlines():
-    if "all-gather(" in line:
-      shape = tuple(int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d)
-      assert shape not in full_shapes, line
+  assert_no_full_stack_gather(compiled.as_text(), state.preconditioners)
 
 
 def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
@@ -125,27 +154,10 @@ def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
 def test_fsdp_sharded_params_and_4bit_adam_moments(second_moment):
   """Params and gradients sharded along their rows over 8 devices (FSDP); the 4-bit moments follow them
   (codes and row scales sharded, no block across two devices); results equal the single-device run."""
-  mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
   params = {"a": jnp.zeros((96, 256)), "b": jnp.zeros((64, 128)), "odd": jnp.zeros((72, 100)), "bias": jnp.zeros(256)}
   params = jax.tree.map(lambda p: p + 0.1, params)
-  rows = lambda p: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (p.ndim - 1))))
-  params_sharding = jax.tree.map(rows, params)
-  tx = o4.adamw_4bit(1e-2, second_moment=second_moment)
-  state_sharding = optimizer_state_sharding(jax.eval_shape(tx.init, params), mesh, "fsdp", params_sharding)
-
-  def step(p, s, g):
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s
-
-  sharded = jax.jit(step, in_shardings=(params_sharding, state_sharding, params_sharding),
-                    out_shardings=(params_sharding, state_sharding))
-  single = jax.jit(step)
-  p_sharded, s_sharded = jax.device_put(params, params_sharding), jax.device_put(tx.init(params), state_sharding)
-  p_single, s_single = params, tx.init(params)
-  for i in range(4):
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
-    p_sharded, s_sharded = sharded(p_sharded, s_sharded, jax.device_put(grads, params_sharding))
-    p_single, s_single = single(p_single, s_single, grads)
+  _, _, (p_sharded, s_sharded), (p_single, s_single), _ = fsdp_runs(
+      o4.adamw_4bit(1e-2, second_moment=second_moment), params, 4)
   for a, b in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   for a, b in zip(jax.tree.leaves(s_sharded), jax.tree.leaves(s_single)):
@@ -159,6 +171,8 @@ def test_fsdp_sharded_params_and_4bit_adam_moments(second_moment):
   assert mu_a.scales[0].sharding.shard_shape(mu_a.scales[0].shape)[0] == mu_a.scales[0].shape[0] // 8
   if second_moment == "rank1":
     assert nu_a.codes.sharding.shard_shape(nu_a.codes.shape) == (12, 128)  # 96 rows / 8, 256 codes / 2
+  if second_moment == "factored":  # row factors along rows; column factors (means over all rows) replicated
+    assert nu_a.row.sharding.shard_shape(nu_a.row.shape) == (12,) and nu_a.col.sharding.is_fully_replicated
   # "odd" (72 × 100): 900 elements per device is not a multiple of 128-element blocks -> replicated
   assert adam_state.mu["odd"].codes.sharding.is_fully_replicated
   total = o4.state_nbytes(s_sharded)
@@ -171,28 +185,11 @@ def test_shampoo_with_fsdp_sharded_params_equals_single_device():
   """Params, gradients and 4-bit Adam moments sharded along rows (FSDP), Shampoo's stacks over the same
   mesh axis: three steps with statistics and inverse-root updates match the single-device run, and the
   compiled step gathers no full preconditioner stack."""
-  mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
-  rows = lambda p: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (p.ndim - 1)))
-                                 if p.ndim and p.shape[0] % 8 == 0 else PartitionSpec())
   params = jax.tree.map(lambda p: p + 0.1, {**PARAMS, "wide": jnp.zeros((64, 256))})
-  params_sharding = jax.tree.map(rows, params)
   tx = o4.shampoo_adamw(1e-3, adam_bits=4, bits=32, quantize="matrix", statistics_every=1, inverse_root_every=2,
                         shard_blocks=8)
-  state_sharding = optimizer_state_sharding(jax.eval_shape(tx.init, params), mesh, "fsdp", params_sharding)
-
-  def step(p, s, g):
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s
-
-  sharded = jax.jit(step, in_shardings=(params_sharding, state_sharding, params_sharding),
-                    out_shardings=(params_sharding, state_sharding))
-  p_sharded, s_sharded = jax.device_put(params, params_sharding), jax.device_put(tx.init(params), state_sharding)
-  p_single, s_single = params, tx.init(params)
-  single = jax.jit(step)
-  for i in range(3):
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
-    p_sharded, s_sharded = sharded(p_sharded, s_sharded, jax.device_put(grads, params_sharding))
-    p_single, s_single = single(p_single, s_single, grads)
+  params_sharding, sharded, (p_sharded, s_sharded), (p_single, s_single), grads = fsdp_runs(
+      tx, params, 3, shardable=lambda p: p.ndim and p.shape[0] % 8 == 0)
   # Sharded products round differently (~1e-6); a 4-bit Adam code then occasionally lands on the other
   # side of a midpoint, which moves that element's update by a code step: measured 2e-3 of the total
   # parameter change after three steps (a misplaced block or scale would be of order 1).
@@ -207,8 +204,4 @@ def test_shampoo_with_fsdp_sharded_params_equals_single_device():
   stacks = s_sharded[0].preconditioners
   assert o4.state_nbytes(stacks, per_device=True) <= o4.state_nbytes(stacks) / 8 * 1.01
   hlo = sharded.lower(p_sharded, s_sharded, jax.device_put(grads, params_sharding)).compile().as_text()
-  full_shapes = {tuple(leaf.shape) for leaf in jax.tree.leaves(stacks) if leaf.ndim >= 3}
-  for line in hlo.splitlines():
-    if "all-gather(" in line:
-      shape = tuple(int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d)
-      assert shape not in full_shapes, line
+  assert_no_full_stack_gather(hlo, stacks)
