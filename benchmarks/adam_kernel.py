@@ -24,7 +24,7 @@ def leaf_programs(config, shape, second_moment):
   layout = adam._MomentLayout(4, 128, second_moment, 4096)
   b1, b2, eps, eps_root = 0.9, 0.999, 1e-8, 0.0
   constants = jnp.asarray([b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root], jnp.float32)
-  view = adam_kernel.covers(shape, second_moment)
+  view = adam_kernel.covers(shape, config)
 
   @jax.jit
   def xla(g, m, v, corrections):
@@ -42,7 +42,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--second-moment", default="rank1")
   args = parser.parse_args()
-  shapes = [(50257, 1024), (1024, 4096), (4096, 1024)]
+  shapes = [(50304, 1024), (1024, 4096), (4096, 1024)]  # vocabulary padded to a multiple of 128 rows
   configs = [(32, 4, "interleaved"), (8, 4, "interleaved"), (16, 8, "interleaved"), (4, 4, "interleaved"),
              (32, 4, "halves"), (8, 4, "halves"), (16, 8, "halves")]
   rows = []

@@ -40,11 +40,16 @@ def _compare(a_tree, b_tree):
     if error > worst[0]:
       at = np.unravel_index(np.argmax(difference), a.shape)
       worst = (error, jax.tree_util.keystr(path), str(tuple(int(i) for i in at)), f"{a[at]:.3g} vs {b[at]:.3g}")
-  differing = total = 0
+  differing = total = largest_step = 0
   for a, b in zip(jax.tree.leaves(a_state), jax.tree.leaves(b_state)):
-    differing += int(np.sum(np.asarray(a) != np.asarray(b)))
+    a, b = np.asarray(a), np.asarray(b)
+    differing += int(np.sum(a != b))
     total += a.size
-  return [*worst, differing / total]
+    if a.dtype == np.uint8:  # packed codes: how many code steps apart the two paths are
+      for shift in (0, 4):
+        step = np.abs(((a >> shift) & 0xF).astype(int) - ((b >> shift) & 0xF).astype(int))
+        largest_step = max(largest_step, int(step.max()))
+  return [*worst, differing / total, largest_step]
 
 
 def agreement(params, grads, second_moment, steps=3):
@@ -106,7 +111,7 @@ def main():
   tables.append(common.print_table(
       "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path after 3 steps (wte, h0, h1)",
       ["second moment", "paths", "max |Δ update| / max |update|", "worst leaf", "at", "values",
-       "differing state bytes"], rows))
+       "differing state bytes", "largest code step"], rows))
   payload = {"results": results, "params": n, "agreement": rows}
   if args.profile:
     from benchmarks.profile import device_times, summarize

@@ -187,7 +187,7 @@ def main():
                                        ["order", "count", "statistics ms", "of which orth. ms", "inverse root ms"],
                                        breakdown))
     payload[model] = results
-  common.write_json("shampoo_step", {**payload, "tables": tables})
+    common.write_json("shampoo_step", {**payload, "tables": tables})  # after each model: runs can be long
 
 
 if __name__ == "__main__":

@@ -97,11 +97,11 @@ class _MomentLayout:
   def load_second(self, stored, shape):
     return dequantize(stored).reshape(shape) if isinstance(stored, QuantizedArray) else stored
 
-  def kernel_view(self, shape):
+  def kernel_view(self, shape, config):
     """The ``(rows, cols)`` view of the fused kernels for this tensor, or ``None`` (XLA path)."""
     if not self.quantized(shape) or self.bits != 4 or self.block_size != adam_kernel.COLUMNS:
       return None
-    return adam_kernel.covers(tuple(shape), self.second_moment)
+    return adam_kernel.covers(tuple(shape), config)
 
 
 def _factored_estimate(factors: FactoredMoment) -> jax.Array:
@@ -202,14 +202,14 @@ def scale_by_adam_4bit(
     second_moment_codebook: override the second moment's codebook (default ``"linear_nozero"`` at 4 bits,
       ``"dynamic_tree_unsigned"`` at 8). For ablations: a codebook with a zero lets ``v`` decode to 0 and
       the update explode [A4]. Static.
-    implementation: ``"xla"`` (default) or ``"pallas"``: EXPERIMENTAL fused kernels of
-      :mod:`~optax_shampoo4.adam_kernel` (Triton on GPU, the Pallas interpreter elsewhere). In the interpreter
-      they equal the XLA path bit for bit (also on an H100) and compiled by Triton they took the rank-1
-      step from 2.17× to 1.76× ``optax.adamw`` on an H100, but there about one stored code in 10⁴ differed
-      from the XLA path's (``benchmarks/adam_step.py --agreement-only``; measured before the encoder
-      stopped dividing), so do not train with them until that check passes on your GPU. They cover 4-bit moments with 128-element blocks of tensors whose
-      last axis is a multiple of 128 (rank-1: matrices; block: any rank); other tensors take the XLA
-      path. Both paths store the same format. Static.
+    implementation: ``"xla"`` (default) or ``"pallas"``: the fused kernels of
+      :mod:`~optax_shampoo4.adam_kernel` (Triton on GPU, the Pallas interpreter elsewhere), for one GPU or
+      replicated params. On an H100 they took the GPT-2-medium step from 2.4× to 1.8× ``optax.adamw``
+      (rank-1) and from 2.6× to 1.5× (block) and stored the same codes as the XLA path
+      (``benchmarks/adam_step.py``, docs/benchmarks.md). Not for FSDP-sharded params: GSPMD cannot split a
+      kernel and would gather the moments. They cover 4-bit moments with 128-element blocks of tensors
+      whose last axis is a multiple of 128 and whose rows fill whole 16-row tiles (rank-1: matrices; block:
+      any rank); other tensors take the XLA path. Both paths store the same format. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByAdam4bitState`. Moments cost
@@ -270,7 +270,7 @@ def scale_by_adam_4bit(
     # rank-1 path, the new second-moment maxima, which the encoding of every element needs.
     views, maxima, finite_leaves = [], [], []
     for g, stored_v in zip(leaves, nu_leaves):
-      view = layout.kernel_view(g.shape) if use_kernels else None
+      view = layout.kernel_view(g.shape, kernel_config) if use_kernels else None
       if view is None:
         scales, leaf_finite = None, jnp.all(jnp.isfinite(g))
       else:

@@ -15,10 +15,11 @@ The stored state has the XLA path's format (interleaved nibbles, fp32 scales), s
 path is read by the other. Even and odd columns (low and high nibbles) are read and written with strided
 accesses, so nothing is interleaved in registers.
 
-EXPERIMENTAL (``scale_by_adam_4bit(implementation="pallas")``): run by the Pallas interpreter the kernels
-equal the XLA path bit for bit (CPU tests; also on an H100), but compiled by Triton on an H100 about one
-stored code in 10⁴ differed (``benchmarks/adam_step.py --agreement-only``, docs/benchmarks.md). Off GPU
-the kernels always run in the interpreter.
+Opt-in (``scale_by_adam_4bit(implementation="pallas")``). On an H100 (``benchmarks/adam_step.py``, GPT-2
+medium shapes, 3 steps) the Triton-compiled kernels store exactly the XLA path's codes and scales and their
+updates differ by 3e-7 relative (fused multiply-adds); tensors whose rows leave a partial row tile are
+left to XLA (see :func:`covers`). Under GSPMD a kernel is not partitioned, so FSDP-sharded moments would be
+gathered: keep ``"xla"`` there. Off GPU the kernels run in the Pallas interpreter (tests).
 """
 
 from __future__ import annotations
@@ -51,22 +52,25 @@ class MomentConfig(NamedTuple):
   pairing: str = "interleaved"  # which two columns share a byte: (2j, 2j+1), or "halves" (j, j+64)
 
 
-def covers(shape: Tuple[int, ...], second_moment: str) -> Optional[Tuple[int, int]]:
+def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, int]]:
   """The ``(rows, cols)`` view the kernels use for a tensor of this shape, or ``None`` if they do not
   apply: rank-1 scales need a matrix (rank 2) with a multiple of 128 columns; block scales only need the
-  element count to be a multiple of 128 (blocks never straddle rows of the view)."""
+  element count to be a multiple of 128 (blocks never straddle rows of the view). The view's rows must
+  fill whole row tiles: compiled by Triton on an H100, tensors with a ragged last tile (the 50257-row
+  embedding) stored about 1e-4 of their codes differently from the XLA path, up to 15 code steps apart —
+  not a rounding difference — while tensors without one agreed (``benchmarks/adam_step.py``)."""
   size = 1
   for d in shape:
     size *= d
-  if second_moment == "rank1":
-    if len(shape) == 2 and shape[1] % COLUMNS == 0:
-      return shape
+  view = None
+  if config.second_moment == "rank1" and len(shape) == 2 and shape[1] % COLUMNS == 0:
+    view = tuple(shape)
+  elif config.second_moment == "block" and size % COLUMNS == 0 and size > 0:
+    view = (size // shape[-1], shape[-1]) if len(shape) >= 2 and shape[-1] % COLUMNS == 0 else (size // COLUMNS,
+                                                                                               COLUMNS)
+  if view is None or view[0] % config.rows_per_program:
     return None
-  if second_moment == "block" and size % COLUMNS == 0 and size > 0:
-    if len(shape) >= 2 and shape[-1] % COLUMNS == 0:
-      return size // shape[-1], shape[-1]
-    return size // COLUMNS, COLUMNS
-  return None
+  return view
 
 
 def _row_mask(config, rows: int):
@@ -246,9 +250,12 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
     out_specs += [block_scale]
     out_shape += [jax.ShapeDtypeStruct(second_scales[0].shape, jnp.float32)]
     operands = tuple(second_scales)
+  # Codes and block scales are rewritten in place: every program reads its tile before writing it, and the
+  # step's donated state buffers need no copies.
+  aliases = {2: 1, 3: 2, 4: 3, **({5: 4} if config.second_moment == "block" else {})}
   outputs = pl.pallas_call(
       functools.partial(_update_kernel, config, rows),
-      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
       interpret=interpret, compiler_params=_compiler_params(config, interpret),
       name=_kernel_name("adam4bit_update", config, grad),
   )(flags, grad, first_codes, first_scale, second_codes, *operands)

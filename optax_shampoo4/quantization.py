@@ -111,28 +111,56 @@ def _encode(normalized: jax.Array, name: str, bits: int) -> jax.Array:
   return index.astype(jnp.uint8)
 
 
+def _evenly_spaced(name: str, bits: int):
+  """``(first value, spacing)`` in fp32 when the codebook is an arithmetic sequence whose values and
+  midpoints that formula reproduces exactly (``linear_nozero``: ``(i + 1) / 16``), else ``None``."""
+  table = codebook(name, bits)
+  first, spacing = np.float32(table[0]), np.float32(table[1] - table[0])
+  index = np.arange(len(table), dtype=np.float32)
+  if (np.array_equal(first + spacing * index, table) and
+      np.array_equal(first + spacing * (index[1:] - np.float32(0.5)), _decision_boundaries(name, bits))):
+    return float(first), float(spacing)
+  return None
+
+
 def _encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int) -> jax.Array:
   """Codes of ``x / scale`` (``scale`` ≥ 0, broadcastable to ``x``); where the scale is 0 or NaN, the code
   nearest 0 (the block decodes to 0 × scale: zeros, or NaN that stays visible in the stored scale).
 
-  At 4 bits ``x`` is compared with each of the 15 ``midpoint_k · scale`` (one fused elementwise pass) instead
-  of dividing: a product is correctly rounded by every backend, while fp32 division is not (Triton emits an
-  approximate divide), so codes computed by XLA and by the fused Pallas kernels can agree bit for bit.
+  At 4 bits the code is ``#{k : x > midpoint_k · scale}``, found by a branchless binary search (4
+  comparisons; the midpoint each needs is computed for an evenly spaced codebook, else picked by a few
+  selects) instead of dividing: a product is correctly rounded by every backend, while fp32 division is
+  not (Triton emits an approximate divide), so the XLA path and the fused Pallas kernels agree bit for
+  bit. The search is this elementwise step's largest cost (it runs in the memory-bound Adam step).
   """
   positive = scale > 0
   if bits > 4:
     return _encode(jnp.where(positive, x / jnp.where(positive, scale, 1.0), 0.0), name, bits)
   safe_scale = jnp.where(positive, scale, 1.0)
   x = jnp.where(positive, x, 0.0)
-  index = jnp.zeros(jnp.broadcast_shapes(x.shape, jnp.shape(scale)), jnp.uint8)
-  for boundary in _decision_boundaries(name, bits):
-    index = index + (x > boundary * safe_scale).astype(jnp.uint8)
-  return index
+  boundaries = _decision_boundaries(name, bits)
+  spaced = _evenly_spaced(name, bits)
+  index = jnp.zeros(jnp.broadcast_shapes(x.shape, jnp.shape(scale)), jnp.int32)
+  half = 2 ** (bits - 1)
+  while half >= 1:
+    candidate = index + half  # x above midpoint_{candidate − 1} means code ≥ candidate
+    if spaced is not None:
+      midpoint = spaced[0] + spaced[1] * (candidate.astype(jnp.float32) - 0.5)  # exact in fp32
+    else:  # the candidates of this level are half − 1 + 2·half·j
+      midpoint = jnp.full(index.shape, boundaries[half - 1])
+      for k in range(3 * half - 1, len(boundaries), 2 * half):
+        midpoint = jnp.where(candidate == k + 1, boundaries[k], midpoint)
+    index = jnp.where(x > midpoint * safe_scale, candidate, index)
+    half //= 2
+  return index.astype(jnp.uint8)
 
 
 def _decode(codes: jax.Array, name: str, bits: int) -> jax.Array:
   table = codebook(name, bits)
   if bits <= 4:
+    spaced = _evenly_spaced(name, bits)
+    if spaced is not None:
+      return spaced[0] + spaced[1] * codes.astype(jnp.float32)
     # 16 selects fuse into the surrounding elementwise work; a gather from a constant table can make XLA
     # constant-fold (and materialize) huge index arrays at compile time.
     values = jnp.zeros(codes.shape, jnp.float32)

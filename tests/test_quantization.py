@@ -94,6 +94,28 @@ def test_codes_match_numpy_reference(codebook, bits, shape):
   assert np.all(np.abs(decoded - x) <= bound + float32_slack)
 
 
+@pytest.mark.parametrize("codebook", ["linear2", "dynamic_tree", "dynamic_tree_unsigned", "linear_nozero"])
+def test_4bit_binary_search_counts_exceeded_midpoints(codebook):
+  """The 4-bit encoder's binary search against a numpy count of ``x > fl32(midpoint_k · scale)`` on hard
+  inputs: scales from 1e-30 to 1e30, zero / NaN / inf scales, points exactly on a boundary, NaN / inf.
+  (Denormal products are left out: XLA flushes them to zero, numpy does not.)"""
+  rng = np.random.default_rng(7)
+  n = 50_000
+  scale = (np.abs(rng.standard_normal(n)) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
+  scale[:50], scale[50:100], scale[100:150] = 0, np.nan, np.inf
+  x = (rng.uniform(-1.1, 1.1, n) * scale).astype(np.float32)
+  midpoints = qz._decision_boundaries(codebook, 4)
+  on_boundary = slice(200, 200 + 15 * 50)
+  x[on_boundary] = np.repeat(midpoints, 50) * scale[on_boundary]
+  x[-150:-100], x[-100:-50], x[-50:] = np.nan, np.inf, -np.inf
+  positive = scale > 0
+  safe_scale = np.where(positive, scale, np.float32(1))
+  with np.errstate(invalid="ignore"):
+    expected = np.sum(np.where(positive, x, 0)[:, None] > midpoints[None, :] * safe_scale[:, None], axis=1)
+  codes = jax.jit(lambda a, b: qz._encode_scaled(a, b, codebook, 4))(x, scale)
+  np.testing.assert_array_equal(np.asarray(codes), expected)
+
+
 def test_ties_go_to_the_lower_code():
   # linear_nozero's entries (i + 1)/16 and their midpoints (2i + 3)/32 are exact in binary: exact ties.
   midpoints = (2 * np.arange(15) + 3) / 32
