@@ -66,8 +66,8 @@ def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, 
   if config.second_moment == "rank1" and len(shape) == 2 and shape[1] % COLUMNS == 0:
     view = tuple(shape)
   elif config.second_moment == "block" and size % COLUMNS == 0 and size > 0:
-    view = (size // shape[-1], shape[-1]) if len(shape) >= 2 and shape[-1] % COLUMNS == 0 else (size // COLUMNS,
-                                                                                               COLUMNS)
+    cols = shape[-1] if len(shape) >= 2 and shape[-1] % COLUMNS == 0 else COLUMNS
+    view = (size // cols, cols)
   if view is None or view[0] % config.rows_per_program:
     return None
   return view
