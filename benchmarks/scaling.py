@@ -1,6 +1,6 @@
 """Shampoo's preconditioner work on one device and spread over all devices of the machine (GPT-2 small shapes).
 
-Run: ``PYTHONPATH=. python benchmarks/scaling.py [--bits 4] [--model gpt2_small] [--devices 1,2]``.
+Run: ``PYTHONPATH=. python benchmarks/scaling.py [--bits 4] [--model gpt2_small] [--devices 1,2] [--profile]``.
 
 For each device count d, the preconditioner stacks are sharded over a 1-D mesh of d devices
 (``shard_blocks=d`` + :func:`optax_shampoo4.sharding.optimizer_state_sharding`); gradients and updates are
@@ -24,7 +24,7 @@ from optax_shampoo4 import scale_by_shampoo, state_nbytes
 from optax_shampoo4.sharding import optimizer_state_sharding
 
 
-def time_kinds(shapes, bits, devices, repeats):
+def time_kinds(shapes, bits, devices, repeats, profile=False):
   mesh = Mesh(np.array(jax.devices()[:devices]), ("blocks",))
   replicated = NamedSharding(mesh, PartitionSpec())
   grads = jax.device_put(common.random_tree(shapes, seed=2), replicated)
@@ -44,6 +44,9 @@ def time_kinds(shapes, bits, devices, repeats):
 
     times[kind] = common.time_call(run, repeats=repeats)
     per_device_bytes = state_nbytes(carry[0], per_device=True)
+    if profile:  # device time of every kernel, summed over the devices
+      from benchmarks.profile import device_times, summarize
+      summarize(f"{kind} step on {devices} device(s)", device_times(run)[0], 12)
   return times, per_device_bytes
 
 
@@ -53,12 +56,13 @@ def main():
   parser.add_argument("--model", default="gpt2_small")
   parser.add_argument("--devices", default=None, help="comma-separated device counts (default: 1 and all)")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--profile", action="store_true", help="also print the slowest kernels of each step kind")
   args = parser.parse_args()
   shapes = {"gpt2_small": common.gpt2_small_shapes(), "vit_s16": common.vit_s16_shapes()}[args.model]
   counts = [int(c) for c in args.devices.split(",")] if args.devices else sorted({1, jax.device_count()})
   results, rows = {}, []
   for devices in counts:
-    times, per_device = time_kinds(shapes, args.bits, devices, args.repeats)
+    times, per_device = time_kinds(shapes, args.bits, devices, args.repeats, args.profile)
     work = {k: times[k] - times["plain"] for k in ("statistics", "inverse_root")}
     results[devices] = {"step_s": times, "work_s": work, "preconditioner_bytes_per_device": per_device}
     rows.append([devices, times["plain"] * 1e3, times["statistics"] * 1e3, times["inverse_root"] * 1e3,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -164,11 +164,12 @@ def assemble_stack(plan: Plan, order: int, left: Sequence[jax.Array], right: Seq
   return jnp.concatenate(arrays, axis=0)
 
 
-def group_slices(plan: Plan, stacks: Dict[int, jax.Array]):
-  """For each group, its ``(left, right)`` slices of the per-order ``stacks``."""
+def group_slices(plan: Plan, stacks: Dict[int, Any]):
+  """For each group, its ``(left, right)`` slices of the per-order ``stacks`` (arrays, or pytrees such as
+  ``QuantizedArray`` s whose leaves all have the stack axis first)."""
+  cut = lambda stack, start, k: jax.tree.map(lambda a: a[start:start + k], stack)
   out = []
   for group in plan.groups:
     k = len(group.blocks)
-    out.append((stacks[group.rows][group.left_offset:group.left_offset + k],
-                stacks[group.cols][group.right_offset:group.right_offset + k]))
+    out.append((cut(stacks[group.rows], group.left_offset, k), cut(stacks[group.cols], group.right_offset, k)))
   return out

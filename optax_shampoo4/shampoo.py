@@ -486,11 +486,14 @@ def scale_by_shampoo(
     with linalg.precision(_linalg_precision(linalg_precision)):  # the branches are traced here
       preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged, state.preconditioners)
 
-    roots = {order: storage_for(order).inverse_root(preconditioners[_stack_key(order)])
-             for order in plan.orders}
+    # Slice the stored (4-bit) roots per block group and dequantize the slices: with stacks sharded over
+    # devices, what moves between devices is then codes, not fp32 matrices.
+    stored_roots = {order: preconditioners[_stack_key(order)].inverse_root for order in plan.orders}
+    load = lambda order, stored: storage_for(order).codec.load(stored)
     preconditioned = [
-        jnp.matmul(jnp.matmul(left, g, precision=precision), right, precision=precision)
-        for g, (left, right) in zip(group_blocks, blocking.group_slices(plan, roots))]
+        jnp.matmul(jnp.matmul(load(group.rows, left), g, precision=precision), load(group.cols, right),
+                   precision=precision)
+        for g, group, (left, right) in zip(group_blocks, plan.groups, blocking.group_slices(plan, stored_roots))]
     new_matrices = blocking.scatter_blocks(plan, preconditioned)
 
     outputs = list(leaves)

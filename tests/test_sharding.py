@@ -133,7 +133,19 @@ def test_compiled_program_gathers_no_full_preconditioner_stack():
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   compiled = jax.jit(tx.update, out_shardings=(NamedSharding(mesh, PartitionSpec()), state_sharding)).lower(
       grads, jax.device_put(state, state_sharding)).compile()
-  assert_no_full_stack_gather(compiled.as_text(), state.preconditioners)
+  hlo = compiled.as_text()
+  assert_no_full_stack_gather(hlo, state.preconditioners)
+  # The per-step part (outside the update conditionals) moves 4-bit roots between devices, never fp32
+  # matrices of a preconditioner's order.
+  orders = {int(key.split("_")[1]) for key in state.preconditioners}
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  moved = [line for line in entry.splitlines()
+           if any(f" {op}(" in line for op in ("all-gather", "collective-permute", "all-to-all"))]
+  assert any(" u8[" in line for line in moved), moved
+  for line in moved:
+    dims = [int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d]
+    assert not (" f32[" in line and len(dims) >= 2 and dims[-1] == dims[-2] and dims[-1] in orders), line
 
 
 def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
