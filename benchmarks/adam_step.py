@@ -20,6 +20,7 @@ import optax
 from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
 from optax_shampoo4 import adamw_4bit
+from optax_shampoo4.quantization import unpack_nibbles
 
 
 def _run(tx, params, grads, steps):
@@ -46,9 +47,8 @@ def _compare(a_tree, b_tree):
     differing += int(np.sum(a != b))
     total += a.size
     if a.dtype == np.uint8:  # packed codes: how many code steps apart the two paths are
-      for shift in (0, 4):
-        step = np.abs(((a >> shift) & 0xF).astype(int) - ((b >> shift) & 0xF).astype(int))
-        largest_step = max(largest_step, int(step.max()))
+      codes = [np.asarray(unpack_nibbles(x, 2 * x.shape[-1]), int) for x in (a, b)]
+      largest_step = max(largest_step, int(np.abs(codes[0] - codes[1]).max()))
   return [*worst, differing / total, largest_step]
 
 

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax_shampoo4 as o4
+from optax_shampoo4.quantization import unpack_nibbles
 from test_shampoo import digits_mlp_problem, least_squares_problem
 
 
@@ -167,9 +168,9 @@ def assert_equal_to_fp32_rounding(xla_updates, xla_state, kernel_updates, kernel
   then gets the neighbouring code, and its update moves with it. Anything beyond that is a bug."""
   for a, b in zip(jax.tree.leaves(xla_state), jax.tree.leaves(kernel_state)):
     a, b = np.asarray(a), np.asarray(b)
-    if a.dtype == np.uint8:  # packed codes: a differing nibble is one code step, and rare
-      nibbles = [(a >> shift) & 0xF for shift in (0, 4)], [(b >> shift) & 0xF for shift in (0, 4)]
-      steps = np.concatenate([np.abs(x.astype(int) - y.astype(int)).ravel() for x, y in zip(*nibbles)])
+    if a.dtype == np.uint8:  # packed codes: a differing code is one step off, and rare
+      codes = [np.asarray(unpack_nibbles(x, 2 * x.shape[-1]), int) for x in (a, b)]
+      steps = np.abs(codes[0] - codes[1])
       assert steps.max() <= 1 and np.mean(steps > 0) <= 2e-3, (steps.max(), np.mean(steps > 0))
     else:  # scales (maxima of the moments), counters
       np.testing.assert_allclose(a, b, rtol=3e-7, atol=0)
