@@ -38,13 +38,51 @@ def leaf_programs(config, shape, second_moment):
   return layout, xla, fused
 
 
+def copy_rates(shape=(50304, 1024)):
+  """GB/s of a Pallas kernel that only reads a tile and writes it back scaled, at several tile shapes: what
+  a kernel with this grid can reach, beside the fused kernels' rates."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as pallas_triton
+  x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
+  rows = []
+  for tile_rows, tile_cols, warps, strided in ((16, 128, 8, False), (16, 128, 8, True), (32, 128, 8, False),
+                                               (64, 128, 8, False), (16, 512, 8, False), (32, 512, 16, False),
+                                               (8, 1024, 8, False)):
+    def kernel(x_ref, o_ref):
+      if strided:  # even and odd columns separately, as the fused kernels read them
+        for k in (0, 1):
+          o_ref[:, pl.ds(k, tile_cols // 2, stride=2)] = 2.0 * x_ref[:, pl.ds(k, tile_cols // 2, stride=2)]
+      else:
+        o_ref[...] = 2.0 * x_ref[...]
+    spec = pl.BlockSpec((tile_rows, tile_cols), lambda i, j: (i, j))
+    fn = jax.jit(pl.pallas_call(kernel, grid=(shape[0] // tile_rows, shape[1] // tile_cols), in_specs=[spec],
+                                out_specs=spec, out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+                                compiler_params=pallas_triton.CompilerParams(num_warps=warps)))
+    seconds = common.time_call(fn, x)
+    rows.append([f"{tile_rows}x{tile_cols}", warps, strided, seconds * 1e3, 8 * x.size / seconds / 1e9])
+  xla_seconds = common.time_call(jax.jit(lambda a: 2.0 * a), x)
+  rows.append(["XLA", "-", False, xla_seconds * 1e3, 8 * x.size / xla_seconds / 1e9])
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--second-moment", default="rank1")
+  parser.add_argument("--copy-rates", action="store_true", help="also time a copy kernel at several tiles")
+  parser.add_argument("--shapes", default="50304x1024,1024x4096,4096x1024")
+  parser.add_argument("--configs", default="32:4,8:4,16:8,4:4,32:4:halves,8:4:halves,16:8:halves",
+                      help="rows:warps[:halves]")
   args = parser.parse_args()
-  shapes = [(50304, 1024), (1024, 4096), (4096, 1024)]  # vocabulary padded to a multiple of 128 rows
-  configs = [(32, 4, "interleaved"), (8, 4, "interleaved"), (16, 8, "interleaved"), (4, 4, "interleaved"),
-             (32, 4, "halves"), (8, 4, "halves"), (16, 8, "halves")]
+  tables = []
+  if args.copy_rates:
+    tables.append(common.print_table(f"Pallas copy kernel (read + scaled write), (50304, 1024) fp32, {common.machine()}",
+                                     ["tile", "warps", "strided halves", "ms", "GB/s"], copy_rates()))
+  # vocabulary padded to a multiple of 128 rows
+  shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+  configs = []
+  for text in args.configs.split(","):
+    fields = text.split(":")
+    configs.append((int(fields[0]), int(fields[1]), "halves" if "halves" in fields else "interleaved"))
   rows = []
   for shape in shapes:
     key = jax.random.PRNGKey(0)
@@ -86,7 +124,7 @@ def main():
       f"Fused 4-bit Adam leaf step ({args.second_moment}) vs XLA, {common.machine()}",
       ["shape", "rows/program", "warps", "pairing", "fused ms", "XLA ms", "fused GB/s (10 B/param)",
        "max |Δ update| / max |update|", "worst at", "differing state bytes"], rows)
-  common.write_json(f"adam_kernel_{args.second_moment}", {"rows": rows, "table": table})
+  common.write_json(f"adam_kernel_{args.second_moment}", {"rows": rows, "tables": tables + [table]})
 
 
 if __name__ == "__main__":

@@ -91,10 +91,15 @@ def print_table(title: str, columns: Sequence[str], rows: List[Sequence]) -> str
   return text
 
 
-def write_json(name: str, payload: dict) -> str:
+def output_path(filename: str) -> str:
+  """Where results go: ``$OUT`` (the GPU machine's output folder) if set, else ``benchmarks/results``."""
   directory = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f"{name}.json")
+  return os.path.join(directory, filename)
+
+
+def write_json(name: str, payload: dict) -> str:
+  path = output_path(f"{name}.json")
   with open(path, "w") as f:
     json.dump({"machine": machine(), **payload}, f, indent=1)
   return path

@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.shampoo_step import NEVER, step_program
-from optax_shampoo4 import shampoo_adamw
+from optax_shampoo4 import linalg, shampoo_adamw
 
 CLASSES = (  # (class, pattern on the kernel / op name), first match wins
     ("matmul", r"gemm|cutlass|cublas|xmma|dot|matmul|sm90|sm80"),
@@ -178,13 +178,28 @@ def main():
   parser.add_argument("--bits", type=int, default=4)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--skip-steps", action="store_true")
+  parser.add_argument("--kinds", default="plain,statistics,inverse_root")
+  parser.add_argument("--cholesky-every-pass", action="store_true",
+                      help="also profile the statistics step with a Cholesky factorization in every Cholesky-QR "
+                           "pass (no first-order corrections)")
+  parser.add_argument("--dump-hlo", action="store_true", help="write each profiled program's optimized HLO")
+  parser.add_argument("--skip-extras", action="store_true",
+                      help="skip the dot-algorithm, statistics-variant and factorization timings")
   args = parser.parse_args()
   shapes = {"gpt2_small": common.gpt2_small_shapes(), "vit_s16": common.vit_s16_shapes()}[args.model]
   params, grads = common.random_tree(shapes, seed=1), common.random_tree(shapes, seed=2)
   tables, payload = [], {}
-  if not args.skip_steps:
-    for kind, (t1, t2) in {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}.items():
-      tx = shampoo_adamw(1e-3, bits=args.bits, statistics_every=t1, inverse_root_every=t2)
+  schedules = {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}
+  programs = [(kind, kind, None) for kind in args.kinds.split(",")] if not args.skip_steps else []
+  if args.cholesky_every_pass:
+    programs.append(("statistics", "statistics, Cholesky every pass", None))
+  for kind, label, _ in programs:
+    default_tolerance = linalg.CHOLESKY_QR_CORRECTION_TOLERANCE
+    if label.endswith("every pass"):
+      linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = None
+    try:
+      tx = shampoo_adamw(1e-3, bits=args.bits, statistics_every=schedules[kind][0],
+                         inverse_root_every=schedules[kind][1])
       step = step_program(tx)
       carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
 
@@ -193,9 +208,19 @@ def main():
         return carry[1]
 
       per_op, lines = device_times(run)
-      new_tables, payload[kind] = summarize(f"{args.model} {kind} step, bits={args.bits}", per_op, args.top)
-      payload[kind]["trace_lines"] = lines
-      tables += new_tables
+      if args.dump_hlo:
+        text = step.lower(carry[0], carry[1], grads).compile().as_text()
+        with open(common.output_path(f"hlo_{args.model}_{args.bits}bit_{label.replace(' ', '_').replace(',', '')}.txt"),
+                  "w") as f:
+          f.write(text)
+    finally:
+      linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = default_tolerance
+    new_tables, payload[label] = summarize(f"{args.model} {label} step, bits={args.bits}", per_op, args.top)
+    payload[label]["trace_lines"] = lines
+    tables += new_tables
+  if args.skip_extras:
+    common.write_json(f"profile_{args.model}_{args.bits}bit", {**payload, "tables": tables})
+    return
   rows = algorithms()
   tables.append(common.print_table(f"Dot algorithms, (101, 1200, 1200) fp32 products ({common.machine()})",
                                    ["algorithm", "ms", "TFLOP/s", "rel. error vs HIGHEST"], rows))

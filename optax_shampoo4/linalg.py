@@ -13,6 +13,7 @@ per pass.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,12 @@ from jax import lax
 HIGHEST = lax.Precision.HIGHEST
 _FP32_UNIT_ROUNDOFF = 2.0**-24
 _precision_stack = [HIGHEST]
+# Cholesky-QR passes after the first whose Gram matrix is within this Frobenius distance of the identity are
+# first-order corrections (see orthonormalize_columns); None: a Cholesky factorization every pass. Read when
+# a statistics update is traced. Measured on order-600 statistics (4-bit bases, eigenvalues spanning 1e7,
+# rank-deficient, rank 5): the result differs from three Cholesky passes by < 1e-5 and stays orthonormal to
+# ‖QᵀQ − I‖_F ≤ 4e-5.
+CHOLESKY_QR_CORRECTION_TOLERANCE: Optional[float] = 3e-2
 
 
 @contextlib.contextmanager
@@ -80,7 +87,8 @@ def orthogonality_error_estimate(rows: jax.Array, probes: int = 4) -> jax.Array:
   return jnp.max(jnp.abs(residual), axis=(-2, -1))
 
 
-def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0) -> jax.Array:
+def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0,
+                           correction_tolerance: Optional[float] = None) -> jax.Array:
   """Q factor of ``x = Q R`` (positive diagonal of R) by shifted Cholesky-QR, ``passes`` times.
 
   Each pass scales the columns to unit norm (Q is invariant to positive column scaling), factors the Gram
@@ -94,18 +102,44 @@ def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0) -
   column spans ``span(Q[:, :k]) = span(x[:, :k])`` are those of QR, which is what subspace iteration
   needs (a polar factor would not converge to the eigenbasis).
 
+  With ``correction_tolerance`` τ, a pass after the first whose Gram matrix is already close to the identity
+  (``‖XᵀX − I‖_F`` ≤ τ for every matrix of the stack in the last pass, ≤ √τ in one followed by another)
+  replaces the Cholesky factorization and the triangular solve — on an H100 about five matrix products'
+  time — by one product: with ``XᵀX = I + E`` and ``U`` the upper triangle of ``E`` (half its diagonal),
+  ``X ← X (I − U)`` is the first-order expansion of ``X R⁻¹`` and leaves ``‖XᵀX − I‖ = O(‖E‖²)`` (measured
+  ≈ 0.15‖E‖²). ``I − U`` is upper triangular, so the column spans are still those of QR. The choice is a
+  ``lax.cond`` per pass on the whole stack (both branches under ``vmap``).
+
   Measured (fp32, order 1200): orthogonality error ~1e-6 both for a rank-5 statistic started from the
   identity and for a statistic with eigenvalues spanning 1e7 started from a 4-bit basis.
   """
   n = x.shape[-1]
   eye = jnp.eye(n, dtype=x.dtype)
-  for _ in range(passes):
-    x = _unit_columns(x)
-    gram_matrix = symmetrize(matmul(transpose(x), x))
+
+  def cholesky_pass(x, gram_matrix):
     frobenius = jnp.sqrt(jnp.sum(gram_matrix * gram_matrix, axis=(-2, -1), keepdims=True))
-    lower = jnp.linalg.cholesky(gram_matrix + (shift * _FP32_UNIT_ROUNDOFF) * frobenius * eye)
+    # Only the lower triangle is read: the product's rounding asymmetry needs no symmetrizing pass.
+    lower = lax.linalg.cholesky(gram_matrix + (shift * _FP32_UNIT_ROUNDOFF) * frobenius * eye,
+                                symmetrize_input=False)
     # x ← x R̃⁻¹ with R̃ = lowerᵀ: solve  x_new · lowerᵀ = x.
-    x = lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
+    return lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
+
+  def first_order_pass(x, gram_matrix):
+    deviation = gram_matrix - eye
+    upper = jnp.triu(deviation, 1) + 0.5 * deviation * eye
+    return x - matmul(x, upper)
+
+  for index in range(passes):
+    x = _unit_columns(x)
+    gram_matrix = matmul(transpose(x), x)
+    if index == 0 or correction_tolerance is None:
+      x = cholesky_pass(x, gram_matrix)
+      continue
+    # A pass followed by another may start further from orthonormal: its result (≈ ‖E‖² ≤ tolerance)
+    # qualifies the next pass for a correction.
+    tolerance = correction_tolerance if index == passes - 1 else correction_tolerance**0.5
+    deviation = jnp.sqrt(jnp.sum(jnp.square(gram_matrix - eye), axis=(-2, -1)))
+    x = lax.cond(jnp.all(deviation <= tolerance), first_order_pass, cholesky_pass, x, gram_matrix)
   return _unit_columns(x)
 
 
@@ -131,7 +165,8 @@ def subspace_iteration_step(statistic: jax.Array, rows: jax.Array, *, shift: flo
   columns = transpose(rows)
   product = matmul(statistic, columns)
   largest = jnp.max(jnp.sqrt(jnp.sum(product * product, axis=-2)), axis=-1)[..., None, None]
-  basis = orthonormalize_columns(product + shift * largest * columns)
+  basis = orthonormalize_columns(product + shift * largest * columns,
+                                 correction_tolerance=CHOLESKY_QR_CORRECTION_TOLERANCE)
   eigenvalues = jnp.sum(basis * matmul(statistic, basis), axis=-2)
   return transpose(basis), eigenvalues
 
@@ -152,7 +187,7 @@ def inverse_root_from_eigenbasis(rows: jax.Array, eigenvalues: jax.Array, *, roo
 
 def inverse_root_eigh(statistic: jax.Array, *, root: int = 4, epsilon=1e-6) -> jax.Array:
   """``(A + ε·λmax I)^(-1/root)`` through a symmetric eigendecomposition (fp32)."""
-  eigenvalues, vectors = jnp.linalg.eigh(symmetrize(statistic))
+  eigenvalues, vectors = jnp.linalg.eigh(symmetrize(statistic), symmetrize_input=False)
   return inverse_root_from_eigenbasis(transpose(vectors), eigenvalues, root=root, epsilon=epsilon)
 
 
@@ -204,4 +239,5 @@ def cholesky_lower(statistic: jax.Array, epsilon) -> jax.Array:
   n = statistic.shape[-1]
   diagonal_max = jnp.max(jnp.diagonal(statistic, axis1=-2, axis2=-1), axis=-1)
   ridge = epsilon * jnp.maximum(diagonal_max, 0.0) + jnp.finfo(jnp.float32).tiny
-  return jnp.linalg.cholesky(symmetrize(statistic) + ridge[..., None, None] * jnp.eye(n, dtype=statistic.dtype))
+  return lax.linalg.cholesky(symmetrize(statistic) + ridge[..., None, None] * jnp.eye(n, dtype=statistic.dtype),
+                             symmetrize_input=False)

@@ -171,7 +171,8 @@ class _EigenStorage(_Storage):
     if self.codec.quantized:  # fp32 rows come out of orthonormalize_columns already orthonormal
       rows = linalg.bjorck(rows, self.bjorck_steps[0])
     previous = linalg.matmul(linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
-    statistic = hyper.beta * linalg.symmetrize(previous) + (1.0 - hyper.beta) * grams
+    # symmetric up to rounding, which the products below do not need removed
+    statistic = hyper.beta * previous + (1.0 - hyper.beta) * grams
     new_rows, eigenvalues = linalg.subspace_iteration_step(statistic, rows)
     # Keep the basis sorted by decreasing eigenvalue: subspace iteration with a triangular (QR)
     # orthonormalization converges to that order, and a wrong order makes it rotate pairs instead.

@@ -307,6 +307,32 @@ def test_linalg_inverse_roots_agree_with_float64():
   np.testing.assert_allclose(q, q_ref, atol=2e-4)
 
 
+def _qr_factor(x):
+  q, r = np.linalg.qr(x)
+  return q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+
+
+@pytest.mark.parametrize("condition, tolerance, factorizations_expected", [
+    (1e1, 3e-2, 1),  # after the first pass ‖XᵀX − I‖_F ≈ 0.02: both later passes are first-order corrections
+    (1e4, 3e-2, 2),  # ≈ 4.6 after the first pass: a second factorization, then a correction (≈ 0.03)
+    (1e4, None, 3),
+])
+def test_cholesky_qr_first_order_passes_match_qr(condition, tolerance, factorizations_expected, monkeypatch):
+  rng = np.random.default_rng(11)
+  n = 48
+  q0 = _qr_factor(rng.standard_normal((2, n, n)))
+  x = q0 @ (np.logspace(0, -np.log10(condition), n)[:, None] * rng.standard_normal((n, n)))
+  factorizations = []
+  cholesky = jax.lax.linalg.cholesky
+  monkeypatch.setattr(linalg.lax.linalg, "cholesky", lambda a, **kw: factorizations.append(1) or cholesky(a, **kw))
+  with jax.disable_jit():  # lax.cond then runs only the branch it takes
+    q = np.asarray(linalg.orthonormalize_columns(jnp.asarray(x, jnp.float32), correction_tolerance=tolerance),
+                   np.float64)
+  assert len(factorizations) == factorizations_expected
+  np.testing.assert_allclose(q, _qr_factor(x), atol=2e-4 if condition > 100 else 2e-5)
+  assert np.max(np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(n))) < 2e-6
+
+
 def test_orthogonality_estimate_tracks_the_exact_error():
   rng = np.random.default_rng(5)
   rows = jnp.asarray(np.linalg.qr(rng.standard_normal((2, 200, 200)))[0], jnp.float32)
