@@ -11,6 +11,7 @@ time per kernel of the default 4-bit step (jax.profiler trace).
 """
 
 import argparse
+import collections
 
 import jax
 import jax.numpy as jnp
@@ -125,8 +126,11 @@ def main():
         carry[0], carry[1] = step(carry[0], carry[1], grads)
         return carry[1]
 
-      per_op, _ = device_times(run)
-      new_tables, payload[f"profile {name}"] = summarize(name, per_op, 12)
+      launches = collections.Counter()
+      per_op, _ = device_times(run, launches=launches)
+      new_tables, payload[f"profile {name}"] = summarize(name, per_op, 12, launches)
+      with open(common.output_path(f"hlo_adam_step_{name.replace(' ', '_').replace(',', '')}.txt"), "w") as f:
+        f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
       tables += new_tables
   common.write_json("adam_step_agreement" if args.agreement_only else "adam_step", {**payload, "tables": tables})
 

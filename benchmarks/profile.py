@@ -16,6 +16,7 @@ import collections
 import glob
 import re
 import tempfile
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ def classify(name: str) -> str:
   return "other"
 
 
-def device_times(fn, *args, calls: int = 3):
-  """``{op name: device ns per call}`` from a profiler trace of ``calls`` calls (after one warm-up)."""
+def device_times(fn, *args, calls: int = 3, launches: Optional[collections.Counter] = None):
+  """``{op name: device ns per call}`` from a profiler trace of ``calls`` calls (after one warm-up);
+  ``launches`` (if given) receives the number of kernel launches per call of each op."""
   from jax.profiler import ProfileData
   jax.block_until_ready(fn(*args))
   directory = tempfile.mkdtemp()
@@ -62,16 +64,20 @@ def device_times(fn, *args, calls: int = 3):
         continue
       for event in line.events:
         per_op[event.name] += event.duration_ns / calls
+        if launches is not None:
+          launches[event.name] += 1 / calls
   return per_op, sorted(lines_seen)
 
 
-def summarize(title, per_op, top):
+def summarize(title, per_op, top, launches=None):
   total = sum(per_op.values())
   by_class = collections.Counter()
   for name, ns in per_op.items():
     by_class[classify(name)] += ns
   rows = [[label, ns / 1e6, 100 * ns / max(total, 1)] for label, ns in by_class.most_common()]
   rows.append(["total device time", total / 1e6, 100.0])
+  if launches:
+    rows.append(["kernel launches per step", round(sum(launches.values())), "-"])
   tables = [common.print_table(f"{title}: device time by class", ["class", "ms", "%"], rows)]
   rows = [[name[:90], classify(name), ns / 1e6, 100 * ns / max(total, 1)] for name, ns in per_op.most_common(top)]
   tables.append(common.print_table(f"{title}: slowest kernels", ["kernel", "class", "ms", "%"], rows))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple, Union
 
+import jax
 import optax
 
 from optax_shampoo4.adam import scale_by_adam_4bit
@@ -16,7 +17,7 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 # other numeric argument (learning rate, b1, b2, eps, weight decay, beta, epsilon, error_feedback_beta and
 # the intervals statistics_every / inverse_root_every) may be a traced hyperparameter.
 STATIC_ARGS = ("bits", "adam_bits", "block_size", "max_order", "min_quantized_size", "bjorck_steps", "start_step",
-               "shard_blocks", "error_feedback", "skip_nonfinite", "quantize", "codebook", "second_moment",
+               "shard_blocks", "replicate_roots", "error_feedback", "skip_nonfinite", "quantize", "codebook", "second_moment",
                "inverse_root_method", "preconditioning_precision", "linalg_precision", "nesterov",
                "implementation")
 
@@ -121,7 +122,8 @@ def shampoo_adamw(
     error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
     linalg_precision: Optional[str] = None,
-    shard_blocks: int = 1,
+    shard_blocks: Union[int, jax.sharding.NamedSharding] = 1,
+    replicate_roots: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo-preconditioned AdamW [S4]: grafted Shampoo direction → Adam → decoupled weight decay → lr.
 
@@ -134,7 +136,7 @@ def shampoo_adamw(
       the whole optimizer state is 4-bit.
     second_moment: Adam's second-moment storage when ``adam_bits < 32``.
     skip_nonfinite: wrap in ``optax.apply_if_finite``.
-    bits, quantize, …, shard_blocks: the Shampoo arguments, see :func:`scale_by_shampoo`.
+    bits, quantize, …, shard_blocks, replicate_roots: the Shampoo arguments, see :func:`scale_by_shampoo`.
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite=skip_nonfinite)
   if adam_bits not in (4, 8, 32) or isinstance(adam_bits, bool):
@@ -147,7 +149,7 @@ def shampoo_adamw(
           inverse_root_method=inverse_root_method, error_feedback=error_feedback,
           error_feedback_beta=error_feedback_beta, preconditioning_precision=preconditioning_precision,
           linalg_precision=linalg_precision,
-          shard_blocks=shard_blocks),
+          shard_blocks=shard_blocks, replicate_roots=replicate_roots),
       _adam(b1, b2, eps, adam_bits, second_moment),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -179,7 +181,8 @@ def shampoo_sgdm(
     error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
     linalg_precision: Optional[str] = None,
-    shard_blocks: int = 1,
+    shard_blocks: Union[int, jax.sharding.NamedSharding] = 1,
+    replicate_roots: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo-preconditioned SGD with momentum [S4]: grafted Shampoo direction + L2 decay → momentum → lr.
 
@@ -192,7 +195,7 @@ def shampoo_sgdm(
     weight_decay: L2 coefficient (default 5e-4).
     mask: weight-decay mask.
     skip_nonfinite: wrap in ``optax.apply_if_finite``.
-    bits, quantize, …, shard_blocks: the Shampoo arguments, see :func:`scale_by_shampoo`.
+    bits, quantize, …, shard_blocks, replicate_roots: the Shampoo arguments, see :func:`scale_by_shampoo`.
   """
   _check_alias(learning_rate, weight_decay, momentum, skip_nonfinite)
   return _finalize(optax.chain(
@@ -203,7 +206,7 @@ def shampoo_sgdm(
           inverse_root_method=inverse_root_method, error_feedback=error_feedback,
           error_feedback_beta=error_feedback_beta, preconditioning_precision=preconditioning_precision,
           linalg_precision=linalg_precision,
-          shard_blocks=shard_blocks),
+          shard_blocks=shard_blocks, replicate_roots=replicate_roots),
       optax.add_decayed_weights(weight_decay, mask),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),

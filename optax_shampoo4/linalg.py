@@ -7,7 +7,7 @@ statistics whose eigenvalues span six decades.
 Batched QR is avoided on purpose: on GPUs ``jnp.linalg.qr`` over a stack is orders of magnitude slower
 than matrix products (SPEC §5). Orthonormalization is a shifted Cholesky-QR repeated three times, which
 reproduces the Q factor of a QR decomposition with matrix products, one Cholesky and one triangular solve
-per pass.
+per pass (or, once the columns are nearly orthonormal, one product: a first-order correction).
 """
 
 from __future__ import annotations
@@ -30,6 +30,26 @@ _precision_stack = [HIGHEST]
 CHOLESKY_QR_CORRECTION_TOLERANCE: Optional[float] = 3e-2
 
 
+_constraint_stack = [None]
+
+
+@contextlib.contextmanager
+def constrain_stacks(constraint):
+  """Within this block (at trace time), every product and orthonormalization pass passes its result through
+  ``constraint`` (e.g. a ``with_sharding_constraint`` that keeps a stack sharded along its leading axis)."""
+  _constraint_stack.append(constraint)
+  try:
+    yield
+  finally:
+    _constraint_stack.pop()
+
+
+def constrain(x: jax.Array) -> jax.Array:
+  """``x`` through the constraint of the enclosing :func:`constrain_stacks` block (unchanged outside one)."""
+  constraint = _constraint_stack[-1]
+  return x if constraint is None else constraint(x)
+
+
 @contextlib.contextmanager
 def precision(value):
   """Within this block (at trace time), the products below use ``value``, e.g. a ``lax.DotAlgorithmPreset``."""
@@ -41,7 +61,7 @@ def precision(value):
 
 
 def matmul(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
-  return jnp.matmul(a, b, precision=_precision_stack[-1] if precision is None else precision)
+  return constrain(jnp.matmul(a, b, precision=_precision_stack[-1] if precision is None else precision))
 
 
 def transpose(a: jax.Array) -> jax.Array:
@@ -133,13 +153,13 @@ def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0,
     x = _unit_columns(x)
     gram_matrix = matmul(transpose(x), x)
     if index == 0 or correction_tolerance is None:
-      x = cholesky_pass(x, gram_matrix)
+      x = constrain(cholesky_pass(x, gram_matrix))
       continue
     # A pass followed by another may start further from orthonormal: its result (≈ ‖E‖² ≤ tolerance)
     # qualifies the next pass for a correction.
     tolerance = correction_tolerance if index == passes - 1 else correction_tolerance**0.5
     deviation = jnp.sqrt(jnp.sum(jnp.square(gram_matrix - eye), axis=(-2, -1)))
-    x = lax.cond(jnp.all(deviation <= tolerance), first_order_pass, cholesky_pass, x, gram_matrix)
+    x = constrain(lax.cond(jnp.all(deviation <= tolerance), first_order_pass, cholesky_pass, x, gram_matrix))
   return _unit_columns(x)
 
 

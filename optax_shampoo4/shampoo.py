@@ -154,9 +154,12 @@ class _Storage:
     return self.codec.load(state.inverse_root)
 
   def update_inverse_root(self, state, hyper: _Hyper):
-    root = self._compute_inverse_root(state, hyper)
+    # computed and quantized where its block's statistics live (under linalg.constrain_stacks), whatever
+    # the stored root's own sharding
+    root = linalg.constrain(self._compute_inverse_root(state, hyper))
     ok = _all_finite(root)
-    return state._replace(inverse_root=_select(ok, self._store_root(root), state.inverse_root)), ok
+    stored = jax.tree.map(linalg.constrain, self._store_root(root))
+    return state._replace(inverse_root=_select(ok, stored, state.inverse_root)), ok
 
 
 class _EigenStorage(_Storage):
@@ -322,7 +325,8 @@ def scale_by_shampoo(
     error_feedback_beta: float = 0.0,
     preconditioning_precision: str = "high",
     linalg_precision: Optional[str] = None,
-    shard_blocks: int = 1,
+    shard_blocks: Union[int, jax.sharding.NamedSharding] = 1,
+    replicate_roots: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo preconditioning with quantized preconditioner states [S4][CQ], to chain before a base optimizer.
 
@@ -364,8 +368,19 @@ def scale_by_shampoo(
       ``"bf16_3x"`` (three bf16 passes, relative error ≈1e-5, about 2× the fp32 rate on H100s; CPUs use
       fp32 either way). Default: ``"highest"`` at ``bits=32``, ``"bf16_3x"`` for quantized storage, whose 4-bit
       eigenvectors carry errors near 1e-2 (measured in ``benchmarks/profile.py``). Static.
-    shard_blocks: pad every preconditioner stack to a multiple of this (the number of devices the stacks are
-      sharded over, see :func:`optax_shampoo4.sharding.shampoo_state_sharding`). Static.
+    shard_blocks: how the preconditioner stacks are spread over devices. A ``NamedSharding`` such as
+      ``NamedSharding(mesh, P("blocks"))`` (the first entry of its spec names the mesh axis, or axes, of the
+      stacks' leading axis): every stack is padded to a multiple of that axis's size, and the statistics
+      and inverse-root updates keep every stack they compute sharded along it (sharding constraints), so
+      each device does the work of its share of blocks. An int only pads the stacks to a multiple of it and
+      leaves the layout inside the step to the compiler's sharding propagation — which, measured on two
+      H200s, replicated the work of the updates on both devices. Shard the state itself with
+      :func:`optax_shampoo4.sharding.optimizer_state_sharding`. Static.
+    replicate_roots: with ``shard_blocks`` a ``NamedSharding``: keep the stored (4-bit) inverse roots whole
+      on every device while the statistics stay sharded — the updates are still split over the devices
+      and gather the new roots once per inverse-root update, and the per-step ``L̂ G R̂`` needs no
+      communication. Costs the roots' bytes (about half of the preconditioner state) on every device.
+      Shard the state with ``optimizer_state_sharding(..., replicate_roots=True)`` to match. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`ShampooState`.
@@ -395,7 +410,21 @@ def scale_by_shampoo(
   _check_int("max_order", max_order, 2)
   _check_int("min_quantized_size", min_quantized_size, 0)
   _check_int("start_step", start_step, 1)
-  _check_int("shard_blocks", shard_blocks, 1)
+  block_sharding = shard_blocks if isinstance(shard_blocks, jax.sharding.NamedSharding) else None
+  if block_sharding is not None:
+    axes = block_sharding.spec[0] if len(block_sharding.spec) else None
+    if axes is None:
+      raise ValueError("shard_blocks: the NamedSharding's spec must name a mesh axis for the stacks' leading "
+                       f"axis, got {block_sharding.spec}")
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    shard_blocks = int(np.prod([block_sharding.mesh.shape[a] for a in axes]))
+  else:
+    axes = None
+    _check_int("shard_blocks", shard_blocks, 1)
+  if not isinstance(replicate_roots, bool):
+    raise TypeError(f"replicate_roots must be a bool, got {type(replicate_roots).__name__}")
+  if replicate_roots and block_sharding is None:
+    raise ValueError("replicate_roots needs shard_blocks to be a NamedSharding (the mesh to replicate over)")
   for name, value in (("statistics_every", statistics_every), ("inverse_root_every", inverse_root_every)):
     if isinstance(value, (jax.Array, np.ndarray)):
       continue
@@ -421,6 +450,34 @@ def scale_by_shampoo(
 
   def hyper() -> _Hyper:
     return _Hyper(beta, epsilon, error_feedback_beta)
+
+  def stack_constraint(length: int):
+    """Keeps arrays whose leading axis is a stack of ``length`` blocks sharded along ``shard_blocks``."""
+    if block_sharding is None:
+      return None
+
+    def constrain(x):
+      if getattr(x, "ndim", 0) < 1 or x.shape[0] != length:
+        return x
+      spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+      return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(block_sharding.mesh, spec))
+    return constrain
+
+  def constrain_stack(stack, length: int):
+    """The statistics of a stack stay sharded; its stored inverse root is replicated with
+    ``replicate_roots``, else follows the state's sharding."""
+    constraint = stack_constraint(length)
+    if constraint is None:
+      return stack
+    if not hasattr(stack, "inverse_root"):  # the grams
+      return jax.tree.map(constraint, stack)
+    stack = stack._replace(**{name: jax.tree.map(constraint, getattr(stack, name))
+                              for name in stack._fields if name != "inverse_root"})
+    if replicate_roots:
+      whole = jax.sharding.NamedSharding(block_sharding.mesh, jax.sharding.PartitionSpec())
+      stack = stack._replace(inverse_root=jax.tree.map(
+          lambda x: jax.lax.with_sharding_constraint(x, whole), stack.inverse_root))
+    return stack
 
   def plan_for(tree) -> Tuple[blocking.Plan, Any, Sequence[jax.Array]]:
     leaves, treedef = jax.tree.flatten(tree)
@@ -452,22 +509,33 @@ def scale_by_shampoo(
     group_blocks = blocking.gather_blocks(plan, matrices)
 
     def update_statistics(preconditioners):
-      left = [linalg.gram(g) for g in group_blocks]
-      right = [linalg.gram(linalg.transpose(g)) for g in group_blocks]
+      blocks = group_blocks
+      if block_sharding is not None:
+        # Left to propagation, the stacks' sharding reaches back into the gradient blocks, which the
+        # per-step product then reshuffles between devices every step.
+        whole = jax.sharding.NamedSharding(block_sharding.mesh, jax.sharding.PartitionSpec())
+        blocks = [jax.lax.with_sharding_constraint(g, whole) for g in group_blocks]
+      left = [linalg.gram(g) for g in blocks]
+      right = [linalg.gram(linalg.transpose(g)) for g in blocks]
       new, failures = {}, jnp.zeros([], jnp.int32)
       for order in plan.orders:
-        key = _stack_key(order)
+        key, length = _stack_key(order), plan.stack_length(order)
         eye = jnp.eye(order, dtype=jnp.float32)
-        grams = blocking.assemble_stack(plan, order, left, right, fill=eye)
-        new[key], ok = storage_for(order).update_statistics(preconditioners[key], grams, hp)
+        grams = constrain_stack(blocking.assemble_stack(plan, order, left, right, fill=eye), length)
+        with linalg.constrain_stacks(stack_constraint(length)):
+          new[key], ok = storage_for(order).update_statistics(constrain_stack(preconditioners[key], length),
+                                                              grams, hp)
+        new[key] = constrain_stack(new[key], length)
         failures += jnp.sum(~ok)
       return new, failures
 
     def update_inverse_roots(preconditioners):
       new, failures = {}, jnp.zeros([], jnp.int32)
       for order in plan.orders:
-        key = _stack_key(order)
-        new[key], ok = storage_for(order).update_inverse_root(preconditioners[key], hp)
+        key, length = _stack_key(order), plan.stack_length(order)
+        with linalg.constrain_stacks(stack_constraint(length)):
+          new[key], ok = storage_for(order).update_inverse_root(constrain_stack(preconditioners[key], length), hp)
+        new[key] = constrain_stack(new[key], length)
         failures += jnp.sum(~ok)
       return new, failures
 
@@ -486,6 +554,8 @@ def scale_by_shampoo(
     # queue: a plain step reads one predicate (the outer cond), and each expensive branch is traced once.
     with linalg.precision(_linalg_precision(linalg_precision)):  # the branches are traced here
       preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged, state.preconditioners)
+    preconditioners = {key: constrain_stack(stack, plan.stack_length(int(key.split("_")[1])))
+                       for key, stack in preconditioners.items()}
 
     # Slice the stored (4-bit) roots per block group and dequantize the slices: with stacks sharded over
     # devices, what moves between devices is then codes, not fp32 matrices.

@@ -61,11 +61,16 @@ def _moment_sharding(moment, param_sharding, mesh: Mesh):
   return along_rows(moment) if divides(moment) else replicated
 
 
-def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding: Any = None) -> Any:
+def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding: Any = None,
+                             replicate_roots: bool = False) -> Any:
   """A pytree of ``NamedSharding`` s matching ``state`` (concrete or from ``jax.eval_shape``).
 
   Every :class:`~optax_shampoo4.ShampooState` inside ``state`` (alone or within ``optax.chain``) gets its
-  preconditioner stacks sharded over ``axis``; the moments of a :class:`~optax_shampoo4.adam.ScaleByAdam4bitState`
+  preconditioner stacks sharded over ``axis`` — with ``replicate_roots``, all but the (4-bit) inverse roots,
+  which every device then holds whole: the statistics and inverse-root updates are still split over the
+  devices (the new roots are gathered once per inverse-root update), and the per-step preconditioning
+  ``L̂ G R̂`` of replicated gradients needs no communication, at the cost of the roots' bytes on every
+  device (about half of the preconditioner state); the moments of a :class:`~optax_shampoo4.adam.ScaleByAdam4bitState`
   follow ``params_sharding`` by the rule in this module's docstring; leaves of other states take
   ``params_sharding`` when their tree matches the params (e.g. ``optax.adam``'s moments), else are
   replicated.
@@ -77,10 +82,12 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
 
   def assign(node):
     if is_shampoo(node):
-      return ShampooState(
-          count=replicated,
-          preconditioners=jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.preconditioners),
-          nonfinite_count=replicated, failure_count=replicated)
+      stacks = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.preconditioners)
+      if replicate_roots:
+        stacks = {key: stack._replace(inverse_root=jax.tree.map(lambda _: replicated, stack.inverse_root))
+                  for key, stack in stacks.items()}
+      return ShampooState(count=replicated, preconditioners=stacks, nonfinite_count=replicated,
+                          failure_count=replicated)
     if isinstance(node, ScaleByAdam4bitState) and params_sharding is not None:
       shardings, treedef = jax.tree.flatten(params_sharding)
       moments = lambda tree: treedef.unflatten(
@@ -96,7 +103,7 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
   if is_shampoo(state) or isinstance(state, ScaleByAdam4bitState):
     return assign(state)
   if isinstance(state, tuple) and not hasattr(state, "_fields"):  # optax.chain's tuple of states
-    return tuple(optimizer_state_sharding(s, mesh, axis, params_sharding) for s in state)
+    return tuple(optimizer_state_sharding(s, mesh, axis, params_sharding, replicate_roots) for s in state)
   if hasattr(state, "_fields"):  # a NamedTuple wrapper (e.g. apply_if_finite, inject_hyperparams)
-    return type(state)(*(optimizer_state_sharding(s, mesh, axis, params_sharding) for s in state))
+    return type(state)(*(optimizer_state_sharding(s, mesh, axis, params_sharding, replicate_roots) for s in state))
   return assign(state)

@@ -285,7 +285,10 @@ def test_odd_orders_bf16_nested_trees_and_donation():
     (dict(inverse_root_method="qr"), "inverse_root_method"), (dict(error_feedback_beta=1.5), "error_feedback_beta"),
     (dict(preconditioning_precision="fast"), "preconditioning_precision"), (dict(start_step=0), "start_step"),
     (dict(min_quantized_size=-1), "min_quantized_size"), (dict(epsilon="1e-6"), "epsilon"),
-    (dict(linalg_precision="tf32"), "linalg_precision"),
+    (dict(linalg_precision="tf32"), "linalg_precision"), (dict(shard_blocks=0), "shard_blocks"),
+    (dict(replicate_roots=True), "replicate_roots"), (dict(replicate_roots=1), "replicate_roots"),
+    (dict(shard_blocks=jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("b",)),
+                                                  jax.sharding.PartitionSpec())), "shard_blocks"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):

@@ -38,6 +38,14 @@ def sharder(state):
   return mesh, optimizer_state_sharding(state, mesh, "blocks")
 
 
+def block_sharding():
+  """``shard_blocks`` as a sharding: the updates keep their stacks sharded with explicit constraints."""
+  return NamedSharding(Mesh(np.array(jax.devices()[:8]), ("blocks",)), PartitionSpec("blocks"))
+
+
+SHARD_BLOCKS = {"count": lambda: 8, "sharding": block_sharding}
+
+
 def relative(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -98,11 +106,12 @@ def assert_no_full_stack_gather(hlo: str, stacks) -> None:
 # Shampoo (fp32 statistics, eigh) agrees to 1e-4. The one-step eigenvector method is not converged after
 # 4 updates, and near-equal Rayleigh quotients may sort differently under a 1e-5 perturbation: measured
 # 0.8 % (fp32) and 3.5 % (4-bit) relative difference here — the same sensitivity exists between two GPUs.
-@pytest.mark.parametrize("quantize,bits,tolerance", [("eigenvectors", 32, 2e-2), ("eigenvectors", 4, 6e-2),
-                                                     ("cholesky", 4, 6e-2), ("matrix", 32, 1e-4)])
-def test_sharded_equals_single_device_and_splits_the_state(quantize, bits, tolerance):
+@pytest.mark.parametrize("quantize,bits,tolerance,shard_blocks", [
+    ("eigenvectors", 32, 2e-2, "count"), ("eigenvectors", 4, 6e-2, "count"), ("cholesky", 4, 6e-2, "count"),
+    ("matrix", 32, 1e-4, "count"), ("eigenvectors", 4, 6e-2, "sharding"), ("matrix", 32, 1e-4, "sharding")])
+def test_sharded_equals_single_device_and_splits_the_state(quantize, bits, tolerance, shard_blocks):
   tx = optax.chain(o4.scale_by_shampoo(bits=bits, quantize=quantize, statistics_every=1, inverse_root_every=2,
-                                       shard_blocks=8))
+                                       shard_blocks=SHARD_BLOCKS[shard_blocks]()))
   single_out, single_state = last_update(tx)
   out, state = last_update(tx, shard=sharder)
   for key in PARAMS:
@@ -126,14 +135,19 @@ def test_sharded_training_runs_with_a_full_optimizer():
   assert int(state[0].failure_count) == 0
 
 
-def test_compiled_program_gathers_no_full_preconditioner_stack():
-  tx = o4.scale_by_shampoo(statistics_every=1, inverse_root_every=1, shard_blocks=8)
+@pytest.mark.parametrize("shard_blocks", SHARD_BLOCKS)
+def test_compiled_program_gathers_no_full_preconditioner_stack(shard_blocks):
+  tx = o4.scale_by_shampoo(statistics_every=1, inverse_root_every=1, shard_blocks=SHARD_BLOCKS[shard_blocks]())
   state = tx.init(PARAMS)
   mesh, state_sharding = sharder(state)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
-  compiled = jax.jit(tx.update, out_shardings=(NamedSharding(mesh, PartitionSpec()), state_sharding)).lower(
-      grads, jax.device_put(state, state_sharding)).compile()
-  hlo = compiled.as_text()
+  lowered = jax.jit(tx.update, out_shardings=(NamedSharding(mesh, PartitionSpec()), state_sharding)).lower(
+      grads, jax.device_put(state, state_sharding))
+  if shard_blocks == "sharding":  # the stacks inside the update conditionals carry explicit constraints
+    constraints = lowered.as_text().count("sharding_constraint")
+    stacks = len(state.preconditioners)
+    assert constraints >= 10 * stacks, constraints
+  hlo = lowered.compile().as_text()
   assert_no_full_stack_gather(hlo, state.preconditioners)
   # The per-step part (outside the update conditionals) moves 4-bit roots between devices, never fp32
   # matrices of a preconditioner's order.
@@ -146,6 +160,44 @@ def test_compiled_program_gathers_no_full_preconditioner_stack():
   for line in moved:
     dims = [int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d]
     assert not (" f32[" in line and len(dims) >= 2 and dims[-1] == dims[-2] and dims[-1] in orders), line
+
+
+def test_replicated_roots_keep_the_per_step_product_local():
+  """``replicate_roots``: statistics sharded, roots whole on every device; same results as one device, and
+  the compiled step moves nothing between devices outside the update conditionals."""
+  tx = o4.scale_by_shampoo(bits=4, statistics_every=1, inverse_root_every=2, shard_blocks=block_sharding(),
+                           replicate_roots=True)
+  replicate = lambda state: (lambda mesh: (mesh, optimizer_state_sharding(state, mesh, "blocks",
+                                                                          replicate_roots=True)))(
+      Mesh(np.array(jax.devices()[:8]), ("blocks",)))
+  single_out, _ = last_update(tx)
+  out, state = last_update(tx, shard=replicate)
+  for key in PARAMS:
+    assert relative(out[key], single_out[key]) < 6e-2, key
+  for stack in state.preconditioners.values():
+    for leaf in jax.tree.leaves(stack.inverse_root):
+      assert leaf.sharding.is_fully_replicated
+    for leaf in jax.tree.leaves(stack.eigenvectors):
+      assert leaf.sharding.spec[0] == "blocks"
+  roots = o4.state_nbytes([s.inverse_root for s in state.preconditioners.values()])
+  statistics = o4.state_nbytes([s._replace(inverse_root=None) for s in state.preconditioners.values()])
+  per_device = o4.state_nbytes(state.preconditioners, per_device=True)
+  assert per_device <= roots + statistics / 8 * 1.01, (per_device, roots, statistics)
+  # Compiled for larger blocks (where propagation used to reshuffle the gradient blocks every step):
+  params = {"a": jnp.zeros((480, 400)), "b": jnp.zeros((400, 480)), "c": jnp.zeros((3, 3, 40, 480))}
+  tx = o4.scale_by_shampoo(statistics_every=1, inverse_root_every=1, max_order=128, shard_blocks=block_sharding(),
+                           replicate_roots=True)
+  abstract = jax.eval_shape(tx.init, params)
+  mesh, state_sharding = replicate(abstract)
+  whole = NamedSharding(mesh, PartitionSpec())
+  args = (jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=whole), params),
+          jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+  hlo = jax.jit(tx.update, out_shardings=(whole, state_sharding)).lower(*args).compile().as_text()
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  moved = [line for line in entry.splitlines()
+           if any(f" {op}" in line for op in ("all-gather", "collective-permute", "all-to-all", "all-reduce"))]
+  assert not moved, moved
 
 
 def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
