@@ -17,8 +17,8 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 # other numeric argument (learning rate, b1, b2, eps, weight decay, beta, epsilon, error_feedback_beta and
 # the intervals statistics_every / inverse_root_every) may be a traced hyperparameter.
 STATIC_ARGS = ("bits", "adam_bits", "block_size", "max_order", "min_quantized_size", "bjorck_steps", "start_step",
-               "shard_blocks", "replicate_roots", "error_feedback", "skip_nonfinite", "quantize", "codebook", "second_moment",
-               "inverse_root_method", "preconditioning_precision", "linalg_precision", "nesterov",
+               "shard_blocks", "replicate_roots", "error_feedback", "skip_nonfinite", "quantize", "codebook",
+               "second_moment", "inverse_root_method", "preconditioning_precision", "linalg_precision", "nesterov",
                "implementation")
 
 

@@ -411,7 +411,9 @@ def scale_by_shampoo(
   _check_int("min_quantized_size", min_quantized_size, 0)
   _check_int("start_step", start_step, 1)
   block_sharding = shard_blocks if isinstance(shard_blocks, jax.sharding.NamedSharding) else None
+  whole = None  # the replicated sharding on block_sharding's mesh
   if block_sharding is not None:
+    whole = jax.sharding.NamedSharding(block_sharding.mesh, jax.sharding.PartitionSpec())
     axes = block_sharding.spec[0] if len(block_sharding.spec) else None
     if axes is None:
       raise ValueError("shard_blocks: the NamedSharding's spec must name a mesh axis for the stacks' leading "
@@ -474,7 +476,6 @@ def scale_by_shampoo(
     stack = stack._replace(**{name: jax.tree.map(constraint, getattr(stack, name))
                               for name in stack._fields if name != "inverse_root"})
     if replicate_roots:
-      whole = jax.sharding.NamedSharding(block_sharding.mesh, jax.sharding.PartitionSpec())
       stack = stack._replace(inverse_root=jax.tree.map(
           lambda x: jax.lax.with_sharding_constraint(x, whole), stack.inverse_root))
     return stack
@@ -508,34 +509,35 @@ def scale_by_shampoo(
                 for x, ms in zip(leaves, plan.matrix_shapes)]
     group_blocks = blocking.gather_blocks(plan, matrices)
 
+    def update_stack(order, preconditioners, update):
+      """``update(storage, stack)`` of one order's stack, every stack it computes kept on ``shard_blocks``."""
+      length = plan.stack_length(order)
+      with linalg.constrain_stacks(stack_constraint(length)):
+        new, ok = update(storage_for(order), constrain_stack(preconditioners[_stack_key(order)], length))
+      return constrain_stack(new, length), ok
+
     def update_statistics(preconditioners):
       blocks = group_blocks
       if block_sharding is not None:
         # Left to propagation, the stacks' sharding reaches back into the gradient blocks, which the
         # per-step product then reshuffles between devices every step.
-        whole = jax.sharding.NamedSharding(block_sharding.mesh, jax.sharding.PartitionSpec())
         blocks = [jax.lax.with_sharding_constraint(g, whole) for g in group_blocks]
       left = [linalg.gram(g) for g in blocks]
       right = [linalg.gram(linalg.transpose(g)) for g in blocks]
       new, failures = {}, jnp.zeros([], jnp.int32)
       for order in plan.orders:
-        key, length = _stack_key(order), plan.stack_length(order)
         eye = jnp.eye(order, dtype=jnp.float32)
-        grams = constrain_stack(blocking.assemble_stack(plan, order, left, right, fill=eye), length)
-        with linalg.constrain_stacks(stack_constraint(length)):
-          new[key], ok = storage_for(order).update_statistics(constrain_stack(preconditioners[key], length),
-                                                              grams, hp)
-        new[key] = constrain_stack(new[key], length)
+        grams = constrain_stack(blocking.assemble_stack(plan, order, left, right, fill=eye), plan.stack_length(order))
+        new[_stack_key(order)], ok = update_stack(
+            order, preconditioners, lambda storage, stack: storage.update_statistics(stack, grams, hp))
         failures += jnp.sum(~ok)
       return new, failures
 
     def update_inverse_roots(preconditioners):
       new, failures = {}, jnp.zeros([], jnp.int32)
       for order in plan.orders:
-        key, length = _stack_key(order), plan.stack_length(order)
-        with linalg.constrain_stacks(stack_constraint(length)):
-          new[key], ok = storage_for(order).update_inverse_root(constrain_stack(preconditioners[key], length), hp)
-        new[key] = constrain_stack(new[key], length)
+        new[_stack_key(order)], ok = update_stack(
+            order, preconditioners, lambda storage, stack: storage.update_inverse_root(stack, hp))
         failures += jnp.sum(~ok)
       return new, failures
 
@@ -554,8 +556,8 @@ def scale_by_shampoo(
     # queue: a plain step reads one predicate (the outer cond), and each expensive branch is traced once.
     with linalg.precision(_linalg_precision(linalg_precision)):  # the branches are traced here
       preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged, state.preconditioners)
-    preconditioners = {key: constrain_stack(stack, plan.stack_length(int(key.split("_")[1])))
-                       for key, stack in preconditioners.items()}
+    preconditioners = {_stack_key(order): constrain_stack(preconditioners[_stack_key(order)], plan.stack_length(order))
+                       for order in plan.orders}
 
     # Slice the stored (4-bit) roots per block group and dequantize the slices: with stacks sharded over
     # devices, what moves between devices is then codes, not fp32 matrices.
