@@ -129,7 +129,7 @@ def main():
       launches = collections.Counter()
       per_op, _ = device_times(run, launches=launches)
       new_tables, payload[f"profile {name}"] = summarize(name, per_op, 12, launches)
-      with open(common.output_path(f"hlo_adam_step_{name.replace(' ', '_').replace(',', '')}.txt"), "w") as f:
+      with open(common.output_path(common.file_name(f"hlo_adam_step_{name}.txt")), "w") as f:
         f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
       tables += new_tables
   common.write_json("adam_step_agreement" if args.agreement_only else "adam_step", {**payload, "tables": tables})

@@ -91,6 +91,11 @@ def print_table(title: str, columns: Sequence[str], rows: List[Sequence]) -> str
   return text
 
 
+def file_name(label: str) -> str:
+  """``label`` as a file name: spaces to underscores, commas dropped."""
+  return label.replace(" ", "_").replace(",", "")
+
+
 def output_path(filename: str) -> str:
   """Where results go: ``$OUT`` (the GPU machine's output folder) if set, else ``benchmarks/results``."""
   directory = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")

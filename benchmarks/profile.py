@@ -196,13 +196,13 @@ def main():
   params, grads = common.random_tree(shapes, seed=1), common.random_tree(shapes, seed=2)
   tables, payload = [], {}
   schedules = {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}
-  programs = [(kind, kind, None) for kind in args.kinds.split(",")] if not args.skip_steps else []
+  default_tolerance = linalg.CHOLESKY_QR_CORRECTION_TOLERANCE
+  # (step kind, label, Cholesky-QR correction tolerance while it is traced)
+  programs = [(kind, kind, default_tolerance) for kind in args.kinds.split(",")] if not args.skip_steps else []
   if args.cholesky_every_pass:
     programs.append(("statistics", "statistics, Cholesky every pass", None))
-  for kind, label, _ in programs:
-    default_tolerance = linalg.CHOLESKY_QR_CORRECTION_TOLERANCE
-    if label.endswith("every pass"):
-      linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = None
+  for kind, label, tolerance in programs:
+    linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = tolerance
     try:
       tx = shampoo_adamw(1e-3, bits=args.bits, statistics_every=schedules[kind][0],
                          inverse_root_every=schedules[kind][1])
@@ -216,8 +216,7 @@ def main():
       per_op, lines = device_times(run)
       if args.dump_hlo:
         text = step.lower(carry[0], carry[1], grads).compile().as_text()
-        with open(common.output_path(f"hlo_{args.model}_{args.bits}bit_{label.replace(' ', '_').replace(',', '')}.txt"),
-                  "w") as f:
+        with open(common.output_path(common.file_name(f"hlo_{args.model}_{args.bits}bit_{label}.txt")), "w") as f:
           f.write(text)
     finally:
       linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = default_tolerance
