@@ -70,8 +70,8 @@ def main():
   parser.add_argument("--second-moment", default="rank1")
   parser.add_argument("--copy-rates", action="store_true", help="also time a copy kernel at several tiles")
   parser.add_argument("--shapes", default="50304x1024,1024x4096,4096x1024")
-  parser.add_argument("--configs", default="32:4,8:4,16:8,4:4,32:4:halves,8:4:halves,16:8:halves",
-                      help="rows:warps[:halves]")
+  parser.add_argument("--configs", default="16:8,16:8:selects,32:4,8:4,16:8:halves",
+                      help="rows:warps[:halves][:selects] (selects: no table lookups)")
   args = parser.parse_args()
   tables = []
   if args.copy_rates:
@@ -82,7 +82,8 @@ def main():
   configs = []
   for text in args.configs.split(","):
     fields = text.split(":")
-    configs.append((int(fields[0]), int(fields[1]), "halves" if "halves" in fields else "interleaved"))
+    configs.append((int(fields[0]), int(fields[1]), "halves" if "halves" in fields else "interleaved",
+                    "selects" not in fields))
   rows = []
   for shape in shapes:
     key = jax.random.PRNGKey(0)
@@ -99,8 +100,10 @@ def main():
     reference = xla(g, m, v, corrections)
     xla_ms = common.time_call(xla, g, m, v, corrections) * 1e3
     nbytes = g.size * (4 + 4 + 2)  # read g, write update, read + write the 4-bit codes of two moments
-    for rows_per_program, warps, pairing in configs:
-      config = base._replace(rows_per_program=rows_per_program, num_warps=warps, pairing=pairing)
+    for rows_per_program, warps, pairing, lookups in configs:
+      config = base._replace(rows_per_program=rows_per_program, num_warps=warps, pairing=pairing,
+                             table_lookups=lookups)
+      pairing += "" if lookups else ", selects"
       _, _, fused = leaf_programs(config, shape, args.second_moment)
       try:
         result = fused(g, m, v, corrections)
@@ -111,7 +114,7 @@ def main():
       difference = np.abs(np.asarray(result[0]) - np.asarray(reference[0]))
       worst = np.unravel_index(np.argmax(difference), shape)
       scale = float(np.max(np.abs(np.asarray(reference[0]))))
-      if pairing == "interleaved":
+      if pairing.startswith("interleaved"):
         states = zip(jax.tree.leaves(result[1:]), jax.tree.leaves(reference[1:]))
         differing = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in states)
         fraction = differing / sum(a.size for a in jax.tree.leaves(reference[1:]))

@@ -20,7 +20,7 @@ import optax
 
 from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
-from optax_shampoo4 import adamw_4bit
+from optax_shampoo4 import adamw_4bit, adamw_4bit_fused
 from optax_shampoo4.quantization import unpack_nibbles
 
 
@@ -65,8 +65,25 @@ def agreement(params, grads, second_moment, steps=3):
                                grads, steps)
   finally:
     adam_kernel.FORCE_INTERPRET = False
-  return [[second_moment, f"{a} vs {b}", *_compare(runs[a], runs[b])]
+  rows = [[second_moment, f"{a} vs {b}", *_compare(runs[a], runs[b])]
           for a, b in (("pallas", "xla"), ("interpreted", "xla"), ("pallas", "interpreted"))]
+  return rows + [[second_moment, "fused step vs update + apply_updates (params)",
+                  *_compare_fused(params, grads, second_moment, steps)]]
+
+
+def _compare_fused(params, grads, second_moment, steps):
+  """The params after ``steps`` fused steps vs after as many ``update`` + ``apply_updates`` steps."""
+  from benchmarks.shampoo_step import step_program
+  fused = adamw_4bit_fused(1e-3, second_moment=second_moment)
+  plain = adamw_4bit(1e-3, second_moment=second_moment, implementation="pallas")
+  results = []
+  for tx in (fused, plain):
+    step, carry = step_program(tx), [jax.tree.map(jnp.copy, params), tx.init(params)]
+    for t in range(steps):
+      carry = list(step(carry[0], carry[1], jax.tree.map(lambda x: x * (1.0 + t), grads)))
+    results.append(carry)
+  moved = lambda p: jax.tree.map(lambda a, b: a - b, p, params)  # compare the steps taken, not the params
+  return _compare((moved(results[0][0]), results[0][1]), (moved(results[1][0]), results[1][1]))
 
 
 def main():
@@ -87,6 +104,7 @@ def main():
     optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(1e-3, second_moment=second_moment)
     optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(
         1e-3, second_moment=second_moment, implementation="pallas")
+    optimizers[f"adamw_4bit_fused {second_moment}"] = adamw_4bit_fused(1e-3, second_moment=second_moment)
   if not args.skip_slow_baselines:
     optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, second_moment="factored")
     optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, bits=8, second_moment="block")
@@ -118,7 +136,7 @@ def main():
   if args.profile:
     from benchmarks.profile import device_times, summarize
     from benchmarks.shampoo_step import step_program
-    for name in ("optax.adamw", "adamw_4bit block", "adamw_4bit block, Pallas kernels"):
+    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "adamw_4bit_fused block", "adamw_4bit_fused rank1"):
       step = step_program(optimizers[name])
       carry = [jax.tree.map(jnp.copy, params), optimizers[name].init(params)]
 

@@ -20,14 +20,18 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from optax_shampoo4 import blocking, linalg, shampoo, shampoo_adamw, state_nbytes
+from optax_shampoo4 import FusedOptimizer, blocking, linalg, shampoo, shampoo_adamw, state_nbytes
 
 NEVER = 2**30
 
 
 def step_program(tx):
+  """The jitted training step ``update`` + ``apply_updates`` (a ``FusedOptimizer``: its own ``step``), params
+  and state donated."""
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
+    if isinstance(tx, FusedOptimizer):
+      return tx.step(grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   return step

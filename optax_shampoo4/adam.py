@@ -114,6 +114,21 @@ def _keep_if(finite, new, old):
   return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
+class ApplyStep(NamedTuple):
+  """What a fused step needs to apply its updates itself (see :func:`adam_4bit_functions`)."""
+
+  params: Any  # the params tree
+  step_size: jax.Array  # −learning rate (fp32 scalar)
+  weight_decay: Any  # a tree like the params of per-leaf decoupled weight decays (0 where masked off)
+
+
+def _apply_update(update, param, step_size, weight_decay, finite):
+  """``param + step_size · (update + weight_decay · param)`` — optax.add_decayed_weights,
+  scale_by_learning_rate and apply_updates in their order — or ``param`` unless ``finite``."""
+  new = param + step_size * (update + weight_decay * param)
+  return jnp.where(finite, new.astype(param.dtype), param)
+
+
 def _xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v, corrections, finite):
   """One leaf's Adam step with XLA ops: ``(update, new stored m, new stored v)``; the stored moments are
   the old ones unless ``finite``."""
@@ -154,23 +169,129 @@ def _fused_leaf_maxima(config, view, constants, g, stored_v, *, interpret):
 
 
 def _fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections, finite, new_second_scales, *,
-                     interpret):
-  """Phase 2 of the fused path: the step of the ``(rows, cols)`` view of the leaf in one kernel."""
+                     interpret, apply=None):
+  """Phase 2 of the fused path: the step of the ``(rows, cols)`` view of the leaf in one kernel; with
+  ``apply = (param, step_size, weight_decay)`` the kernel returns the new param instead of the update."""
   grad, first_codes, first_scale, second_codes, second_scales = _kernel_operands(config, view, g, stored_m, stored_v)
   if config.second_moment == "rank1":
     new_second_scales = _keep_if(finite, new_second_scales, stored_v.scales)
   else:
     new_second_scales = None
-  flags = jnp.concatenate([corrections, constants, finite.astype(jnp.float32)[None], jnp.zeros([7], jnp.float32)])
+  param, step_size, weight_decay = apply if apply is not None else (None, 0.0, 0.0)
+  flags = jnp.concatenate([corrections, constants, finite.astype(jnp.float32)[None],
+                           jnp.asarray([step_size, weight_decay], jnp.float32), jnp.zeros([5], jnp.float32)])
   update, first_codes, first_scale, second_codes, second_scales = adam_kernel.fused_update(
       flags, grad, first_codes, first_scale, second_codes, second_scales, new_second_scales,
-      config=config, interpret=interpret)
+      None if param is None else param.reshape(grad.shape), config=config, interpret=interpret)
   new_m = QuantizedArray(first_codes.reshape(stored_m.codes.shape), (first_scale.reshape(stored_m.scales[0].shape),),
                          None, stored_m.spec)
   new_v = QuantizedArray(second_codes.reshape(stored_v.codes.shape),
                          tuple(s.reshape(old.shape) for s, old in zip(second_scales, stored_v.scales)), None,
                          stored_v.spec)
   return update.reshape(g.shape), new_m, new_v
+
+
+def adam_4bit_functions(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    bits: int = 4,
+    block_size: Optional[int] = None,
+    second_moment: str = "rank1",
+    min_quantized_size: int = 4096,
+    second_moment_codebook: Optional[str] = None,
+    implementation: str = "xla",
+):
+  """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments): ``step_fn(updates, state,
+  apply=None)`` is its update; with an :class:`ApplyStep` it returns the new params instead of the updates —
+  the fused kernels then write the params themselves (``optax_shampoo4.adamw_4bit_fused``), and a step with
+  a non-finite gradient leaves the params unchanged too."""
+  for name, value, high in (("b1", b1, 1.0), ("b2", b2, 1.0)):
+    if not isinstance(value, jax.Array) and not (0.0 <= float(value) < high):
+      raise ValueError(f"{name} must be in [0, 1), got {value}")
+  for name, value in (("eps", eps), ("eps_root", eps_root)):
+    if not isinstance(value, jax.Array) and float(value) < 0:
+      raise ValueError(f"{name} must be >= 0, got {value}")
+  if bits not in (4, 8, 32) or isinstance(bits, bool):
+    raise ValueError(f"bits must be one of (4, 8, 32), got {bits!r}")
+  if second_moment not in SECOND_MOMENTS:
+    raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+  if block_size is None:
+    block_size = 256 if bits == 8 else 128
+  if bits != 32:
+    validate_quantization_args(codebook="dynamic_tree", bits=bits, block_size=block_size)
+  if isinstance(min_quantized_size, bool) or not isinstance(min_quantized_size, int) or min_quantized_size < 0:
+    raise ValueError(f"min_quantized_size must be a non-negative int, got {min_quantized_size!r}")
+  if second_moment_codebook is not None and bits != 32:
+    validate_quantization_args(codebook=second_moment_codebook, bits=bits, block_size=block_size,
+                               argument_prefix="second_moment_")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  layout = _MomentLayout(bits, block_size, second_moment, min_quantized_size, second_moment_codebook)
+  kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
+
+  def init_leaf_second(p):
+    shape = p.shape
+    if layout.factored(shape):
+      return FactoredMoment(jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
+    return layout.store_second(jnp.zeros(shape, jnp.float32), shape)
+
+  def init_fn(params):
+    mu = jax.tree.map(lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape), params)
+    nu = jax.tree.map(init_leaf_second, params)
+    return ScaleByAdam4bitState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+
+  def step_fn(updates, state, apply: Optional[ApplyStep] = None):
+    leaves, treedef = jax.tree.flatten(updates)
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    nu_leaves = treedef.flatten_up_to(state.nu)
+    count = state.count + 1
+    corrections = jnp.stack([1.0 - b1 ** count.astype(jnp.float32), 1.0 - b2 ** count.astype(jnp.float32)])
+    # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float arithmetic does)
+    constants = jnp.stack([jnp.asarray(c, jnp.float32) for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)])
+
+    use_kernels = implementation == "pallas"
+    # off GPU the kernels run in the Pallas interpreter
+    interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
+    # Phase 1: whether every gradient is finite (a non-finite step keeps the old moments) and, for the fused
+    # rank-1 path, the new second-moment maxima, which the encoding of every element needs.
+    views, maxima, finite_leaves = [], [], []
+    for g, stored_v in zip(leaves, nu_leaves):
+      view = layout.kernel_view(g.shape, kernel_config) if use_kernels else None
+      if view is None:
+        scales, leaf_finite = None, jnp.all(jnp.isfinite(g))
+      else:
+        scales, leaf_finite = _fused_leaf_maxima(kernel_config, view, constants, g, stored_v, interpret=interpret)
+      views.append(view)
+      maxima.append(scales)
+      finite_leaves.append(leaf_finite)
+    finite = jnp.all(jnp.stack(finite_leaves)) if finite_leaves else jnp.asarray(True)
+
+    # Phase 2: the step of every leaf.
+    applied = ([None] * len(leaves) if apply is None else
+               [(p, apply.step_size, wd) for p, wd in zip(treedef.flatten_up_to(apply.params),
+                                                           treedef.flatten_up_to(apply.weight_decay))])
+    out, new_mu, new_nu = [], [], []
+    for g, stored_m, stored_v, view, scales, leaf_apply in zip(leaves, mu_leaves, nu_leaves, views, maxima, applied):
+      if view is None:
+        update, m, v = _xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v, corrections, finite)
+        if leaf_apply is not None:
+          update = _apply_update(update, *leaf_apply, finite)
+      else:
+        update, m, v = _fused_leaf_step(kernel_config, view, constants, g, stored_m, stored_v, corrections, finite,
+                                        scales, interpret=interpret, apply=leaf_apply)
+      out.append(update)
+      new_mu.append(m)
+      new_nu.append(v)
+
+    new_state = ScaleByAdam4bitState(jnp.where(finite, count, state.count).astype(jnp.int32),
+                                     treedef.unflatten(new_mu), treedef.unflatten(new_nu),
+                                     state.nonfinite_count + (~finite).astype(jnp.int32))
+    return treedef.unflatten(out), new_state
+
+  return init_fn, step_fn
 
 
 def scale_by_adam_4bit(
@@ -218,84 +339,13 @@ def scale_by_adam_4bit(
   A step whose gradient holds a NaN/Inf leaves the moments and ``count`` untouched (``nonfinite_count`` is
   incremented) and returns the non-finite update, so ``optax.apply_if_finite`` can skip it.
   """
-  for name, value, high in (("b1", b1, 1.0), ("b2", b2, 1.0)):
-    if not isinstance(value, jax.Array) and not (0.0 <= float(value) < high):
-      raise ValueError(f"{name} must be in [0, 1), got {value}")
-  for name, value in (("eps", eps), ("eps_root", eps_root)):
-    if not isinstance(value, jax.Array) and float(value) < 0:
-      raise ValueError(f"{name} must be >= 0, got {value}")
-  if bits not in (4, 8, 32) or isinstance(bits, bool):
-    raise ValueError(f"bits must be one of (4, 8, 32), got {bits!r}")
-  if second_moment not in SECOND_MOMENTS:
-    raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
-  if block_size is None:
-    block_size = 256 if bits == 8 else 128
-  if bits != 32:
-    validate_quantization_args(codebook="dynamic_tree", bits=bits, block_size=block_size)
-  if isinstance(min_quantized_size, bool) or not isinstance(min_quantized_size, int) or min_quantized_size < 0:
-    raise ValueError(f"min_quantized_size must be a non-negative int, got {min_quantized_size!r}")
-  if second_moment_codebook is not None and bits != 32:
-    validate_quantization_args(codebook=second_moment_codebook, bits=bits, block_size=block_size,
-                               argument_prefix="second_moment_")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  layout = _MomentLayout(bits, block_size, second_moment, min_quantized_size, second_moment_codebook)
-  kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
-
-  def init_leaf_second(p):
-    shape = p.shape
-    if layout.factored(shape):
-      return FactoredMoment(jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
-    return layout.store_second(jnp.zeros(shape, jnp.float32), shape)
-
-  def init_fn(params):
-    mu = jax.tree.map(lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape), params)
-    nu = jax.tree.map(init_leaf_second, params)
-    return ScaleByAdam4bitState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+  init_fn, step_fn = adam_4bit_functions(
+      b1, b2, eps, eps_root, bits=bits, block_size=block_size, second_moment=second_moment,
+      min_quantized_size=min_quantized_size, second_moment_codebook=second_moment_codebook,
+      implementation=implementation)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    leaves, treedef = jax.tree.flatten(updates)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
-    count = state.count + 1
-    corrections = jnp.stack([1.0 - b1 ** count.astype(jnp.float32), 1.0 - b2 ** count.astype(jnp.float32)])
-    # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float arithmetic does)
-    constants = jnp.stack([jnp.asarray(c, jnp.float32) for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)])
-
-    use_kernels = implementation == "pallas"
-    # off GPU the kernels run in the Pallas interpreter
-    interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
-    # Phase 1: whether every gradient is finite (a non-finite step keeps the old moments) and, for the fused
-    # rank-1 path, the new second-moment maxima, which the encoding of every element needs.
-    views, maxima, finite_leaves = [], [], []
-    for g, stored_v in zip(leaves, nu_leaves):
-      view = layout.kernel_view(g.shape, kernel_config) if use_kernels else None
-      if view is None:
-        scales, leaf_finite = None, jnp.all(jnp.isfinite(g))
-      else:
-        scales, leaf_finite = _fused_leaf_maxima(kernel_config, view, constants, g, stored_v, interpret=interpret)
-      views.append(view)
-      maxima.append(scales)
-      finite_leaves.append(leaf_finite)
-    finite = jnp.all(jnp.stack(finite_leaves)) if finite_leaves else jnp.asarray(True)
-
-    # Phase 2: the step of every leaf.
-    out, new_mu, new_nu = [], [], []
-    for g, stored_m, stored_v, view, scales in zip(leaves, mu_leaves, nu_leaves, views, maxima):
-      if view is None:
-        step = _xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v, corrections, finite)
-      else:
-        step = _fused_leaf_step(kernel_config, view, constants, g, stored_m, stored_v, corrections, finite, scales,
-                                interpret=interpret)
-      update, m, v = step
-      out.append(update)
-      new_mu.append(m)
-      new_nu.append(v)
-
-    new_state = ScaleByAdam4bitState(jnp.where(finite, count, state.count).astype(jnp.int32),
-                                     treedef.unflatten(new_mu), treedef.unflatten(new_nu),
-                                     state.nonfinite_count + (~finite).astype(jnp.int32))
-    return treedef.unflatten(out), new_state
+    return step_fn(updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,7 +9,8 @@ multiple of 128 (one first-moment block per 128 columns of a row):
    rank-1 scales it is quantized with depend on every element — and the number of non-finite gradients.
 2. :func:`fused_update`: new moments in fp32, the update from them, the new block scales, and both
    moments re-encoded and nibble-packed — reading the gradient and the old codes once and writing the new
-   codes and the update once.
+   codes and the update once; or, given the params (``adamw_4bit_fused``), applying the update too and
+   writing the new params instead of the update.
 
 The stored state has the XLA path's format (interleaved nibbles, fp32 scales), so a state written by one
 path is read by the other. Even and odd columns (low and high nibbles) are read and written with strided
@@ -17,8 +18,8 @@ accesses, so nothing is interleaved in registers.
 
 Opt-in (``scale_by_adam_4bit(implementation="pallas")``). On an H100 (``benchmarks/adam_step.py``, GPT-2
 medium shapes, 3 steps) the Triton-compiled kernels store exactly the XLA path's codes and scales and their
-updates differ by 3e-7 relative (fused multiply-adds); tensors whose rows leave a partial row tile are
-left to XLA (see :func:`covers`). Under GSPMD a kernel is not partitioned, so FSDP-sharded moments would be
+updates differ by 3e-7 relative (fused multiply-adds); the rows after a tensor's last whole row tile run
+through the interpreter (see :func:`covers`). Under GSPMD a kernel is not partitioned, so FSDP-sharded moments would be
 gathered: keep ``"xla"`` there. Off GPU the kernels run in the Pallas interpreter (tests).
 """
 
@@ -29,6 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from optax_shampoo4 import quantization
@@ -47,18 +49,20 @@ class MomentConfig(NamedTuple):
   first_codebook: str
   second_codebook: str
   second_moment: str  # "rank1" | "block"
-  rows_per_program: int = 16  # 16 × 128 elements per program, 8 warps: fastest measured on H100
+  rows_per_program: int = 16  # 16 × 128 elements per program, 8 warps: fastest measured on H100 (device time)
   num_warps: int = 8
   pairing: str = "interleaved"  # which two columns share a byte: (2j, 2j+1), or "halves" (j, j+64)
+  table_lookups: bool = True  # decode / encode uneven codebooks by table loads (False: chains of selects)
 
 
 def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, int]]:
   """The ``(rows, cols)`` view the kernels use for a tensor of this shape, or ``None`` if they do not
   apply: rank-1 scales need a matrix (rank 2) with a multiple of 128 columns; block scales only need the
-  element count to be a multiple of 128 (blocks never straddle rows of the view). The view's rows must
-  fill whole row tiles: compiled by Triton on an H100, tensors with a ragged last tile (the 50257-row
-  embedding) stored about 1e-4 of their codes differently from the XLA path, up to 15 code steps apart —
-  not a rounding difference — while tensors without one agreed (``benchmarks/adam_step.py``)."""
+  element count to be a multiple of 128 (blocks never straddle rows of the view), and the view needs one
+  whole row tile. Compiled grids cover whole row tiles only: compiled by Triton on an H100, a masked
+  ragged last tile (the 50257-row embedding) stored about 1e-4 of its tensor's codes differently from the
+  XLA path, up to 15 code steps apart, while tensors without one agreed (``benchmarks/adam_step.py``); the
+  rows after the last whole tile run through the interpreter (:func:`_split_rows`)."""
   size = 1
   for d in shape:
     size *= d
@@ -68,7 +72,7 @@ def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, 
   elif config.second_moment == "block" and size % COLUMNS == 0 and size > 0:
     cols = shape[-1] if len(shape) >= 2 and shape[-1] % COLUMNS == 0 else COLUMNS
     view = (size // cols, cols)
-  if view is None or view[0] % config.rows_per_program:
+  if view is None or view[0] < config.rows_per_program:
     return None
   return view
 
@@ -87,9 +91,27 @@ def _even_odd(config, ref):
   return tuple(ref[:, _columns(config, k)].astype(jnp.float32) for k in (0, 1))
 
 
-def _unpack(codes_ref, codebook: str):
+def _unpack(codes_ref, codebook: str, value_lookup=None):
   codes = codes_ref[...]
-  return (quantization._decode(codes & 0xF, codebook, 4), quantization._decode(codes >> 4, codebook, 4))
+  return tuple(quantization._decode(c, codebook, 4, value_lookup) for c in (codes & 0xF, codes >> 4))
+
+
+def lookup_tables(config: MomentConfig) -> np.ndarray:
+  """The update kernel's tables (fp32, 16 entries each): the values of the first and second moments'
+  codebooks, then their decision midpoints. A codebook that is not evenly spaced (the first moment's
+  dynamic tree) is decoded and encoded by loads from these (one per element and search level) instead of
+  chains of selects: the selects made the kernel ALU-bound."""
+  codebooks = (config.first_codebook, config.second_codebook)
+  values = [quantization.codebook(name, 4) for name in codebooks]
+  midpoints = [np.append(quantization._decision_boundaries(name, 4), np.float32(0)) for name in codebooks]
+  return np.concatenate(values + midpoints).astype(np.float32)
+
+
+def _table_lookups(tables_ref, moment: int):
+  """``(value_lookup, midpoint_lookup)`` of moment 0 (first) or 1 (second) in :func:`lookup_tables`."""
+  value = lambda codes: tables_ref[codes.astype(jnp.int32) + 16 * moment]
+  midpoint = lambda index: tables_ref[index + 16 * (2 + moment)]
+  return value, midpoint
 
 
 def _rank1_scale(config, row_ref, col_ref):
@@ -118,11 +140,19 @@ def _kernel_name(kind: str, config, grad) -> str:
   # different kernels in a program share a name.
   rows, cols = grad.shape
   return (f"{kind}_{rows}x{cols}_{grad.dtype.name}_{config.second_moment}_{config.rows_per_program}r"
-          f"{config.num_warps}w_{config.pairing}")
+          f"{config.num_warps}w_{config.pairing}{'' if config.table_lookups else '_selects'}")
 
 
 def _grid(config, rows: int, cols: int):
-  return (pl.cdiv(rows, config.rows_per_program), cols // COLUMNS)
+  return (rows // config.rows_per_program, cols // COLUMNS)
+
+
+def _split_rows(config, rows: int):
+  """``(whole, config of the rest)``: the compiled kernels' grids cover the ``whole`` rows of full row
+  tiles; the rows after them run through the same kernel in the Pallas interpreter, as one tile. (Compiled
+  by Triton, a masked partial tile stored wrong codes: see :func:`covers`.)"""
+  whole = rows - rows % config.rows_per_program
+  return whole, config._replace(rows_per_program=max(rows - whole, 1))
 
 
 def _compiler_params(config, interpret: bool):
@@ -159,75 +189,94 @@ def rank1_maxima(b2, grad, codes, row_scale, col_scale, *, config: MomentConfig,
       compiler_params=_compiler_params(config, interpret),
       name=_kernel_name("adam4bit_rank1_maxima", config, grad),
   )(b2, grad, codes, row_scale, col_scale)
-  return row_max.max(axis=0), col_max.max(axis=0), nonfinite.sum()
+  row_max, col_max, nonfinite = row_max.max(axis=0), col_max.max(axis=0), nonfinite.sum()
+  whole, rest_config = _split_rows(config, rows)
+  if whole < rows:  # the rows past the grid's tiles (their row maxima above are unwritten)
+    rest = rank1_maxima(b2, grad[whole:], codes[whole:], row_scale[whole:], col_scale, config=rest_config,
+                        interpret=True)
+    row_max, col_max, nonfinite = row_max.at[whole:].set(rest[0]), jnp.maximum(col_max, rest[1]), nonfinite + rest[2]
+  return row_max, col_max, nonfinite
 
 
 def _pack(codes_even, codes_odd):
   return codes_even | (codes_odd << 4)
 
 
-def _encode_block(values, codebook: str):
+def _encode_block(values, codebook: str, midpoint_lookup=None):
   """Block absmax over the tile's columns (one block per row) and the codes of both halves."""
   scale = jnp.maximum(jnp.abs(values[0]).max(axis=1), jnp.abs(values[1]).max(axis=1))[:, None]
-  codes = [quantization._encode_scaled(x, scale, codebook, 4) for x in values]
+  codes = [quantization._encode_scaled(x, scale, codebook, 4, midpoint_lookup) for x in values]
   return scale, _pack(*codes)
 
 
-def _update_kernel(config: MomentConfig, rows: int, flags_ref, grad_ref, first_codes_ref,
-                   first_scale_ref, second_codes_ref, *refs):
+def _update_kernel(config: MomentConfig, rows: int, apply: bool, flags_ref, tables_ref, grad_ref,
+                   first_codes_ref, first_scale_ref, second_codes_ref, *refs):
   if config.second_moment == "rank1":
-    (row_old_ref, col_old_ref, row_new_ref, col_new_ref,
-     update_ref, first_codes_out, first_scale_out, second_codes_out) = refs
+    row_old_ref, col_old_ref, row_new_ref, col_new_ref, *refs = refs
     old_scales = _rank1_scale(config, row_old_ref, col_old_ref)
   else:
-    second_scale_ref, update_ref, first_codes_out, first_scale_out, second_codes_out, second_scale_out = refs
+    second_scale_ref, *refs = refs
     old_scales = (second_scale_ref[...],) * 2
+  params_ref, *refs = refs if apply else (None, *refs)
+  out_ref, first_codes_out, first_scale_out, second_codes_out, *second_scale_out = refs
+  first_value, first_midpoint = _table_lookups(tables_ref, 0) if config.table_lookups else (None, None)
+  second_value, second_midpoint = _table_lookups(tables_ref, 1) if config.table_lookups else (None, None)
   valid = _row_mask(config, rows)
   grads = [jnp.where(valid, g, 0.0) for g in _even_odd(config, grad_ref)]
-  first_old = _unpack(first_codes_ref, config.first_codebook)
-  second_old = _unpack(second_codes_ref, config.second_codebook)
+  first_old = _unpack(first_codes_ref, config.first_codebook, first_value)
+  second_old = _unpack(second_codes_ref, config.second_codebook, second_value)
   first_scale = first_scale_ref[...]
   # same operation order as the XLA path, so both agree to the rounding of fused multiply-adds
   correction1, correction2, b1, one_minus_b1, b2, one_minus_b2, eps, eps_root = (flags_ref[k] for k in range(8))
-  finite = flags_ref[8] > 0  # a non-finite step keeps the old codes and scales
+  finite = flags_ref[8] > 0  # a non-finite step keeps the old codes and scales (and params)
   first = [b1 * (m * first_scale) + one_minus_b1 * g for m, g in zip(first_old, grads)]
   second = [b2 * (v * s) + one_minus_b2 * g * g for v, s, g in zip(second_old, old_scales, grads)]
   updates = [(m / correction1) / (jnp.sqrt(v / correction2 + eps_root) + eps)
              for m, v in zip(first, second)]
+  if apply:  # optax.add_decayed_weights, scale_by_learning_rate and apply_updates, in their order
+    step_size, weight_decay = flags_ref[9], flags_ref[10]
+    params = _even_odd(config, params_ref)
+    updates = [jnp.where(finite, p + step_size * (u + weight_decay * p), p) for u, p in zip(updates, params)]
   for k in (0, 1):
-    update_ref[:, _columns(config, k)] = updates[k].astype(update_ref.dtype)
+    out_ref[:, _columns(config, k)] = updates[k].astype(out_ref.dtype)
   keep = lambda new, old_ref: jnp.where(finite, new, old_ref[...])
-  scale, codes = _encode_block(first, config.first_codebook)
+  scale, codes = _encode_block(first, config.first_codebook, first_midpoint)
   first_scale_out[...] = keep(scale, first_scale_ref)
   first_codes_out[...] = keep(codes, first_codes_ref)
   if config.second_moment == "rank1":
     new_scales = _rank1_scale(config, row_new_ref, col_new_ref)
-    codes = [quantization._encode_scaled(v, s, config.second_codebook, 4) for v, s in zip(second, new_scales)]
+    codes = [quantization._encode_scaled(v, s, config.second_codebook, 4, second_midpoint)
+             for v, s in zip(second, new_scales)]
     second_codes_out[...] = keep(_pack(*codes), second_codes_ref)
   else:
-    scale, codes = _encode_block(second, config.second_codebook)
-    second_scale_out[...] = keep(scale, second_scale_ref)
+    scale, codes = _encode_block(second, config.second_codebook, second_midpoint)
+    second_scale_out[0][...] = keep(scale, second_scale_ref)
     second_codes_out[...] = keep(codes, second_codes_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def fused_update(flags, grad, first_codes, first_scale, second_codes, second_scales, new_second_scales,
-                 *, config: MomentConfig, interpret: bool = False):
+                 params=None, *, config: MomentConfig, interpret: bool = False):
   """One Adam step of a ``(rows, cols)`` tensor with 4-bit moments.
 
   Args:
-    flags: ``[1 − b1^t, 1 − b2^t, b1, 1 − b1, b2, 1 − b2, eps, eps_root, finite, 0 …]`` (16 fp32): Adam's
-      bias corrections and constants, and 0 in ``finite`` to keep the old codes and scales (a non-finite
-      step; the update is still computed).
+    flags: ``[1 − b1^t, 1 − b2^t, b1, 1 − b1, b2, 1 − b2, eps, eps_root, finite, step_size, weight_decay,
+      0 …]`` (16 fp32): Adam's bias corrections and constants; 0 in ``finite`` keeps the old codes and
+      scales (a non-finite step; the update is still computed) and the params; ``step_size`` (−learning
+      rate) and ``weight_decay`` are read only with ``params``.
     grad: the gradient, ``(rows, cols)``, any float dtype (the update has this dtype).
     first_codes, first_scale: packed first-moment codes ``(rows, cols / 2)`` and block scales
       ``(rows, cols / 128)``.
     second_codes, second_scales: packed second-moment codes and its scales: ``(row, col)`` maxima for
       rank-1, or the ``(rows, cols / 128)`` block scales.
     new_second_scales: rank-1 only: the new maxima from :func:`rank1_maxima` (``None`` for blocks).
+    params: ``(rows, cols)``, any float dtype, or ``None``. Given, the kernel also applies the update —
+      ``params + step_size · (update + weight_decay · params)``, as ``optax.add_decayed_weights``,
+      ``optax.scale_by_learning_rate`` and ``optax.apply_updates`` would — and returns the new params
+      (written over ``params``, so a donated buffer is updated in place) instead of the update.
 
   Returns:
-    ``(update, first_codes, first_scale, second_codes, second_scales)``.
+    ``(update or new params, first_codes, first_scale, second_codes, second_scales)``.
   """
   rows, cols = grad.shape
   grid = _grid(config, rows, cols)
@@ -237,9 +286,12 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
   block_scale = pl.BlockSpec((tile_rows, 1), lambda i, j: (i, j))
   row_vector = pl.BlockSpec((tile_rows,), lambda i, j: (i,))
   col_vector = pl.BlockSpec((COLUMNS,), lambda i, j: (j,))
-  in_specs = [pl.BlockSpec((16,), lambda i, j: (0,)), tile, packed, block_scale, packed]
+  tables = jnp.asarray(lookup_tables(config))
+  whole = lambda size: pl.BlockSpec((size,), lambda i, j: (0,))
+  in_specs = [whole(16), whole(tables.shape[0]), tile, packed, block_scale, packed]
   out_specs = [tile, packed, block_scale, packed]
-  out_shape = [jax.ShapeDtypeStruct(grad.shape, grad.dtype), jax.ShapeDtypeStruct(first_codes.shape, jnp.uint8),
+  out = grad if params is None else params
+  out_shape = [jax.ShapeDtypeStruct(out.shape, out.dtype), jax.ShapeDtypeStruct(first_codes.shape, jnp.uint8),
                jax.ShapeDtypeStruct(first_scale.shape, jnp.float32),
                jax.ShapeDtypeStruct(second_codes.shape, jnp.uint8)]
   if config.second_moment == "rank1":
@@ -250,15 +302,28 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
     out_specs += [block_scale]
     out_shape += [jax.ShapeDtypeStruct(second_scales[0].shape, jnp.float32)]
     operands = tuple(second_scales)
-  # Codes and block scales are rewritten in place: every program reads its tile before writing it, and the
-  # step's donated state buffers need no copies.
-  aliases = {2: 1, 3: 2, 4: 3, **({5: 4} if config.second_moment == "block" else {})}
+  # Codes, block scales and params are rewritten in place: every program reads its tile before writing it,
+  # and the step's donated buffers need no copies.
+  aliases = {3: 1, 4: 2, 5: 3, **({6: 4} if config.second_moment == "block" else {})}
+  if params is not None:
+    in_specs.append(tile)
+    operands += (params,)
+    aliases[6 + len(operands) - 1] = 0
   outputs = pl.pallas_call(
-      functools.partial(_update_kernel, config, rows),
+      functools.partial(_update_kernel, config, rows, params is not None),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
       interpret=interpret, compiler_params=_compiler_params(config, interpret),
-      name=_kernel_name("adam4bit_update", config, grad),
-  )(flags, grad, first_codes, first_scale, second_codes, *operands)
-  update, first_codes, first_scale, second_codes = outputs[:4]
+      name=_kernel_name("adam4bit_apply" if params is not None else "adam4bit_update", config, grad),
+  )(flags, tables, grad, first_codes, first_scale, second_codes, *operands)
+  whole, rest_config = _split_rows(config, rows)
+  if whole < rows:  # the rows past the grid's tiles, written over the kernel's outputs
+    rank1 = config.second_moment == "rank1"
+    rest_rows = lambda scales: None if scales is None else (scales[0][whole:], *scales[1:]) if rank1 else (
+        tuple(x[whole:] for x in scales))
+    rest = fused_update(flags, grad[whole:], first_codes[whole:], first_scale[whole:], second_codes[whole:],
+                        rest_rows(second_scales), rest_rows(new_second_scales),
+                        None if params is None else params[whole:], config=rest_config, interpret=True)
+    outputs = [x.at[whole:].set(r) for x, r in zip(outputs, rest[:4] + (rest[4] if not rank1 else ()))]
+  out, first_codes, first_scale, second_codes = outputs[:4]
   second_scales = tuple(outputs[4:]) if config.second_moment == "block" else tuple(new_second_scales)
-  return update, first_codes, first_scale, second_codes, second_scales
+  return out, first_codes, first_scale, second_codes, second_scales

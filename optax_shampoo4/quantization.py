@@ -123,16 +123,16 @@ def _evenly_spaced(name: str, bits: int):
   return None
 
 
-def _encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int) -> jax.Array:
+def _encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int, midpoint_lookup=None) -> jax.Array:
   """Codes of ``x / scale`` (``scale`` ≥ 0, broadcastable to ``x``); where the scale is 0 or NaN, the code
   nearest 0 (the block decodes to 0 × scale: zeros, or NaN that stays visible in the stored scale).
 
   At 4 bits the code is ``#{k : x > midpoint_k · scale}``, found by a branchless binary search (4
   comparisons; the midpoint each needs is computed for an evenly spaced codebook, else picked by a few
-  selects) instead of dividing: a product is correctly rounded by every backend, while fp32 division is
-  not (Triton emits an approximate divide), so the XLA path and the fused Pallas kernels give the same code
-  for the same value. The search is this elementwise step's largest cost (it runs in the memory-bound
-  Adam step).
+  selects, or by ``midpoint_lookup(index)`` — a kernel's load from a table of the midpoints) instead of
+  dividing: a product is correctly rounded by every backend, while fp32 division is not (Triton emits an
+  approximate divide), so the XLA path and the fused Pallas kernels give the same code for the same value.
+  The search is this elementwise step's largest cost (it runs in the memory-bound Adam step).
   """
   positive = scale > 0
   if bits > 4:
@@ -147,6 +147,8 @@ def _encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int) -> jax.
     candidate = index + half  # x above midpoint_{candidate − 1} means code ≥ candidate
     if spaced is not None:
       midpoint = spaced[0] + spaced[1] * (candidate.astype(jnp.float32) - 0.5)  # exact in fp32
+    elif midpoint_lookup is not None and half < 2 ** (bits - 1):  # the first level's midpoint is a constant
+      midpoint = midpoint_lookup(candidate - 1)
     else:  # the candidates of this level are half − 1 + 2·half·j
       midpoint = jnp.full(index.shape, boundaries[half - 1])
       for k in range(3 * half - 1, len(boundaries), 2 * half):
@@ -156,12 +158,16 @@ def _encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int) -> jax.
   return index.astype(jnp.uint8)
 
 
-def _decode(codes: jax.Array, name: str, bits: int) -> jax.Array:
+def _decode(codes: jax.Array, name: str, bits: int, value_lookup=None) -> jax.Array:
+  """Codebook values of ``codes``; ``value_lookup(codes)`` (a kernel's load from a table of the codebook)
+  replaces the selects a 4-bit codebook that is not evenly spaced otherwise takes."""
   table = codebook(name, bits)
   if bits <= 4:
     spaced = _evenly_spaced(name, bits)
     if spaced is not None:
       return spaced[0] + spaced[1] * codes.astype(jnp.float32)
+    if value_lookup is not None:
+      return value_lookup(codes)
     # 16 selects fuse into the surrounding elementwise work; a gather from a constant table can make XLA
     # constant-fold (and materialize) huge index arrays at compile time.
     values = jnp.zeros(codes.shape, jnp.float32)

@@ -184,17 +184,17 @@ def assert_equal_to_fp32_rounding(xla_updates, xla_state, kernel_updates, kernel
 @pytest.mark.parametrize("second_moment", ["rank1", "block"])
 def test_fused_kernels_match_the_xla_path(second_moment):
   """The Pallas kernels (run by the interpreter on CPU) compute the same step and store the same codes as
-  the XLA path, up to fp32 rounding: bf16 gradients, leaves the kernels skip (a ragged row tile, 4-D rank-1), a
-  NaN step that must keep the state, and a traced b1 (inject_hyperparams)."""
+  the XLA path, up to fp32 rounding: bf16 gradients, a ragged last row tile, leaves the kernels skip (4-D
+  rank-1), a NaN step that must keep the state, and a traced b1 (inject_hyperparams)."""
   params = {"tiles": jnp.zeros((80, 256)), "ragged": jnp.zeros((70, 256)), "bf16": jnp.zeros((64, 128), jnp.bfloat16),
             "conv": jnp.zeros((3, 3, 16, 128)), "vector": jnp.zeros((8192,))}
   factories = {i: o4.inject_hyperparams(o4.adamw_4bit)(learning_rate=1e-2, b1=0.8, second_moment=second_moment,
                                                       implementation=i) for i in ("xla", "pallas")}
   states = {i: tx.init(params) for i, tx in factories.items()}
   steps = {i: jax.jit(tx.update) for i, tx in factories.items()}
-  # rank-1: two kernels for each of two matrices; blocks: one kernel for each of four leaves (not "ragged",
-  # whose 70 rows leave a partial tile of 16)
-  for i, count in (("pallas", 4), ("xla", 0)):
+  # rank-1: two kernels for each of three matrices, and two more for the 6 rows of "ragged" past its last
+  # whole tile of 16 (interpreted); blocks: one kernel for each of the five leaves, one more for "ragged"
+  for i, count in (("pallas", {"rank1": 8, "block": 6}[second_moment]), ("xla", 0)):
     program = str(jax.make_jaxpr(factories[i].update)(params, states[i], params))
     assert program.count("pallas_call[") == count, (i, program.count("pallas_call["))
   key = jax.random.PRNGKey(0)
@@ -210,3 +210,49 @@ def test_fused_kernels_match_the_xla_path(second_moment):
   adam_state = states["pallas"].inner_state[0]
   assert isinstance(adam_state, o4.adam.ScaleByAdam4bitState)
   assert int(adam_state.count) == 4 and int(adam_state.nonfinite_count) == 1
+
+
+@pytest.mark.parametrize("second_moment", ["rank1", "block"])
+def test_fused_step_equals_update_then_apply_updates(second_moment):
+  """``adamw_4bit_fused(...).step`` (kernels that also apply the update; the interpreter on CPU) gives the
+  params and state of its own ``update`` + ``optax.apply_updates``, to fp32 rounding: a schedule, a weight
+  decay mask given as a function, a bf16 leaf, a ragged last row tile, a leaf below the quantization threshold; a NaN step changes nothing but
+  ``nonfinite_count``."""
+  params = {"w": jax.random.normal(jax.random.PRNGKey(1), (48, 256)), "b": jnp.ones((256,)),
+            "bf16": jnp.ones((64, 128), jnp.bfloat16), "ragged": jnp.ones((70, 128))}
+  schedule = optax.linear_schedule(1e-2, 1e-3, 10)
+  no_bias = lambda tree: {k: k != "b" for k in tree}
+  opt = o4.adamw_4bit_fused(schedule, weight_decay=0.1, mask=no_bias, second_moment=second_moment)
+  program = str(jax.make_jaxpr(opt.step)(params, opt.init(params), params))
+  assert program.count("pallas_call[") == {"rank1": 8, "block": 4}[second_moment]  # "ragged": 64 + 6 rows
+  fused_step = jax.jit(opt.step, donate_argnums=(1, 2))
+  update = jax.jit(opt.update)
+  state = reference_state = opt.init(params)
+  fused_params = jax.tree.map(jnp.copy, params)
+  reference = params
+  key = jax.random.PRNGKey(0)
+  for t in range(5):
+    key, sub = jax.random.split(key)
+    grads = jax.tree.map(lambda p: jax.random.normal(sub, p.shape).astype(p.dtype), params)
+    if t == 2:
+      grads["w"] = grads["w"].at[3, 7].set(jnp.inf)
+    updates, new_reference_state = update(grads, reference_state, reference)
+    if t == 2:  # the reference skips the step by hand; its schedule counted it
+      new_reference_state = (new_reference_state[0], *reference_state[1:])
+    else:
+      reference = optax.apply_updates(reference, updates)
+    reference_state = new_reference_state
+    before = jax.tree.map(np.asarray, fused_params)
+    fused_params, state = fused_step(grads, state, fused_params)
+    if t == 2:
+      for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(fused_params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for name in params:
+      assert fused_params[name].dtype == params[name].dtype
+      # bf16: the reference rounds to bf16 after each of its ops, the kernel once (two bf16 steps near 1)
+      tolerance = dict(rtol=0, atol=2**-6) if name == "bf16" else dict(rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(np.asarray(fused_params[name], np.float32), np.asarray(reference[name], np.float32),
+                                 **tolerance)
+    assert_equal_to_fp32_rounding({}, reference_state, {}, state)
+  assert int(state[0].count) == 4 and int(state[0].nonfinite_count) == 1 and int(state[2].count) == 4
+  assert not np.allclose(np.asarray(fused_params["w"]), np.asarray(params["w"]))  # it trained
