@@ -1,7 +1,8 @@
 """Tile configurations of the fused 4-bit Adam kernels: time per tensor and agreement with the XLA path.
 
 Run: ``PYTHONPATH=. python benchmarks/adam_kernel.py`` (GPU). For each shape and each configuration
-(rows per program, warps, nibble pairing) times one leaf's step — rank-1 maxima + fused update — and
+(rows per program, warps, nibble pairing, table loads, grid order) measures the device time of one leaf's
+kernels — rank-1 maxima + fused update, or with ``--apply`` the kernel that also applies it — and
 XLA's step of the same leaf, from the same state (after three XLA steps, so the codes are not trivial), and
 reports the update difference, where it is largest, and the fraction of differing stored bytes. The
 "halves" pairing stores the codes of columns j and j + 64 of each 128-column block in one byte; it is
@@ -31,11 +32,22 @@ def leaf_programs(config, shape, second_moment):
     return adam._xla_leaf_step(layout, b1, b2, eps, eps_root, g, m, v, corrections, jnp.asarray(True))
 
   @jax.jit
-  def fused(g, m, v, corrections):
+  def fused(g, m, v, corrections, params=None):
     scales, finite = adam._fused_leaf_maxima(config, view, constants, g, v, interpret=False)
-    return adam._fused_leaf_step(config, view, constants, g, m, v, corrections, finite, scales, interpret=False)
+    finite = jnp.all(jnp.isfinite(g)) if finite is None else finite
+    apply = None if params is None else (params, -1e-3, 1e-4)
+    return adam._fused_leaf_step(config, view, constants, g, m, v, corrections, finite, scales, interpret=False,
+                                 apply=apply)
 
   return layout, xla, fused
+
+
+def kernel_device_ms(fn, *args):
+  """Device time of the fused kernels alone (profiler), ms per call: wall-clock timing of one leaf's step
+  is dominated by its dispatch."""
+  from benchmarks.profile import device_times
+  per_op, _ = device_times(fn, *args)
+  return sum(ns for name, ns in per_op.items() if name.startswith("adam4bit")) / 1e6
 
 
 def copy_rates(shape=(50304, 1024)):
@@ -70,8 +82,9 @@ def main():
   parser.add_argument("--second-moment", default="rank1")
   parser.add_argument("--copy-rates", action="store_true", help="also time a copy kernel at several tiles")
   parser.add_argument("--shapes", default="50304x1024,1024x4096,4096x1024")
-  parser.add_argument("--configs", default="16:8,16:8:selects,32:4,8:4,16:8:halves",
-                      help="rows:warps[:halves][:selects] (selects: no table lookups)")
+  parser.add_argument("--configs", default="16:8,16:8:selects,16:8:cols,32:8,32:8:cols,8:4,16:8:halves",
+                      help="rows:warps[:halves][:selects][:cols] (selects: no table lookups; cols: columns first)")
+  parser.add_argument("--apply", action="store_true", help="time the kernels that also apply the update")
   args = parser.parse_args()
   tables = []
   if args.copy_rates:
@@ -83,7 +96,7 @@ def main():
   for text in args.configs.split(","):
     fields = text.split(":")
     configs.append((int(fields[0]), int(fields[1]), "halves" if "halves" in fields else "interleaved",
-                    "selects" not in fields))
+                    "selects" not in fields, "cols" in fields))
   rows = []
   for shape in shapes:
     key = jax.random.PRNGKey(0)
@@ -100,14 +113,16 @@ def main():
     reference = xla(g, m, v, corrections)
     xla_ms = common.time_call(xla, g, m, v, corrections) * 1e3
     nbytes = g.size * (4 + 4 + 2)  # read g, write update, read + write the 4-bit codes of two moments
-    for rows_per_program, warps, pairing, lookups in configs:
+    params = jnp.ones(shape, jnp.float32) if args.apply else None
+    nbytes += 8 * g.size if args.apply else 0  # params read and written instead of the update written
+    for rows_per_program, warps, pairing, lookups, columns_first in configs:
       config = base._replace(rows_per_program=rows_per_program, num_warps=warps, pairing=pairing,
-                             table_lookups=lookups)
-      pairing += "" if lookups else ", selects"
+                             table_lookups=lookups, columns_first=columns_first)
+      pairing += ("" if lookups else ", selects") + (", columns first" if columns_first else "")
       _, _, fused = leaf_programs(config, shape, args.second_moment)
       try:
         result = fused(g, m, v, corrections)
-        ms = common.time_call(fused, g, m, v, corrections) * 1e3
+        ms = kernel_device_ms(fused, g, m, v, corrections, params)
       except Exception as e:  # a configuration Triton rejects
         rows.append([str(shape), rows_per_program, warps, pairing, "failed", str(e)[:80], "-", "-", "-", "-"])
         continue
@@ -120,12 +135,12 @@ def main():
         fraction = differing / sum(a.size for a in jax.tree.leaves(reference[1:]))
       else:
         fraction = "-"
-      rows.append([str(shape), rows_per_program, warps, pairing, ms, xla_ms, nbytes / ms / 1e6,
+      rows.append([str(shape), rows_per_program, warps, pairing, ms, xla_ms, nbytes / ms / 1e9,
                    float(difference.max()) / scale, str(tuple(int(i) for i in worst)), fraction])
       print(rows[-1], flush=True)
   table = common.print_table(
       f"Fused 4-bit Adam leaf step ({args.second_moment}) vs XLA, {common.machine()}",
-      ["shape", "rows/program", "warps", "pairing", "fused ms", "XLA ms", "fused GB/s (10 B/param)",
+      ["shape", "rows/program", "warps", "pairing", "kernel device ms", "XLA wall ms", "kernel TB/s",
        "max |Δ update| / max |update|", "worst at", "differing state bytes"], rows)
   common.write_json(f"adam_kernel_{args.second_moment}", {"rows": rows, "tables": tables + [table]})
 

@@ -12,9 +12,11 @@ multiple of 128 (one first-moment block per 128 columns of a row):
    codes and the update once; or, given the params (``adamw_4bit_fused``), applying the update too and
    writing the new params instead of the update.
 
-The stored state has the XLA path's format (interleaved nibbles, fp32 scales), so a state written by one
-path is read by the other. Even and odd columns (low and high nibbles) are read and written with strided
-accesses, so nothing is interleaved in registers.
+The stored state has the XLA path's format (fp32 scales; codes paired as contiguous halves of each
+128 columns, ``quantization.pack_nibbles(pairing="halves")``), so a state written by one path is read by the
+other. The two halves of a tile (low and high nibbles) are read and written as two contiguous slices, so
+nothing is interleaved in registers; the ``"interleaved"`` pairing (columns 2j, 2j+1: stride-2 accesses) was
+18 % slower on an H100.
 
 Opt-in (``scale_by_adam_4bit(implementation="pallas")``). On an H100 (``benchmarks/adam_step.py``, GPT-2
 medium shapes, 3 steps) the Triton-compiled kernels store exactly the XLA path's codes and scales and their
@@ -49,10 +51,13 @@ class MomentConfig(NamedTuple):
   first_codebook: str
   second_codebook: str
   second_moment: str  # "rank1" | "block"
-  rows_per_program: int = 16  # 16 × 128 elements per program, 8 warps: fastest measured on H100 (device time)
-  num_warps: int = 8
-  pairing: str = "interleaved"  # which two columns share a byte: (2j, 2j+1), or "halves" (j, j+64)
+  # 8 × 128 elements per program, 4 warps, contiguous halves: fastest measured on an H100 (device time of
+  # the apply kernel, benchmarks/results/adam_kernel_block_apply.json)
+  rows_per_program: int = 8
+  num_warps: int = 4
+  pairing: str = "halves"  # which two columns share a byte: "halves" (j, j+64) or "interleaved" (2j, 2j+1)
   table_lookups: bool = True  # decode / encode uneven codebooks by table loads (False: chains of selects)
+  columns_first: bool = False  # update kernel: neighbouring programs take neighbouring column tiles
 
 
 def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, int]]:
@@ -77,8 +82,8 @@ def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, 
   return view
 
 
-def _row_mask(config, rows: int):
-  index = pl.program_id(0) * config.rows_per_program + jnp.arange(config.rows_per_program)
+def _row_mask(config, rows: int, axis: int = 0):
+  index = pl.program_id(axis) * config.rows_per_program + jnp.arange(config.rows_per_program)
   return (index < rows)[:, None]
 
 
@@ -140,11 +145,24 @@ def _kernel_name(kind: str, config, grad) -> str:
   # different kernels in a program share a name.
   rows, cols = grad.shape
   return (f"{kind}_{rows}x{cols}_{grad.dtype.name}_{config.second_moment}_{config.rows_per_program}r"
-          f"{config.num_warps}w_{config.pairing}{'' if config.table_lookups else '_selects'}")
+          f"{config.num_warps}w_{config.pairing}{'' if config.table_lookups else '_selects'}"
+          f"{'_columns_first' if config.columns_first else ''}")
 
 
 def _grid(config, rows: int, cols: int):
   return (rows // config.rows_per_program, cols // COLUMNS)
+
+
+def _row_axis(config) -> int:
+  return 1 if config.columns_first else 0
+
+
+def _update_grid(config, rows: int, cols: int):
+  """The update kernel's grid and a BlockSpec maker taking index maps of ``(row tile, column tile)``."""
+  grid = _grid(config, rows, cols)
+  if not config.columns_first:
+    return grid, pl.BlockSpec
+  return grid[::-1], lambda shape, index_map: pl.BlockSpec(shape, lambda j, i: index_map(i, j))
 
 
 def _split_rows(config, rows: int):
@@ -221,7 +239,7 @@ def _update_kernel(config: MomentConfig, rows: int, apply: bool, flags_ref, tabl
   out_ref, first_codes_out, first_scale_out, second_codes_out, *second_scale_out = refs
   first_value, first_midpoint = _table_lookups(tables_ref, 0) if config.table_lookups else (None, None)
   second_value, second_midpoint = _table_lookups(tables_ref, 1) if config.table_lookups else (None, None)
-  valid = _row_mask(config, rows)
+  valid = _row_mask(config, rows, _row_axis(config))
   grads = [jnp.where(valid, g, 0.0) for g in _even_odd(config, grad_ref)]
   first_old = _unpack(first_codes_ref, config.first_codebook, first_value)
   second_old = _unpack(second_codes_ref, config.second_codebook, second_value)
@@ -279,15 +297,15 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
     ``(update or new params, first_codes, first_scale, second_codes, second_scales)``.
   """
   rows, cols = grad.shape
-  grid = _grid(config, rows, cols)
+  grid, spec = _update_grid(config, rows, cols)
   tile_rows = config.rows_per_program
-  tile = pl.BlockSpec((tile_rows, COLUMNS), lambda i, j: (i, j))
-  packed = pl.BlockSpec((tile_rows, HALF), lambda i, j: (i, j))
-  block_scale = pl.BlockSpec((tile_rows, 1), lambda i, j: (i, j))
-  row_vector = pl.BlockSpec((tile_rows,), lambda i, j: (i,))
-  col_vector = pl.BlockSpec((COLUMNS,), lambda i, j: (j,))
+  tile = spec((tile_rows, COLUMNS), lambda i, j: (i, j))
+  packed = spec((tile_rows, HALF), lambda i, j: (i, j))
+  block_scale = spec((tile_rows, 1), lambda i, j: (i, j))
+  row_vector = spec((tile_rows,), lambda i, j: (i,))
+  col_vector = spec((COLUMNS,), lambda i, j: (j,))
   tables = jnp.asarray(lookup_tables(config))
-  whole = lambda size: pl.BlockSpec((size,), lambda i, j: (0,))
+  whole = lambda size: spec((size,), lambda i, j: (0,))
   in_specs = [whole(16), whole(tables.shape[0]), tile, packed, block_scale, packed]
   out_specs = [tile, packed, block_scale, packed]
   out = grad if params is None else params
@@ -320,6 +338,8 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
     rank1 = config.second_moment == "rank1"
     rest_rows = lambda scales: None if scales is None else (scales[0][whole:], *scales[1:]) if rank1 else (
         tuple(x[whole:] for x in scales))
+    # (Reshaping a block-mode rest into one tile of 128-column rows, to spare the interpreter's loop over
+    # column tiles, added a 0.27 ms copy of the embedding's buffers on an H100: adam_step_rest_one_tile.json.)
     rest = fused_update(flags, grad[whole:], first_codes[whole:], first_scale[whole:], second_codes[whole:],
                         rest_rows(second_scales), rest_rows(new_second_scales),
                         None if params is None else params[whole:], config=rest_config, interpret=True)
