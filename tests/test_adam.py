@@ -256,3 +256,13 @@ def test_fused_step_equals_update_then_apply_updates(second_moment):
     assert_equal_to_fp32_rounding({}, reference_state, {}, state)
   assert int(state[0].count) == 4 and int(state[0].nonfinite_count) == 1 and int(state[2].count) == 4
   assert not np.allclose(np.asarray(fused_params["w"]), np.asarray(params["w"]))  # it trained
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(learning_rate=1e-3, second_moment="factored"), "second_moment"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(learning_rate=1e-3, b1=1.5), "b1"),
+])
+def test_fused_bad_arguments(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    o4.adamw_4bit_fused(**kwargs)
