@@ -57,7 +57,6 @@ class MomentConfig(NamedTuple):
   num_warps: int = 4
   pairing: str = "halves"  # which two columns share a byte: "halves" (j, j+64) or "interleaved" (2j, 2j+1)
   table_lookups: bool = True  # decode / encode uneven codebooks by table loads (False: chains of selects)
-  columns_first: bool = False  # update kernel: neighbouring programs take neighbouring column tiles
 
 
 def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, int]]:
@@ -82,8 +81,8 @@ def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, 
   return view
 
 
-def _row_mask(config, rows: int, axis: int = 0):
-  index = pl.program_id(axis) * config.rows_per_program + jnp.arange(config.rows_per_program)
+def _row_mask(config, rows: int):
+  index = pl.program_id(0) * config.rows_per_program + jnp.arange(config.rows_per_program)
   return (index < rows)[:, None]
 
 
@@ -145,24 +144,11 @@ def _kernel_name(kind: str, config, grad) -> str:
   # different kernels in a program share a name.
   rows, cols = grad.shape
   return (f"{kind}_{rows}x{cols}_{grad.dtype.name}_{config.second_moment}_{config.rows_per_program}r"
-          f"{config.num_warps}w_{config.pairing}{'' if config.table_lookups else '_selects'}"
-          f"{'_columns_first' if config.columns_first else ''}")
+          f"{config.num_warps}w_{config.pairing}{'' if config.table_lookups else '_selects'}")
 
 
 def _grid(config, rows: int, cols: int):
   return (rows // config.rows_per_program, cols // COLUMNS)
-
-
-def _row_axis(config) -> int:
-  return 1 if config.columns_first else 0
-
-
-def _update_grid(config, rows: int, cols: int):
-  """The update kernel's grid and a BlockSpec maker taking index maps of ``(row tile, column tile)``."""
-  grid = _grid(config, rows, cols)
-  if not config.columns_first:
-    return grid, pl.BlockSpec
-  return grid[::-1], lambda shape, index_map: pl.BlockSpec(shape, lambda j, i: index_map(i, j))
 
 
 def _split_rows(config, rows: int):
@@ -239,7 +225,7 @@ def _update_kernel(config: MomentConfig, rows: int, apply: bool, flags_ref, tabl
   out_ref, first_codes_out, first_scale_out, second_codes_out, *second_scale_out = refs
   first_value, first_midpoint = _table_lookups(tables_ref, 0) if config.table_lookups else (None, None)
   second_value, second_midpoint = _table_lookups(tables_ref, 1) if config.table_lookups else (None, None)
-  valid = _row_mask(config, rows, _row_axis(config))
+  valid = _row_mask(config, rows)
   grads = [jnp.where(valid, g, 0.0) for g in _even_odd(config, grad_ref)]
   first_old = _unpack(first_codes_ref, config.first_codebook, first_value)
   second_old = _unpack(second_codes_ref, config.second_codebook, second_value)
@@ -297,7 +283,8 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
     ``(update or new params, first_codes, first_scale, second_codes, second_scales)``.
   """
   rows, cols = grad.shape
-  grid, spec = _update_grid(config, rows, cols)
+  grid = _grid(config, rows, cols)
+  spec = pl.BlockSpec
   tile_rows = config.rows_per_program
   tile = spec((tile_rows, COLUMNS), lambda i, j: (i, j))
   packed = spec((tile_rows, HALF), lambda i, j: (i, j))
