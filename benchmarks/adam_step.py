@@ -2,16 +2,25 @@
 
 Run: ``PYTHONPATH=. python benchmarks/adam_step.py [--profile]``. The step is update + apply_updates,
 jitted with the params and state donated, as in a training loop, timed two ways: blocking on every step
-(median), and 20 steps dispatched back to back (what a training loop sees: the host dispatches a step
+(median), and 20 steps dispatched back to back (median of 3 such loops) (what a training loop sees: the host dispatches a step
 while the device runs the previous one; the 4-bit states have ~3× as many leaves to dispatch). Every 4-bit configuration the fused
 kernels cover is timed twice: through XLA (the default) and with the experimental Pallas kernels
 (``implementation="pallas"``). A second table checks that both paths compute the same
 step on these shapes (update difference, fraction of differing stored codes). ``--profile`` adds the device
-time per kernel of the default 4-bit step (jax.profiler trace).
+time per kernel of the default 4-bit step (jax.profiler trace). ``--trace`` adds, per optimizer, what bounds a
+loop of back-to-back steps (host time per call, garbage collections, device busy time and gaps);
+``--train-step TOKENS`` times whole training steps (gradient of a synthetic loss + optimizer) and each
+optimizer's share of them; ``--only "name;name"`` times a subset.
 """
 
 import argparse
 import collections
+import functools
+import gc
+import glob
+import re
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +29,7 @@ import optax
 
 from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
-from optax_shampoo4 import adamw_4bit, adamw_4bit_fused
+from optax_shampoo4 import FusedOptimizer, adamw_4bit, adamw_4bit_fused
 from optax_shampoo4.quantization import unpack_nibbles
 
 
@@ -86,12 +95,162 @@ def _compare_fused(params, grads, second_moment, steps):
   return _compare((moved(results[0][0]), results[0][1]), (moved(results[1][0]), results[1][1]))
 
 
+class _GcTimer:
+  """Counts the garbage collections (per generation) and the seconds they take while active."""
+
+  def __init__(self):
+    self.counts, self.seconds, self._start = [0, 0, 0], 0.0, 0.0
+
+  def __call__(self, phase, info):
+    if phase == "start":
+      self._start = time.perf_counter()
+    else:
+      self.counts[info["generation"]] += 1
+      self.seconds += time.perf_counter() - self._start
+
+  def __enter__(self):
+    gc.callbacks.append(self)
+    return self
+
+  def __exit__(self, *exc):
+    gc.callbacks.remove(self)
+
+
+def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
+  """What bounds a training loop of ``steps`` back-to-back steps. Host: the time each step's call takes to
+  return (median, max) and Python's garbage collections during the loop, with the collector on and off.
+  Device (``jax.profiler`` trace, Python tracer off): busy time (union of kernel intervals) against the
+  loop's span, and the largest gaps."""
+  from jax.profiler import ProfileData, ProfileOptions
+  from benchmarks.shampoo_step import step_program
+  step = step_program(tx)
+  carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+  def loop(n):
+    calls = []
+    start = time.perf_counter()
+    for _ in range(n):
+      t = time.perf_counter()
+      carry[:] = step(carry[0], carry[1], grads)
+      calls.append(time.perf_counter() - t)
+    jax.block_until_ready(carry)
+    return (time.perf_counter() - start) / n, sorted(calls)
+
+  loop(3)
+  report = {"steps": steps}
+  # the host cost of passing the state alone: an identity step (donated) on the same params and state
+  identity = jax.jit(lambda p, s, g: (p, s), donate_argnums=(0, 1))
+  for label, state_of in (("identity step", lambda s: s), ("identity step, leaves as a list", jax.tree.leaves)):
+    moved = [jax.tree.map(jnp.copy, carry[0]), jax.tree.map(jnp.copy, state_of(carry[1]))]
+    calls = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      moved[:] = identity(moved[0], moved[1], grads)
+      calls.append(time.perf_counter() - t)
+    jax.block_until_ready(moved)
+    report[label] = {"call_ms_median": sorted(calls)[steps // 2] * 1e3}
+  for collector in ("gc on", "gc off"):
+    gc.collect()
+    if collector == "gc off":
+      gc.disable()
+    try:
+      with _GcTimer() as timer:
+        per_step, calls = loop(steps)
+    finally:
+      gc.enable()
+    report[collector] = {"ms_per_step": per_step * 1e3, "call_ms_median": calls[len(calls) // 2] * 1e3,
+                         "call_ms_max": calls[-1] * 1e3, "collections": timer.counts,
+                         "collection_ms_per_step": timer.seconds / steps * 1e3}
+  options = ProfileOptions()
+  options.python_tracer_level = 0
+  directory = tempfile.mkdtemp()
+  with jax.profiler.trace(directory, profiler_options=options):
+    traced, _ = loop(steps)
+  intervals, host = [], collections.Counter()
+  for plane in ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]).planes:
+    for line in plane.lines:
+      if plane.name.startswith("/device:GPU") and line.name.startswith("Stream"):
+        intervals += [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events]
+      elif plane.name.startswith("/host"):
+        for e in line.events:  # host events by name with the per-kernel suffixes cut off
+          host[re.sub(r"[:#(].*", "", e.name)[:60]] += e.duration_ns / steps
+  kernels = {re.sub(r"[:#(].*", "", name)[:60] for _, _, name in intervals}
+  host["(launching kernels, all)"] = sum(ns for name, ns in host.items() if name in kernels)
+  host = collections.Counter({k: v for k, v in host.items() if k not in kernels})
+  intervals = sorted(intervals) or [(0, 0, "-")]  # no GPU in the trace
+  busy, gaps, end = 0, [], intervals[0][0]
+  for lo, hi, name in intervals:
+    if lo > end:
+      gaps.append((lo - end, name))
+    busy += max(0, hi - max(lo, end))
+    end = max(end, hi)
+  span = end - intervals[0][0]
+  gaps.sort(reverse=True)
+  report["traced"] = {"ms_per_step": traced * 1e3, "device_span_ms_per_step": span / steps / 1e6,
+                      "device_busy_ms_per_step": busy / steps / 1e6,
+                      "largest_gaps_us": [[round(g / 1e3, 1), name[:40]] for g, name in gaps[:top]],
+                      "host_ms_per_step": [[name, round(ns / 1e6, 3)] for name, ns in host.most_common(3 * top)]}
+  return report
+
+
+def synthetic_loss(params, inputs):
+  """A loss whose gradient costs about what a transformer's backward pass does per parameter: every matrix
+  ``(in, out)`` multiplies an activation ``(tokens, in)``; the loss is the mean square of the products."""
+  total = 0.0
+  for w in params.values():
+    if w.ndim == 2:
+      total += jnp.mean(jnp.square(inputs[w.shape[0]] @ w))
+    else:
+      total += 1e-3 * jnp.sum(jnp.square(w))
+  return total
+
+
+def train_step_times(optimizers, params, tokens: int, steps: int = 20, repeats: int = 3):
+  """Seconds per training step (gradient of :func:`synthetic_loss` + optimizer, one jitted program, params
+  and state donated, ``steps`` steps back to back, median of ``repeats`` loops) for each optimizer, and for
+  ``optax.sgd`` (the cheapest update: its time minus sgd's is the optimizer's share of the step)."""
+  import statistics
+  sizes = sorted({w.shape[0] for w in params.values() if w.ndim == 2})
+  inputs = {n: jax.random.normal(jax.random.PRNGKey(n), (tokens, n), jnp.float32) / np.sqrt(n) for n in sizes}
+  times = {}
+  for name, tx in {"optax.sgd": optax.sgd(1e-3), **optimizers}.items():
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, state, batch, tx=tx):
+      grads = jax.grad(synthetic_loss)(p, batch)
+      if isinstance(tx, FusedOptimizer):
+        return tx.step(grads, state, p)
+      updates, state = tx.update(grads, state, p)
+      return optax.apply_updates(p, updates), state
+
+    carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
+    for _ in range(2):
+      carry[:] = step(carry[0], carry[1], inputs)
+    jax.block_until_ready(carry)
+    loops = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for _ in range(steps):
+        carry[:] = step(carry[0], carry[1], inputs)
+      jax.block_until_ready(carry)
+      loops.append((time.perf_counter() - start) / steps)
+    times[name] = statistics.median(loops)
+    print(f"train step with {name}: {times[name] * 1e3:.3f} ms", flush=True)
+    del carry
+  return times
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--profile", action="store_true")
   parser.add_argument("--skip-agreement", action="store_true")
   parser.add_argument("--agreement-only", action="store_true", help="only the kernels-vs-XLA check")
+  parser.add_argument("--trace", action="store_true",
+                      help="also trace a loop of back-to-back steps per optimizer: host dispatch vs device busy time")
+  parser.add_argument("--train-step", type=int, default=0, metavar="TOKENS",
+                      help="also time whole training steps (gradient of a synthetic loss over TOKENS tokens + "
+                           "optimizer) per optimizer")
+  parser.add_argument("--only", default="", help="semicolon-separated optimizer names to time besides optax.adamw (default: all)")
   parser.add_argument("--skip-slow-baselines", action="store_true",
                       help="leave out factored and 8-bit (the 8-bit decode's gather takes minutes to compile)")
   args = parser.parse_args()
@@ -108,11 +267,16 @@ def main():
   if not args.skip_slow_baselines:
     optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, second_moment="factored")
     optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, bits=8, second_moment="block")
+  if args.only:
+    optimizers = {k: v for k, v in optimizers.items() if k in args.only.split(";") or k == "optax.adamw"}
   rows, results, tables = [], {}, []
   for name, tx in ({} if args.agreement_only else optimizers).items():
     seconds, nbytes = time_step(tx, params, grads, args.repeats)
     pipelined = pipelined_step_time(tx, params, grads)
     results[name] = {"step_s": seconds, "pipelined_step_s": pipelined, "state_bytes": nbytes}
+    if args.trace:
+      results[name]["trace"] = pipeline_trace(tx, params, grads)
+      print(name, results[name]["trace"], flush=True)
     print(f"{name}: {seconds * 1e3:.3f} ms/step, {pipelined * 1e3:.3f} pipelined, {nbytes / 2**20:.1f} MiB",
           flush=True)
   base = results.get("optax.adamw")
@@ -122,6 +286,15 @@ def main():
   tables += [] if args.agreement_only else [common.print_table(f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, {common.machine()})",
                                ["optimizer", "ms/step (blocked)", "x optax.adamw", "ms/step (pipelined)",
                                 "x optax.adamw ", "state MiB", "state B/param"], rows)]
+  if args.train_step:
+    times = train_step_times({k: v for k, v in optimizers.items() if k in results}, params, args.train_step)
+    payload_train = {"tokens": args.train_step, "step_s": times}
+    base_share = times["optax.adamw"] - times["optax.sgd"]
+    tables.append(common.print_table(
+        f"Training step (gradient over {args.train_step} tokens + optimizer, pipelined), GPT-2 medium shapes",
+        ["optimizer", "train step ms", "x optax.adamw", "optimizer share ms (step - sgd step)", "x optax.adamw "],
+        [[name, t * 1e3, t / times["optax.adamw"], (t - times["optax.sgd"]) * 1e3,
+          (t - times["optax.sgd"]) / base_share] for name, t in times.items()]))
   # the embedding and two blocks: every leaf shape of the model, at a fraction of the interpreter's cost
   subset = lambda tree: {k: v for k, v in tree.items() if k.split(".")[0] in ("wte", "h0", "h1")}
   rows = []
@@ -132,11 +305,14 @@ def main():
       "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path after 3 steps (wte, h0, h1)",
       ["second moment", "paths", "max |Δ update| / max |update|", "worst leaf", "at", "values",
        "differing state bytes", "largest code step"], rows))
-  payload = {"results": results, "params": n, "agreement": rows}
+  payload = {"results": results, "params": n, "agreement": rows,
+             **({"train_step": payload_train} if args.train_step else {})}
   if args.profile:
     from benchmarks.profile import device_times, summarize
     from benchmarks.shampoo_step import step_program
     for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "adamw_4bit_fused block", "adamw_4bit_fused rank1"):
+      if name not in optimizers:
+        continue
       step = step_program(optimizers[name])
       carry = [jax.tree.map(jnp.copy, params), optimizers[name].init(params)]
 

@@ -12,6 +12,7 @@ preconditioning products at the measured matmul rates, and the error of TF32 pre
 
 import argparse
 import functools
+import statistics
 import time
 
 import jax
@@ -50,20 +51,24 @@ def time_step(tx, params, grads, repeats):
   return common.time_call(run, repeats=repeats), state_nbytes(carry[1])
 
 
-def pipelined_step_time(tx, params, grads, steps: int = 20) -> float:
+def pipelined_step_time(tx, params, grads, steps: int = 20, repeats: int = 3) -> float:
   """Seconds per step of ``steps`` steps dispatched back to back and blocked on once, as in a training
-  loop: the host's dispatch of a step overlaps the device's work on the previous one. (``time_step``
-  blocks on every step, so it also counts the dispatch of every state leaf.)"""
+  loop: the host's dispatch of a step overlaps the device's work on the previous one (median of
+  ``repeats`` such loops). (``time_step`` blocks on every step, so it also counts the dispatch of every
+  state leaf.)"""
   step = step_program(tx)
   carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
   for _ in range(2):
     carry = list(step(carry[0], carry[1], grads))
   jax.block_until_ready(carry)
-  start = time.perf_counter()
-  for _ in range(steps):
-    carry = list(step(carry[0], carry[1], grads))
-  jax.block_until_ready(carry)
-  return (time.perf_counter() - start) / steps
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      carry = list(step(carry[0], carry[1], grads))
+    jax.block_until_ready(carry)
+    times.append((time.perf_counter() - start) / steps)
+  return statistics.median(times)
 
 
 def matmul_rates():

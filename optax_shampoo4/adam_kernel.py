@@ -21,7 +21,7 @@ nothing is interleaved in registers; the ``"interleaved"`` pairing (columns 2j, 
 Opt-in (``scale_by_adam_4bit(implementation="pallas")``). On an H100 (``benchmarks/adam_step.py``, GPT-2
 medium shapes, 3 steps) the Triton-compiled kernels store exactly the XLA path's codes and scales and their
 updates differ by 3e-7 relative (fused multiply-adds); the rows after a tensor's last whole row tile run
-through the interpreter (see :func:`covers`). Under GSPMD a kernel is not partitioned, so FSDP-sharded moments would be
+as one zero-padded tile (see :func:`covers`). Under GSPMD a kernel is not partitioned, so FSDP-sharded moments would be
 gathered: keep ``"xla"`` there. Off GPU the kernels run in the Pallas interpreter (tests).
 """
 
@@ -66,7 +66,7 @@ def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, 
   whole row tile. Compiled grids cover whole row tiles only: compiled by Triton on an H100, a masked
   ragged last tile (the 50257-row embedding) stored about 1e-4 of its tensor's codes differently from the
   XLA path, up to 15 code steps apart, while tensors without one agreed (``benchmarks/adam_step.py``); the
-  rows after the last whole tile run through the interpreter (:func:`_split_rows`)."""
+  rows after the last whole tile run as one zero-padded tile (:func:`_rest_tile`)."""
   size = 1
   for d in shape:
     size *= d
@@ -151,12 +151,19 @@ def _grid(config, rows: int, cols: int):
   return (rows // config.rows_per_program, cols // COLUMNS)
 
 
-def _split_rows(config, rows: int):
-  """``(whole, config of the rest)``: the compiled kernels' grids cover the ``whole`` rows of full row
-  tiles; the rows after them run through the same kernel in the Pallas interpreter, as one tile. (Compiled
-  by Triton, a masked partial tile stored wrong codes: see :func:`covers`.)"""
+def _rest_tile(config, rows: int):
+  """``(whole, pad_rest)``: the compiled grids cover the ``whole`` rows of full row tiles; ``pad_rest(x)`` is
+  ``x``'s rows after them, zero-padded to one full tile, which the same compiled kernel then runs on.
+  (Compiled by Triton, a masked partial tile stored wrong codes, see :func:`covers`; run through the
+  Pallas interpreter instead, the rest became a while loop over its column tiles, whose host round trips
+  per iteration stopped the host from running ahead of the device: every step then waited for the host.)
+  Zero rows are harmless: rows are independent, and a zero row adds 0 to the rank-1 column maxima."""
   whole = rows - rows % config.rows_per_program
-  return whole, config._replace(rows_per_program=max(rows - whole, 1))
+
+  def pad_rest(x):
+    rest = x[whole:]
+    return jnp.pad(rest, [(0, config.rows_per_program - rest.shape[0])] + [(0, 0)] * (rest.ndim - 1))
+  return whole, pad_rest
 
 
 def _compiler_params(config, interpret: bool):
@@ -194,11 +201,12 @@ def rank1_maxima(b2, grad, codes, row_scale, col_scale, *, config: MomentConfig,
       name=_kernel_name("adam4bit_rank1_maxima", config, grad),
   )(b2, grad, codes, row_scale, col_scale)
   row_max, col_max, nonfinite = row_max.max(axis=0), col_max.max(axis=0), nonfinite.sum()
-  whole, rest_config = _split_rows(config, rows)
+  whole, pad_rest = _rest_tile(config, rows)
   if whole < rows:  # the rows past the grid's tiles (their row maxima above are unwritten)
-    rest = rank1_maxima(b2, grad[whole:], codes[whole:], row_scale[whole:], col_scale, config=rest_config,
-                        interpret=True)
-    row_max, col_max, nonfinite = row_max.at[whole:].set(rest[0]), jnp.maximum(col_max, rest[1]), nonfinite + rest[2]
+    rest = rank1_maxima(b2, pad_rest(grad), pad_rest(codes), pad_rest(row_scale), col_scale, config=config,
+                        interpret=interpret)
+    row_max = row_max.at[whole:].set(rest[0][:rows - whole])
+    col_max, nonfinite = jnp.maximum(col_max, rest[1]), nonfinite + rest[2]
   return row_max, col_max, nonfinite
 
 
@@ -320,17 +328,15 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
       interpret=interpret, compiler_params=_compiler_params(config, interpret),
       name=_kernel_name("adam4bit_apply" if params is not None else "adam4bit_update", config, grad),
   )(flags, tables, grad, first_codes, first_scale, second_codes, *operands)
-  whole, rest_config = _split_rows(config, rows)
+  whole, pad_rest = _rest_tile(config, rows)
   if whole < rows:  # the rows past the grid's tiles, written over the kernel's outputs
     rank1 = config.second_moment == "rank1"
-    rest_rows = lambda scales: None if scales is None else (scales[0][whole:], *scales[1:]) if rank1 else (
-        tuple(x[whole:] for x in scales))
-    # (Reshaping a block-mode rest into one tile of 128-column rows, to spare the interpreter's loop over
-    # column tiles, added a 0.27 ms copy of the embedding's buffers on an H100: adam_step_rest_one_tile.json.)
-    rest = fused_update(flags, grad[whole:], first_codes[whole:], first_scale[whole:], second_codes[whole:],
-                        rest_rows(second_scales), rest_rows(new_second_scales),
-                        None if params is None else params[whole:], config=rest_config, interpret=True)
-    outputs = [x.at[whole:].set(r) for x, r in zip(outputs, rest[:4] + (rest[4] if not rank1 else ()))]
+    rest_scales = lambda scales: None if scales is None else (pad_rest(scales[0]), *scales[1:]) if rank1 else (
+        tuple(pad_rest(x) for x in scales))
+    rest = fused_update(flags, pad_rest(grad), pad_rest(first_codes), pad_rest(first_scale), pad_rest(second_codes),
+                        rest_scales(second_scales), rest_scales(new_second_scales),
+                        None if params is None else pad_rest(params), config=config, interpret=interpret)
+    outputs = [x.at[whole:].set(r[:rows - whole]) for x, r in zip(outputs, rest[:4] + (rest[4] if not rank1 else ()))]
   out, first_codes, first_scale, second_codes = outputs[:4]
   second_scales = tuple(outputs[4:]) if config.second_moment == "block" else tuple(new_second_scales)
   return out, first_codes, first_scale, second_codes, second_scales

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def chunk_sizes(dimension: int, max_order: int) -> Tuple[int, ...]:
@@ -162,6 +163,35 @@ def assemble_stack(plan: Plan, order: int, left: Sequence[jax.Array], right: Seq
   if padding:
     arrays.append(jnp.broadcast_to(fill, (padding, order, order)))
   return jnp.concatenate(arrays, axis=0)
+
+
+def oriented_blocks(plan: Plan, order: int, group_blocks: Sequence[jax.Array]) -> jax.Array:
+  """The ``(stack_length, order, width)`` stack whose slot ``i`` holds the block of the preconditioner in
+  slot ``i``, oriented so that its Gram ``x xᵀ`` is that preconditioner's statistic (the block itself for a
+  left preconditioner, its transpose for a right one) and zero-padded to the widest block; padding slots
+  are zeros.
+
+  A stack like this can be sharded slot-wise before the Grams are taken, so that each device computes the
+  Grams of its own slots only (zero columns leave a Gram unchanged).
+  """
+  pieces = []
+  for group, blocks in zip(plan.groups, group_blocks):
+    if group.rows == order:
+      pieces.append((group.left_offset, blocks))
+    if group.cols == order:
+      pieces.append((group.right_offset, jnp.swapaxes(blocks, -1, -2)))
+  pieces.sort(key=lambda p: p[0])
+  width = max(p[1].shape[-1] for p in pieces)
+  arrays = [jnp.pad(a, ((0, 0), (0, 0), (0, width - a.shape[-1]))) for _, a in pieces]
+  padding = plan.stack_length(order) - sum(a.shape[0] for a in arrays)
+  if padding:
+    arrays.append(jnp.zeros((padding, order, width), arrays[0].dtype))
+  return jnp.concatenate(arrays, axis=0)
+
+
+def padding_slots(plan: Plan, order: int):
+  """Boolean mask ``(stack_length,)`` of the slots past the stack's preconditioners (numpy, static)."""
+  return np.arange(plan.stack_length(order)) >= dict(plan.stack_sizes)[order]
 
 
 def group_slices(plan: Plan, stacks: Dict[int, Any]):

@@ -516,18 +516,32 @@ def scale_by_shampoo(
         new, ok = update(storage_for(order), constrain_stack(preconditioners[_stack_key(order)], length))
       return constrain_stack(new, length), ok
 
+    def statistics_grams(order):
+      """The ``(stack_length, order, order)`` Grams of this step's gradient blocks, in slot order."""
+      eye = jnp.eye(order, dtype=jnp.float32)
+      if block_sharding is None:
+        left = [linalg.gram(g) for g in group_blocks]
+        right = [linalg.gram(linalg.transpose(g)) for g in group_blocks]
+        return blocking.assemble_stack(plan, order, left, right, fill=eye)
+      # Sharded: slot the gradient blocks themselves, shard that stack, then take the Grams, so each device
+      # computes the Grams of its own slots. (Grams taken per block group and then assembled were computed
+      # whole on every device, and their concatenation into a sharded stack moved data between devices.)
+      # The slotted stack is constrained whole and then sharded — each device slices its slots out of its
+      # replicated gradient; constrained sharded only, its concatenation became all-to-alls. The blocks
+      # stay replicated too: left to propagation, the stacks' sharding reaches back into the gradient
+      # blocks, which the per-step product then reshuffles between devices every step.
+      blocks = [jax.lax.with_sharding_constraint(g, whole) for g in group_blocks]
+      length = plan.stack_length(order)
+      oriented = jax.lax.with_sharding_constraint(blocking.oriented_blocks(plan, order, blocks), whole)
+      oriented = stack_constraint(length)(oriented)
+      with linalg.constrain_stacks(stack_constraint(length)):
+        grams = linalg.gram(oriented)
+      return jnp.where(blocking.padding_slots(plan, order)[:, None, None], eye, grams)
+
     def update_statistics(preconditioners):
-      blocks = group_blocks
-      if block_sharding is not None:
-        # Left to propagation, the stacks' sharding reaches back into the gradient blocks, which the
-        # per-step product then reshuffles between devices every step.
-        blocks = [jax.lax.with_sharding_constraint(g, whole) for g in group_blocks]
-      left = [linalg.gram(g) for g in blocks]
-      right = [linalg.gram(linalg.transpose(g)) for g in blocks]
       new, failures = {}, jnp.zeros([], jnp.int32)
       for order in plan.orders:
-        eye = jnp.eye(order, dtype=jnp.float32)
-        grams = constrain_stack(blocking.assemble_stack(plan, order, left, right, fill=eye), plan.stack_length(order))
+        grams = constrain_stack(statistics_grams(order), plan.stack_length(order))
         new[_stack_key(order)], ok = update_stack(
             order, preconditioners, lambda storage, stack: storage.update_statistics(stack, grams, hp))
         failures += jnp.sum(~ok)

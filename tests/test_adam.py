@@ -193,7 +193,7 @@ def test_fused_kernels_match_the_xla_path(second_moment):
   states = {i: tx.init(params) for i, tx in factories.items()}
   steps = {i: jax.jit(tx.update) for i, tx in factories.items()}
   # rank-1: two kernels for each of three matrices, and two more for the 6 rows of "ragged" past its last
-  # whole tile of 16 (interpreted); blocks: one kernel for each of the five leaves, one more for "ragged"
+  # whole tile of 8 (one zero-padded tile); blocks: one kernel for each of the five leaves, one more for "ragged"
   for i, count in (("pallas", {"rank1": 8, "block": 6}[second_moment]), ("xla", 0)):
     program = str(jax.make_jaxpr(factories[i].update)(params, states[i], params))
     assert program.count("pallas_call[") == count, (i, program.count("pallas_call["))

@@ -43,6 +43,29 @@ def test_blocking_rules():
   assert plan.preconditioned_leaves == (0, 2)
 
 
+def test_oriented_blocks_give_each_slot_its_statistic():
+  """The Grams of ``oriented_blocks`` (what sharded statistics steps take) are, slot by slot, the fp64
+  ``G Gᵀ`` / ``Gᵀ G`` of the block each slot's preconditioner belongs to; padding slots are zero."""
+  shapes = ((300, 96), (96,), (96, 250), (40, 96))
+  plan = blocking.make_plan(shapes, 128, 4)
+  rng = np.random.default_rng(0)
+  matrices = [rng.standard_normal(s).astype(np.float32) if len(s) == 2 else None for s in shapes]
+  group_blocks = blocking.gather_blocks(plan, [None if m is None else jnp.asarray(m) for m in matrices])
+  for order, count in plan.stack_sizes:
+    grams = np.asarray(linalg.gram(blocking.oriented_blocks(plan, order, group_blocks)), np.float64)
+    assert grams.shape == (plan.stack_length(order), order, order)
+    expected = np.zeros_like(grams)
+    for group in plan.groups:
+      for k, b in enumerate(group.blocks):
+        block = matrices[b.leaf][b.row_start:b.row_start + b.rows, b.col_start:b.col_start + b.cols].astype(np.float64)
+        if group.rows == order:
+          expected[group.left_offset + k] = block @ block.T
+        if group.cols == order:
+          expected[group.right_offset + k] = block.T @ block
+    np.testing.assert_allclose(grams, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+    assert list(blocking.padding_slots(plan, order)) == [i >= count for i in range(plan.stack_length(order))]
+
+
 # ----------------------------------------------------------------------------------------------- fp64 reference
 def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_root_every, beta, epsilon,
                       cholesky_ridge=False):
