@@ -146,10 +146,10 @@ def scatter_blocks(plan: Plan, group_values: Sequence[jax.Array]) -> Dict[int, j
 
 def assemble_stack(plan: Plan, order: int, left: Sequence[jax.Array], right: Sequence[jax.Array],
                    fill: jax.Array) -> jax.Array:
-  """The ``(stack_length, order, order)`` stack from per-group left and right matrices, in slot order.
+  """The stack ``(stack_length, order, …)`` of per-group left and right matrices, in slot order.
 
-  ``left[g]`` / ``right[g]`` are group ``g``'s per-block matrices; ``fill`` (``(order, order)``) fills the
-  padding slots.
+  ``left[g]`` / ``right[g]`` are group ``g``'s per-block matrices; ``fill`` (one slot's matrix, e.g.
+  ``(order, order)``) fills the padding slots.
   """
   pieces = []
   for group, lhs, rhs in zip(plan.groups, left, right):
@@ -161,7 +161,7 @@ def assemble_stack(plan: Plan, order: int, left: Sequence[jax.Array], right: Seq
   arrays = [p[1] for p in pieces]
   padding = plan.stack_length(order) - sum(a.shape[0] for a in arrays)
   if padding:
-    arrays.append(jnp.broadcast_to(fill, (padding, order, order)))
+    arrays.append(jnp.broadcast_to(fill, (padding, *fill.shape)))
   return jnp.concatenate(arrays, axis=0)
 
 
@@ -174,19 +174,11 @@ def oriented_blocks(plan: Plan, order: int, group_blocks: Sequence[jax.Array]) -
   A stack like this can be sharded slot-wise before the Grams are taken, so that each device computes the
   Grams of its own slots only (zero columns leave a Gram unchanged).
   """
-  pieces = []
-  for group, blocks in zip(plan.groups, group_blocks):
-    if group.rows == order:
-      pieces.append((group.left_offset, blocks))
-    if group.cols == order:
-      pieces.append((group.right_offset, jnp.swapaxes(blocks, -1, -2)))
-  pieces.sort(key=lambda p: p[0])
-  width = max(p[1].shape[-1] for p in pieces)
-  arrays = [jnp.pad(a, ((0, 0), (0, 0), (0, width - a.shape[-1]))) for _, a in pieces]
-  padding = plan.stack_length(order) - sum(a.shape[0] for a in arrays)
-  if padding:
-    arrays.append(jnp.zeros((padding, order, width), arrays[0].dtype))
-  return jnp.concatenate(arrays, axis=0)
+  width = max([g.cols for g in plan.groups if g.rows == order] + [g.rows for g in plan.groups if g.cols == order])
+  widen = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, width - a.shape[-1])))
+  left = [widen(b) if g.rows == order else b for g, b in zip(plan.groups, group_blocks)]
+  right = [widen(jnp.swapaxes(b, -1, -2)) if g.cols == order else b for g, b in zip(plan.groups, group_blocks)]
+  return assemble_stack(plan, order, left, right, fill=jnp.zeros((order, width), group_blocks[0].dtype))
 
 
 def padding_slots(plan: Plan, order: int):
