@@ -209,7 +209,6 @@ def train_step_times(optimizers, params, tokens: int, steps: int = 20, repeats: 
   """Seconds per training step (gradient of :func:`synthetic_loss` + optimizer, one jitted program, params
   and state donated, ``steps`` steps back to back, median of ``repeats`` loops) for each optimizer, and for
   ``optax.sgd`` (the cheapest update: its time minus sgd's is the optimizer's share of the step)."""
-  import statistics
   sizes = sorted({w.shape[0] for w in params.values() if w.ndim == 2})
   inputs = {n: jax.random.normal(jax.random.PRNGKey(n), (tokens, n), jnp.float32) / np.sqrt(n) for n in sizes}
   times = {}
@@ -222,20 +221,8 @@ def train_step_times(optimizers, params, tokens: int, steps: int = 20, repeats: 
       updates, state = tx.update(grads, state, p)
       return optax.apply_updates(p, updates), state
 
-    carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
-    for _ in range(2):
-      carry[:] = step(carry[0], carry[1], inputs)
-    jax.block_until_ready(carry)
-    loops = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      for _ in range(steps):
-        carry[:] = step(carry[0], carry[1], inputs)
-      jax.block_until_ready(carry)
-      loops.append((time.perf_counter() - start) / steps)
-    times[name] = statistics.median(loops)
+    times[name] = pipelined_step_time(tx, params, inputs, steps, repeats, step=step)
     print(f"train step with {name}: {times[name] * 1e3:.3f} ms", flush=True)
-    del carry
   return times
 
 
