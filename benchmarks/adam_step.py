@@ -2,8 +2,9 @@
 
 Run: ``PYTHONPATH=. python benchmarks/adam_step.py [--profile]``. The step is update + apply_updates,
 jitted with the params and state donated, as in a training loop, timed two ways: blocking on every step
-(median), and 20 steps dispatched back to back (median of 3 such loops) (what a training loop sees: the host dispatches a step
-while the device runs the previous one; the 4-bit states have ~3× as many leaves to dispatch). Every 4-bit configuration the fused
+(median), and 20 steps dispatched back to back (median of 3 such loops) (what a training loop sees: the host dispatches a
+step while the device runs the previous one; the host's work grows with the arrays passed in and out: a per-tensor 4-bit
+state has ~1.5× as many as optax.adamw's, a packed one a handful). Every 4-bit configuration the fused
 kernels cover is timed twice: through XLA (the default) and with the experimental Pallas kernels
 (``implementation="pallas"``). A second table checks that both paths compute the same
 step on these shapes (update difference, fraction of differing stored codes). ``--profile`` adds the device
@@ -30,6 +31,7 @@ import optax
 from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
 from optax_shampoo4 import FusedOptimizer, adamw_4bit, adamw_4bit_fused
+from optax_shampoo4.adam import unpack_moments
 from optax_shampoo4.quantization import unpack_nibbles
 
 
@@ -92,7 +94,7 @@ def _compare_fused(params, grads, second_moment, steps):
       carry = list(step(carry[0], carry[1], jax.tree.map(lambda x: x * (1.0 + t), grads)))
     results.append(carry)
   moved = lambda p: jax.tree.map(lambda a, b: a - b, p, params)  # compare the steps taken, not the params
-  return _compare((moved(results[0][0]), results[0][1]), (moved(results[1][0]), results[1][1]))
+  return _compare((moved(results[0][0]), unpack_moments(results[0][1])), (moved(results[1][0]), results[1][1]))
 
 
 class _GcTimer:
@@ -251,6 +253,9 @@ def main():
     optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(
         1e-3, second_moment=second_moment, implementation="pallas")
     optimizers[f"adamw_4bit_fused {second_moment}"] = adamw_4bit_fused(1e-3, second_moment=second_moment)
+  # the same step on the per-tensor state layout (block: packed by default; rank-1 has only this layout)
+  optimizers["adamw_4bit_fused block, per-tensor state"] = adamw_4bit_fused(1e-3, second_moment="block",
+                                                                            packed=False)
   if not args.skip_slow_baselines:
     optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, second_moment="factored")
     optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, bits=8, second_moment="block")
@@ -260,7 +265,8 @@ def main():
   for name, tx in ({} if args.agreement_only else optimizers).items():
     seconds, nbytes = time_step(tx, params, grads, args.repeats)
     pipelined = pipelined_step_time(tx, params, grads)
-    results[name] = {"step_s": seconds, "pipelined_step_s": pipelined, "state_bytes": nbytes}
+    results[name] = {"step_s": seconds, "pipelined_step_s": pipelined, "state_bytes": nbytes,
+                     "state_arrays": len(jax.tree.leaves(jax.eval_shape(tx.init, params)))}
     if args.trace:
       results[name]["trace"] = pipeline_trace(tx, params, grads)
       print(name, results[name]["trace"], flush=True)
@@ -269,10 +275,11 @@ def main():
   base = results.get("optax.adamw")
   for name, r in results.items():
     rows.append([name, r["step_s"] * 1e3, r["step_s"] / base["step_s"], r["pipelined_step_s"] * 1e3,
-                 r["pipelined_step_s"] / base["pipelined_step_s"], r["state_bytes"] / 2**20, r["state_bytes"] / n])
+                 r["pipelined_step_s"] / base["pipelined_step_s"], r["state_bytes"] / 2**20, r["state_bytes"] / n,
+                 r["state_arrays"]])
   tables += [] if args.agreement_only else [common.print_table(f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, {common.machine()})",
                                ["optimizer", "ms/step (blocked)", "x optax.adamw", "ms/step (pipelined)",
-                                "x optax.adamw ", "state MiB", "state B/param"], rows)]
+                                "x optax.adamw ", "state MiB", "state B/param", "state arrays"], rows)]
   if args.train_step:
     times = train_step_times({k: v for k, v in optimizers.items() if k in results}, params, args.train_step)
     payload_train = {"tokens": args.train_step, "step_s": times}
@@ -297,7 +304,8 @@ def main():
   if args.profile:
     from benchmarks.profile import device_times, summarize
     from benchmarks.shampoo_step import step_program
-    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "adamw_4bit_fused block", "adamw_4bit_fused rank1"):
+    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "adamw_4bit_fused block",
+                 "adamw_4bit_fused block, per-tensor state", "adamw_4bit_fused rank1"):
       if name not in optimizers:
         continue
       step = step_program(optimizers[name])

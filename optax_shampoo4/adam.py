@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_shampoo4 import adam_kernel
-from optax_shampoo4.quantization import (HALVES_SPAN, QuantizedArray, dequantize, quantize,
+from optax_shampoo4.quantization import (HALVES_SPAN, QuantizationSpec, QuantizedArray, dequantize, quantize,
                                          validate_quantization_args)
 
 SECOND_MOMENTS = ("rank1", "block", "factored")
@@ -41,12 +42,102 @@ class FactoredMoment(NamedTuple):
 
 class ScaleByAdam4bitState(NamedTuple):
   """State of :func:`scale_by_adam_4bit`: ``mu``/``nu`` are pytrees like the params whose leaves are
-  fp32 arrays, :class:`~optax_shampoo4.QuantizedArray` s or :class:`FactoredMoment` s."""
+  fp32 arrays, :class:`~optax_shampoo4.QuantizedArray` s or :class:`FactoredMoment` s — or, with
+  ``packed=True``, one :class:`PackedMoment` each."""
 
   count: jax.Array
   mu: Any
   nu: Any
   nonfinite_count: jax.Array
+
+
+class PackedSlot(NamedTuple):
+  """Where one tensor's moment lives in a :class:`PackedMoment`."""
+
+  kind: str  # "codes" (rows of codes and scales), "dense" (entries of dense) or "other" (an entry of others)
+  start: int  # its first row of codes and scales (a multiple of 8), first entry of dense, or index in others
+  shape: Tuple[int, ...]  # the tensor's shape
+  spec: Optional[QuantizationSpec] = None  # "codes": the spec of the tensor's QuantizedArray
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("codes", "scales", "dense", "others"),
+                   meta_fields=("slots", "treedef"))
+@dataclasses.dataclass(frozen=True)
+class PackedMoment:
+  """One moment of every tensor of a model in a few arrays (``scale_by_adam_4bit(packed=True)``).
+
+  A jitted step costs the host time per array passed in and out, and a per-tensor state has four arrays per
+  quantized tensor; packed, the state of any model is a handful of arrays. Each tensor's bytes are those of
+  its :class:`~optax_shampoo4.QuantizedArray` in the per-tensor layout (:meth:`unpack` slices them out):
+
+  * ``codes`` (uint8, ``(rows, 64)``) and ``scales`` (fp32, ``(rows, 1)``): the 4-bit codes and block scales
+    of the tensors the fused kernels cover, 128 elements per row, each tensor's rows starting at a multiple
+    of 8 (a kernel row tile) and padded to one;
+  * ``dense``: the fp32 moments of the tensors below the quantization threshold, flattened and concatenated;
+  * ``others``: the stored moments of any other tensor (a tuple, per-tensor layout).
+  """
+
+  codes: jax.Array
+  scales: jax.Array
+  dense: jax.Array
+  others: Tuple[Any, ...]
+  slots: Tuple[PackedSlot, ...]
+  treedef: Any  # of the params
+
+  def leaves(self) -> list:
+    """The stored moment of every tensor, in the per-tensor layout, in the params' leaf order."""
+    out = []
+    for slot in self.slots:
+      size = int(np.prod(slot.shape, dtype=np.int64))
+      if slot.kind == "codes":
+        rows = slice(slot.start, slot.start + size // adam_kernel.COLUMNS)
+        out.append(QuantizedArray(self.codes[rows].reshape(-1), (self.scales[rows].reshape(-1),), None, slot.spec))
+      elif slot.kind == "dense":
+        out.append(self.dense[slot.start:slot.start + size].reshape(slot.shape))
+      else:
+        out.append(self.others[slot.start])
+    return out
+
+  def unpack(self) -> Any:
+    """This moment as a pytree like the params (the per-tensor layout of ``packed=False``)."""
+    return self.treedef.unflatten(self.leaves())
+
+
+def unpack_moments(state: Any) -> Any:
+  """``state`` (any optimizer state) with every :class:`PackedMoment` replaced by its per-tensor pytree:
+  the state ``packed=False`` would hold, e.g. to compare the two layouts or inspect one tensor's moments."""
+  is_packed = lambda x: isinstance(x, PackedMoment)
+  return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, state, is_leaf=is_packed)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _pack(stored, covered, shapes, treedef, tile_rows: int) -> PackedMoment:
+  """The :class:`PackedMoment` holding ``stored`` (per-tensor stored moments in leaf order; ``covered``:
+  whether the fused kernels take each tensor)."""
+  slots, codes, scales, dense, others = [], [], [], [], []
+  rows = dense_size = 0
+  for x, kernel, shape in zip(stored, covered, shapes):
+    if kernel:
+      n = x.codes.size // adam_kernel.HALF
+      padding = [(0, _round_up(n, tile_rows) - n), (0, 0)]
+      codes.append(jnp.pad(x.codes.reshape(n, adam_kernel.HALF), padding))
+      scales.append(jnp.pad(x.scales[0].reshape(n, 1), padding))
+      slots.append(PackedSlot("codes", rows, tuple(shape), x.spec))
+      rows += _round_up(n, tile_rows)
+    elif isinstance(x, (QuantizedArray, FactoredMoment)):
+      slots.append(PackedSlot("other", len(others), tuple(shape)))
+      others.append(x)
+    else:  # an fp32 moment
+      dense.append(x.reshape(-1))
+      slots.append(PackedSlot("dense", dense_size, tuple(shape)))
+      dense_size += x.size
+  join = lambda parts, empty: jnp.concatenate(parts) if parts else empty
+  return PackedMoment(join(codes, jnp.zeros((0, adam_kernel.HALF), jnp.uint8)),
+                      join(scales, jnp.zeros((0, 1), jnp.float32)), join(dense, jnp.zeros((0,), jnp.float32)),
+                      tuple(others), tuple(slots), treedef)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +281,14 @@ def _fused_leaf_maxima(config, view, constants, g, stored_v, *, interpret):
   return (row_max, col_max), nonfinite == 0
 
 
+def _kernel_flags(corrections, constants, finite, apply):
+  """``(flags, param)`` of :func:`adam_kernel.fused_update` for a leaf (``apply``: see _fused_leaf_step)."""
+  param, step_size, weight_decay = apply if apply is not None else (None, 0.0, 0.0)
+  flags = jnp.concatenate([corrections, constants, finite.astype(jnp.float32)[None],
+                           jnp.asarray([step_size, weight_decay], jnp.float32), jnp.zeros([5], jnp.float32)])
+  return flags, param
+
+
 def _fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections, finite, new_second_scales, *,
                      interpret, apply=None):
   """Phase 2 of the fused path: the step of the ``(rows, cols)`` view of the leaf in one kernel; with
@@ -199,9 +298,7 @@ def _fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections
     new_second_scales = _keep_if(finite, new_second_scales, stored_v.scales)
   else:
     new_second_scales = None
-  param, step_size, weight_decay = apply if apply is not None else (None, 0.0, 0.0)
-  flags = jnp.concatenate([corrections, constants, finite.astype(jnp.float32)[None],
-                           jnp.asarray([step_size, weight_decay], jnp.float32), jnp.zeros([5], jnp.float32)])
+  flags, param = _kernel_flags(corrections, constants, finite, apply)
   update, first_codes, first_scale, second_codes, second_scales = adam_kernel.fused_update(
       flags, grad, first_codes, first_scale, second_codes, second_scales, new_second_scales,
       None if param is None else param.reshape(grad.shape), config=config, interpret=interpret)
@@ -211,6 +308,48 @@ def _fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections
                          tuple(s.reshape(old.shape) for s, old in zip(second_scales, stored_v.scales)), None,
                          stored_v.spec)
   return update.reshape(g.shape), new_m, new_v
+
+
+def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections, constants, finite, applied, *,
+                 interpret):
+  """The step of every leaf on packed moments: ``(updates or new params, new mu, new nu)``. The kernels
+  rewrite their tensors' rows of the code and scale buffers in place, one tensor after another; the dense
+  moments take one elementwise XLA step over all small tensors at once."""
+  b1, b2, eps, eps_root = adam_constants
+  out = [None] * len(leaves)
+  buffers = (mu.codes, mu.scales, nu.codes, nu.scales)
+  dense, others = [], []
+  for k, (g, slot) in enumerate(zip(leaves, mu.slots)):
+    if slot.kind == "codes":
+      flags, param = _kernel_flags(corrections, constants, finite, applied[k])
+      view = lambda x: x.reshape(-1, adam_kernel.COLUMNS)
+      update, first_codes, first_scale, second_codes, (second_scale,) = adam_kernel.fused_update(
+          flags, view(g), buffers[0], buffers[1], buffers[2], (buffers[3],), None,
+          None if param is None else view(param), config=config, interpret=interpret, row_offset=slot.start)
+      buffers = (first_codes, first_scale, second_codes, second_scale)
+      out[k] = update.reshape(g.shape)
+    else:
+      (dense if slot.kind == "dense" else others).append(k)
+  new_dense = (mu.dense, nu.dense)
+  if dense:
+    grads = jnp.concatenate([leaves[k].astype(jnp.float32).reshape(-1) for k in dense])
+    update, *new_dense = _xla_leaf_step(dataclasses.replace(layout, bits=32), b1, b2, eps, eps_root, grads,
+                                        mu.dense, nu.dense, corrections, finite)
+    for k in dense:
+      slot = mu.slots[k]
+      leaf_update = update[slot.start:slot.start + leaves[k].size].reshape(slot.shape).astype(leaves[k].dtype)
+      out[k] = leaf_update if applied[k] is None else _apply_update(leaf_update, *applied[k], finite)
+  new_others = [list(mu.others), list(nu.others)]
+  for k in others:
+    index = mu.slots[k].start
+    update, new_others[0][index], new_others[1][index] = _xla_leaf_step(
+        layout, b1, b2, eps, eps_root, leaves[k], mu.others[index], nu.others[index], corrections, finite)
+    out[k] = update if applied[k] is None else _apply_update(update, *applied[k], finite)
+  new_mu = dataclasses.replace(mu, codes=buffers[0], scales=buffers[1], dense=new_dense[0],
+                               others=tuple(new_others[0]))
+  new_nu = dataclasses.replace(nu, codes=buffers[2], scales=buffers[3], dense=new_dense[1],
+                               others=tuple(new_others[1]))
+  return out, new_mu, new_nu
 
 
 def adam_4bit_functions(
@@ -225,6 +364,7 @@ def adam_4bit_functions(
     min_quantized_size: int = 4096,
     second_moment_codebook: Optional[str] = None,
     implementation: str = "xla",
+    packed: bool = False,
 ):
   """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments): ``step_fn(updates, state,
   apply=None)`` is its update; with an :class:`ApplyStep` it returns the new params instead of the updates —
@@ -251,6 +391,11 @@ def adam_4bit_functions(
                                argument_prefix="second_moment_")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if not isinstance(packed, bool):
+    raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
+  if packed and (implementation, bits, second_moment, block_size) != ("pallas", 4, "block", adam_kernel.COLUMNS):
+    raise ValueError("packed=True needs implementation='pallas', bits=4, second_moment='block' and "
+                     f"block_size=128, got {implementation!r}, {bits}, {second_moment!r}, {block_size}")
   layout = _MomentLayout(bits, block_size, second_moment, min_quantized_size, second_moment_codebook)
   kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
 
@@ -263,20 +408,42 @@ def adam_4bit_functions(
   def init_fn(params):
     mu = jax.tree.map(lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape), params)
     nu = jax.tree.map(init_leaf_second, params)
+    if packed:
+      leaves, treedef = jax.tree.flatten(params)
+      shapes = [p.shape for p in leaves]
+      covered = [layout.kernel_view(shape, kernel_config) is not None for shape in shapes]
+      mu, nu = (_pack(treedef.flatten_up_to(moment), covered, shapes, treedef, kernel_config.rows_per_program)
+                for moment in (mu, nu))
     return ScaleByAdam4bitState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
 
   def step_fn(updates, state, apply: Optional[ApplyStep] = None):
     leaves, treedef = jax.tree.flatten(updates)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
     count = state.count + 1
     corrections = jnp.stack([1.0 - b1 ** count.astype(jnp.float32), 1.0 - b2 ** count.astype(jnp.float32)])
     # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float arithmetic does)
     constants = jnp.stack([jnp.asarray(c, jnp.float32) for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)])
-
-    use_kernels = implementation == "pallas"
+    applied = ([None] * len(leaves) if apply is None else
+               [(p, apply.step_size, wd) for p, wd in zip(treedef.flatten_up_to(apply.params),
+                                                           treedef.flatten_up_to(apply.weight_decay))])
     # off GPU the kernels run in the Pallas interpreter
     interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
+
+    def new_state(finite, mu, nu):
+      return ScaleByAdam4bitState(jnp.where(finite, count, state.count).astype(jnp.int32), mu, nu,
+                                  state.nonfinite_count + (~finite).astype(jnp.int32))
+
+    if packed:
+      if not isinstance(state.mu, PackedMoment) or state.mu.treedef != treedef:
+        raise ValueError("packed=True: the state must come from this transformation's init on params with the "
+                         "structure of the updates")
+      finite = _all_finite(leaves)
+      out, mu, nu = _packed_step(layout, kernel_config, (b1, b2, eps, eps_root), leaves, state.mu, state.nu,
+                                 corrections, constants, finite, applied, interpret=interpret)
+      return treedef.unflatten(out), new_state(finite, mu, nu)
+
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    nu_leaves = treedef.flatten_up_to(state.nu)
+    use_kernels = implementation == "pallas"
     # Phase 1: whether every gradient is finite (a non-finite step keeps the old moments) and, for the fused
     # rank-1 path, the new second-moment maxima, which the encoding of every element needs.
     views, maxima, finite_leaves, unchecked = [], [], [], []
@@ -295,9 +462,6 @@ def adam_4bit_functions(
     finite = jnp.all(jnp.stack(finite_leaves + [_all_finite(unchecked)]))
 
     # Phase 2: the step of every leaf.
-    applied = ([None] * len(leaves) if apply is None else
-               [(p, apply.step_size, wd) for p, wd in zip(treedef.flatten_up_to(apply.params),
-                                                           treedef.flatten_up_to(apply.weight_decay))])
     out, new_mu, new_nu = [], [], []
     for g, stored_m, stored_v, view, scales, leaf_apply in zip(leaves, mu_leaves, nu_leaves, views, maxima, applied):
       if view is None:
@@ -311,10 +475,7 @@ def adam_4bit_functions(
       new_mu.append(m)
       new_nu.append(v)
 
-    new_state = ScaleByAdam4bitState(jnp.where(finite, count, state.count).astype(jnp.int32),
-                                     treedef.unflatten(new_mu), treedef.unflatten(new_nu),
-                                     state.nonfinite_count + (~finite).astype(jnp.int32))
-    return treedef.unflatten(out), new_state
+    return treedef.unflatten(out), new_state(finite, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
 
   return init_fn, step_fn
 
@@ -331,6 +492,7 @@ def scale_by_adam_4bit(
     min_quantized_size: int = 4096,
     second_moment_codebook: Optional[str] = None,
     implementation: str = "xla",
+    packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's rule, storing both moments in 4 (or 8) bits [A4].
 
@@ -350,12 +512,19 @@ def scale_by_adam_4bit(
       the update explode [A4]. Static.
     implementation: ``"xla"`` (default) or ``"pallas"``: the fused kernels of
       :mod:`~optax_shampoo4.adam_kernel` (Triton on GPU, the Pallas interpreter elsewhere), for one GPU or
-      replicated params. On an H100 they took the GPT-2-medium step from 2.4× to 1.8× ``optax.adamw``
-      (rank-1) and from 2.6× to 1.5× (block) and stored the same codes as the XLA path
-      (``benchmarks/adam_step.py``, docs/benchmarks.md). Not for FSDP-sharded params: GSPMD cannot split a
-      kernel and would gather the moments. They cover 4-bit moments with 128-element blocks of tensors
-      whose last axis is a multiple of 128 and whose rows fill whole 16-row tiles (rank-1: matrices; block:
-      any rank); other tensors take the XLA path. Both paths store the same format. Static.
+      replicated params. On an H100 they took the GPT-2-medium step (blocked) from 2.3× to 1.7×
+      ``optax.adamw`` (rank-1) and from 1.8× to 1.3× (block) and stored the same codes as the XLA path
+      (``benchmarks/adam_step.py``, docs/benchmarks.md); with ``packed`` and the update applied in the
+      kernels (``optax_shampoo4.adamw_4bit_fused``) the block step is 0.7×. Not for FSDP-sharded params:
+      GSPMD cannot split a kernel and would gather the moments. They cover 4-bit moments with 128-element
+      blocks: rank-1, matrices whose last axis is a multiple of 128 and which have at least 8 rows; block,
+      tensors of any rank whose size is a multiple of 128 (at least 8 blocks); other tensors take the XLA
+      path. Both paths store the same format. Static.
+    packed: keep each moment of the whole model in a :class:`PackedMoment` (a handful of arrays) instead of a
+      pytree like the params: the same bytes per tensor, but a jitted step passes ~8 state arrays instead of
+      ~3 per tensor, which is what bounds a GPU step's host dispatch (the default of
+      ``optax_shampoo4.adamw_4bit_fused(second_moment="block")``). Needs ``implementation="pallas"``,
+      ``second_moment="block"`` and 4 bits. Single device or replicated params only. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByAdam4bitState`. Moments cost
@@ -367,7 +536,7 @@ def scale_by_adam_4bit(
   init_fn, step_fn = adam_4bit_functions(
       b1, b2, eps, eps_root, bits=bits, block_size=block_size, second_moment=second_moment,
       min_quantized_size=min_quantized_size, second_moment_codebook=second_moment_codebook,
-      implementation=implementation)
+      implementation=implementation, packed=packed)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -62,8 +62,9 @@ class MomentConfig(NamedTuple):
 def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, int]]:
   """The ``(rows, cols)`` view the kernels use for a tensor of this shape, or ``None`` if they do not
   apply: rank-1 scales need a matrix (rank 2) with a multiple of 128 columns; block scales only need the
-  element count to be a multiple of 128 (blocks never straddle rows of the view), and the view needs one
-  whole row tile. Compiled grids cover whole row tiles only: compiled by Triton on an H100, a masked
+  element count to be a multiple of 128, and the view is ``(size / 128, 128)`` — one block per row, so a
+  row tile is 8 consecutive blocks (contiguous in memory) and a tensor's codes and scales are whole rows of
+  a larger buffer (the packed state, ``fused_update(row_offset=...)``). The view needs one whole row tile. Compiled grids cover whole row tiles only: compiled by Triton on an H100, a masked
   ragged last tile (the 50257-row embedding) stored about 1e-4 of its tensor's codes differently from the
   XLA path, up to 15 code steps apart, while tensors without one agreed (``benchmarks/adam_step.py``); the
   rows after the last whole tile run as one zero-padded tile (:func:`_rest_tile`)."""
@@ -74,8 +75,7 @@ def covers(shape: Tuple[int, ...], config: MomentConfig) -> Optional[Tuple[int, 
   if config.second_moment == "rank1" and len(shape) == 2 and shape[1] % COLUMNS == 0:
     view = tuple(shape)
   elif config.second_moment == "block" and size % COLUMNS == 0 and size > 0:
-    cols = shape[-1] if len(shape) >= 2 and shape[-1] % COLUMNS == 0 else COLUMNS
-    view = (size // cols, cols)
+    view = (size // COLUMNS, COLUMNS)
   if view is None or view[0] < config.rows_per_program:
     return None
   return view
@@ -266,9 +266,9 @@ def _update_kernel(config: MomentConfig, rows: int, apply: bool, flags_ref, tabl
     second_codes_out[...] = keep(codes, second_codes_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "row_offset"))
 def fused_update(flags, grad, first_codes, first_scale, second_codes, second_scales, new_second_scales,
-                 params=None, *, config: MomentConfig, interpret: bool = False):
+                 params=None, *, config: MomentConfig, interpret: bool = False, row_offset: int = 0):
   """One Adam step of a ``(rows, cols)`` tensor with 4-bit moments.
 
   Args:
@@ -286,6 +286,10 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
       ``params + step_size · (update + weight_decay · params)``, as ``optax.add_decayed_weights``,
       ``optax.scale_by_learning_rate`` and ``optax.apply_updates`` would — and returns the new params
       (written over ``params``, so a donated buffer is updated in place) instead of the update.
+    row_offset: blocks only: the codes and block scales are rows ``row_offset …`` of larger buffers (a
+      multiple of the row tile; the packed state of :func:`~optax_shampoo4.adam.adam_4bit_functions`), which
+      are returned whole with only this tensor's rows rewritten. Rows up to the next whole tile past the
+      tensor's belong to it (padding).
 
   Returns:
     ``(update or new params, first_codes, first_scale, second_codes, second_scales)``.
@@ -294,9 +298,12 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
   grid = _grid(config, rows, cols)
   spec = pl.BlockSpec
   tile_rows = config.rows_per_program
+  if row_offset % tile_rows or (row_offset and config.second_moment != "block"):
+    raise ValueError(f"row_offset must be a multiple of {tile_rows}, with block scales; got {row_offset}")
+  first_tile = row_offset // tile_rows
   tile = spec((tile_rows, COLUMNS), lambda i, j: (i, j))
-  packed = spec((tile_rows, HALF), lambda i, j: (i, j))
-  block_scale = spec((tile_rows, 1), lambda i, j: (i, j))
+  packed = spec((tile_rows, HALF), lambda i, j: (first_tile + i, j))
+  block_scale = spec((tile_rows, 1), lambda i, j: (first_tile + i, j))
   row_vector = spec((tile_rows,), lambda i, j: (i,))
   col_vector = spec((COLUMNS,), lambda i, j: (j,))
   tables = jnp.asarray(lookup_tables(config))
@@ -329,7 +336,13 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes, second_sca
       name=_kernel_name("adam4bit_apply" if params is not None else "adam4bit_update", config, grad),
   )(flags, tables, grad, first_codes, first_scale, second_codes, *operands)
   whole, pad_rest = _rest_tile(config, rows)
-  if whole < rows:  # the rows past the grid's tiles, written over the kernel's outputs
+  if whole < rows and first_codes.shape[0] >= row_offset + whole + tile_rows:
+    # the rest tile's codes and scales are rows of the buffers (padding past the tensor's): no copies
+    rest = fused_update(flags, pad_rest(grad), *outputs[1:4], tuple(outputs[4:]), None,
+                        None if params is None else pad_rest(params), config=config, interpret=interpret,
+                        row_offset=row_offset + whole)
+    outputs = [outputs[0].at[whole:].set(rest[0][:rows - whole]), *rest[1:4], *rest[4]]
+  elif whole < rows:  # the rows past the grid's tiles, written over the kernel's outputs
     rank1 = config.second_moment == "rank1"
     rest_scales = lambda scales: None if scales is None else (pad_rest(scales[0]), *scales[1:]) if rank1 else (
         tuple(pad_rest(x) for x in scales))

@@ -181,6 +181,21 @@ def assert_equal_to_fp32_rounding(xla_updates, xla_state, kernel_updates, kernel
     assert np.mean(~close) <= 2e-3, np.mean(~close)
 
 
+def kernel_launches(fn, *args) -> int:
+  """How many ``pallas_call`` s the traced ``fn(*args)`` makes, through nested jitted functions (a printed
+  jaxpr shows a function called twice with the same signature once)."""
+  def count(jaxpr):
+    total = 0
+    for eqn in jaxpr.eqns:
+      total += eqn.primitive.name == "pallas_call"
+      for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          total += count(inner)
+    return total
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 @pytest.mark.parametrize("second_moment", ["rank1", "block"])
 def test_fused_kernels_match_the_xla_path(second_moment):
   """The Pallas kernels (run by the interpreter on CPU) compute the same step and store the same codes as
@@ -193,10 +208,10 @@ def test_fused_kernels_match_the_xla_path(second_moment):
   states = {i: tx.init(params) for i, tx in factories.items()}
   steps = {i: jax.jit(tx.update) for i, tx in factories.items()}
   # rank-1: two kernels for each of three matrices, and two more for the 6 rows of "ragged" past its last
-  # whole tile of 8 (one zero-padded tile); blocks: one kernel for each of the five leaves, one more for "ragged"
+  # whole tile of 8 (one zero-padded tile); blocks (one 128-element block per row of the view): one kernel for
+  # each of the five leaves, one more for the 4 rows of "ragged" (140 rows of 128) past its last whole tile
   for i, count in (("pallas", {"rank1": 8, "block": 6}[second_moment]), ("xla", 0)):
-    program = str(jax.make_jaxpr(factories[i].update)(params, states[i], params))
-    assert program.count("pallas_call[") == count, (i, program.count("pallas_call["))
+    assert kernel_launches(factories[i].update, params, states[i], params) == count, i
   key = jax.random.PRNGKey(0)
   for t in range(5):
     key, sub = jax.random.split(key)
@@ -223,8 +238,8 @@ def test_fused_step_equals_update_then_apply_updates(second_moment):
   schedule = optax.linear_schedule(1e-2, 1e-3, 10)
   no_bias = lambda tree: {k: k != "b" for k in tree}
   opt = o4.adamw_4bit_fused(schedule, weight_decay=0.1, mask=no_bias, second_moment=second_moment)
-  program = str(jax.make_jaxpr(opt.step)(params, opt.init(params), params))
-  assert program.count("pallas_call[") == {"rank1": 8, "block": 4}[second_moment]  # "ragged": 64 + 6 rows
+  # "ragged": 64 + 6 rows (rank-1), 64 + 6 rows of 128 (blocks)
+  assert kernel_launches(opt.step, params, opt.init(params), params) == {"rank1": 8, "block": 4}[second_moment]
   fused_step = jax.jit(opt.step, donate_argnums=(1, 2))
   update = jax.jit(opt.update)
   state = reference_state = opt.init(params)
@@ -266,3 +281,58 @@ def test_fused_step_equals_update_then_apply_updates(second_moment):
 def test_fused_bad_arguments(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     o4.adamw_4bit_fused(**kwargs)
+
+
+def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
+  """``packed=True`` (the default of ``adamw_4bit_fused(second_moment="block")``) stores each tensor's bytes of
+  the per-tensor layout in a few shared arrays: the same params and, unpacked, the same moments as
+  ``packed=False`` step by step (kernels on the covered tensors; the dense and "other" tensors through XLA),
+  a NaN step changes neither, and the state has as many arrays for 17 tensors as for 3."""
+  params = {"w": jax.random.normal(jax.random.PRNGKey(1), (48, 256)), "bias": jnp.ones((256,)),
+            "bf16": jnp.ones((64, 128), jnp.bfloat16), "ragged": jnp.ones((70, 128)), "odd": jnp.ones((5001,)),
+            "layers": [{"kernel": jnp.full((64, 128), 0.5), "scale": jnp.ones((128,))} for _ in range(6)]}
+  schedule = optax.linear_schedule(1e-2, 1e-3, 10)
+  packed, per_tensor = (o4.adamw_4bit_fused(schedule, weight_decay=0.1, second_moment="block", packed=p)
+                        for p in (None, False))
+  states = {"packed": packed.init(params), "per_tensor": per_tensor.init(params)}
+  mu = states["packed"][0].mu
+  assert isinstance(mu, o4.adam.PackedMoment)
+  # codes of w (96 rows of 128 elements), bf16 (64), ragged (70, padded to 72) and 6 kernels (64 each)
+  assert mu.codes.shape == (96 + 64 + 72 + 6 * 64, 64) and mu.codes.dtype == jnp.uint8
+  assert mu.dense.shape == (256 + 6 * 128,) and len(mu.others) == 1  # "odd": 5001 is no multiple of 128
+  # count, 2 × (codes, scales, dense, odd's codes and scales), nonfinite_count, the schedule's count
+  assert len(jax.tree.leaves(states["packed"])) == 13
+  # 10 quantized tensors (codes and scales of two moments), 7 fp32 moment pairs, three counters
+  assert len(jax.tree.leaves(states["per_tensor"])) == 4 * 10 + 2 * 7 + 3
+  steps = {"packed": jax.jit(packed.step, donate_argnums=(1, 2)), "per_tensor": jax.jit(per_tensor.step)}
+  current = {name: jax.tree.map(jnp.copy, params) for name in steps}
+  key = jax.random.PRNGKey(0)
+  for t in range(4):
+    key, sub = jax.random.split(key)
+    grads = jax.tree.map(lambda p: jax.random.normal(sub, p.shape).astype(p.dtype), params)
+    if t == 2:
+      grads["layers"][3]["scale"] = grads["layers"][3]["scale"].at[7].set(jnp.nan)
+    for name in steps:
+      current[name], states[name] = steps[name](grads, states[name], current[name])
+    for a, b in zip(jax.tree.leaves(current["packed"]), jax.tree.leaves(current["per_tensor"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for moment in ("mu", "nu"):
+      unpacked = getattr(states["packed"][0], moment).unpack()
+      reference = getattr(states["per_tensor"][0], moment)
+      assert jax.tree.structure(unpacked) == jax.tree.structure(reference)
+      for a, b in zip(jax.tree.leaves(unpacked), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(states["packed"][0].count) == 3 and int(states["packed"][0].nonfinite_count) == 1
+  assert not np.allclose(np.asarray(current["packed"]["w"]), np.asarray(params["w"]))
+  # a state from other params is refused with a clear error, not a shape error deep in a kernel
+  with pytest.raises(ValueError, match="packed"):
+    packed.step({"w": params["w"]}, states["packed"], {"w": params["w"]})
+
+
+@pytest.mark.parametrize("kwargs", [dict(second_moment="rank1"), dict(implementation="xla"), dict(bits=8)])
+def test_packed_needs_the_block_kernels(kwargs):
+  arguments = {**dict(second_moment="block", implementation="pallas", packed=True), **kwargs}
+  with pytest.raises(ValueError, match="packed"):
+    o4.scale_by_adam_4bit(**arguments)
+  with pytest.raises(TypeError, match="packed"):
+    o4.scale_by_adam_4bit(second_moment="block", implementation="pallas", packed=1)

@@ -74,9 +74,10 @@ def test_cifar_trains_resnet_and_vit_on_a_generated_file(tmp_path):
   resnet = cifar.main(common + ["--write-synthetic", "200", "--model", "resnet18", "--width", "8", "--steps", "8",
                                 "--optimizers", "sgdm,shampoo4", "--out", str(tmp_path / "resnet")])
   # Until the first inverse roots (step 4) Shampoo's preconditioners are identities and grafting returns the
-  # base update; the roots change step 4's update, which the loss of step 5 (index 4) shows.
-  assert resnet["sgdm"]["curve"][:4] == resnet["shampoo4"]["curve"][:4]
-  assert resnet["sgdm"]["curve"][4] != resnet["shampoo4"]["curve"][4]
+  # base update (up to fp32 rounding: the grafting ratio is 1 to rounding, and XLA may fuse the two programs
+  # differently on another CPU); the roots change step 4's update, which the loss of step 5 (index 4) shows.
+  np.testing.assert_allclose(resnet["sgdm"]["curve"][:4], resnet["shampoo4"]["curve"][:4], rtol=1e-5)
+  assert abs(resnet["sgdm"]["curve"][4] - resnet["shampoo4"]["curve"][4]) > 1e-3
   assert all(0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["train_loss"]) for r in resnet.values())
   assert resnet["shampoo4"]["state_bytes"] > resnet["sgdm"]["state_bytes"]
   vit = cifar.main(common + ["--model", "vit_s", "--width", "32", "--depth", "2", "--steps", "5", "--optimizers", "adamw,all_4bit",

@@ -16,7 +16,9 @@ PARAMS = {"w": jnp.ones((64, 80)) * 0.1, "b": jnp.zeros(80)}
 def small_optimizers():
   kw = dict(statistics_every=1, inverse_root_every=2)
   return {"shampoo_adamw": o4.shampoo_adamw(1e-2, **kw), "shampoo_all4": o4.shampoo_adamw(1e-2, adam_bits=4, **kw),
-          "shampoo_sgdm": o4.shampoo_sgdm(1e-2, quantize="cholesky", **kw), "adamw_4bit": o4.adamw_4bit(1e-2)}
+          "shampoo_sgdm": o4.shampoo_sgdm(1e-2, quantize="cholesky", **kw), "adamw_4bit": o4.adamw_4bit(1e-2),
+          # both moments of all tensors in a few arrays (the fused kernels; the Pallas interpreter on CPU)
+          "adamw_4bit_packed": o4.adamw_4bit(1e-2, second_moment="block", implementation="pallas", packed=True)}
 
 
 def grads_at(i, params=PARAMS):
@@ -150,8 +152,8 @@ def test_orbax_checkpoint_resume_is_bit_identical(tmp_path, name):
     p2, s2 = step(p2, s2, grads_at(i))
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert any(isinstance(x, o4.QuantizedArray) for x in jax.tree.leaves(
-      s2, is_leaf=lambda x: isinstance(x, o4.QuantizedArray)))
+  stored = (o4.QuantizedArray, o4.adam.PackedMoment)  # the restored state has its quantized containers
+  assert any(isinstance(x, stored) for x in jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, stored)))
 
 
 def test_restoring_into_an_incompatible_configuration_fails_clearly(tmp_path):
@@ -214,7 +216,7 @@ FUZZ_SHAPES = [(), (0,), (1,), (5,), (1, 1), (0, 7), (3, 1, 70), (66, 65), (2, 3
 @settings(max_examples=6, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(FUZZ_SHAPES), st.sampled_from(["float32", "bfloat16"])),
                 min_size=1, max_size=4),
-       st.sampled_from(["shampoo_all4", "adamw_4bit"]))
+       st.sampled_from(["shampoo_all4", "adamw_4bit", "adamw_4bit_packed"]))
 def test_fuzz_random_pytrees(leaves, name):
   params = {"group": [jnp.ones(shape, dtype) * 0.1 for shape, dtype in leaves[1:]],
             "first": jnp.ones(leaves[0][0], leaves[0][1]) * 0.1}

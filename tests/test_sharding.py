@@ -105,10 +105,11 @@ def assert_no_full_stack_gather(hlo: str, stacks) -> None:
 # are the preconditioned gradients and the inverse roots, which are what the optimizer uses. Classic
 # Shampoo (fp32 statistics, eigh) agrees to 1e-4. The one-step eigenvector method is not converged after
 # 4 updates, and near-equal Rayleigh quotients may sort differently under a 1e-5 perturbation: measured
-# 0.8 % (fp32) and 3.5 % (4-bit) relative difference here — the same sensitivity exists between two GPUs.
+# 0.8 % (fp32) and 3.5 % (4-bit) relative difference on one CPU, 2.05 % (fp32) on another (an AMD EPYC) —
+# the same sensitivity exists between two GPUs.
 # (4-bit eigenvectors with shard_blocks as a sharding: test_replicated_roots_keep_the_per_step_product_local.)
 @pytest.mark.parametrize("quantize,bits,tolerance,shard_blocks", [
-    ("eigenvectors", 32, 2e-2, "count"), ("eigenvectors", 4, 6e-2, "count"), ("cholesky", 4, 6e-2, "count"),
+    ("eigenvectors", 32, 3e-2, "count"), ("eigenvectors", 4, 6e-2, "count"), ("cholesky", 4, 6e-2, "count"),
     ("matrix", 32, 1e-4, "count"), ("matrix", 32, 1e-4, "sharding")])
 def test_sharded_equals_single_device_and_splits_the_state(quantize, bits, tolerance, shard_blocks):
   tx = optax.chain(o4.scale_by_shampoo(bits=bits, quantize=quantize, statistics_every=1, inverse_root_every=2,
