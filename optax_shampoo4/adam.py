@@ -122,11 +122,11 @@ def _pack(stored, covered, shapes, treedef, tile_rows: int) -> PackedMoment:
   for x, kernel, shape in zip(stored, covered, shapes):
     if kernel:
       n = x.codes.size // adam_kernel.HALF
-      padding = [(0, _round_up(n, tile_rows) - n), (0, 0)]
-      codes.append(jnp.pad(x.codes.reshape(n, adam_kernel.HALF), padding))
-      scales.append(jnp.pad(x.scales[0].reshape(n, 1), padding))
+      padded = _round_up(n, tile_rows)
+      codes.append(jnp.pad(x.codes.reshape(n, adam_kernel.HALF), [(0, padded - n), (0, 0)]))
+      scales.append(jnp.pad(x.scales[0].reshape(n, 1), [(0, padded - n), (0, 0)]))
       slots.append(PackedSlot("codes", rows, tuple(shape), x.spec))
-      rows += _round_up(n, tile_rows)
+      rows += padded
     elif isinstance(x, (QuantizedArray, FactoredMoment)):
       slots.append(PackedSlot("other", len(others), tuple(shape)))
       others.append(x)
@@ -318,11 +318,11 @@ def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections, co
   b1, b2, eps, eps_root = adam_constants
   out = [None] * len(leaves)
   buffers = (mu.codes, mu.scales, nu.codes, nu.scales)
+  view = lambda x: x.reshape(-1, adam_kernel.COLUMNS)  # the kernels' (size / 128, 128) view
   dense, others = [], []
   for k, (g, slot) in enumerate(zip(leaves, mu.slots)):
     if slot.kind == "codes":
       flags, param = _kernel_flags(corrections, constants, finite, applied[k])
-      view = lambda x: x.reshape(-1, adam_kernel.COLUMNS)
       update, first_codes, first_scale, second_codes, (second_scale,) = adam_kernel.fused_update(
           flags, view(g), buffers[0], buffers[1], buffers[2], (buffers[3],), None,
           None if param is None else view(param), config=config, interpret=interpret, row_offset=slot.start)
