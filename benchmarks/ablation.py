@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+import optax_shampoo4 as o4
 from optax_shampoo4 import diagnostics, shampoo_adamw
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -42,7 +43,7 @@ def error_rows(u, lam):
 
 def real_statistic(args):
   """The largest left statistic of the digits CNN after training with fp32 classic Shampoo."""
-  tx = shampoo_adamw(3e-3, bits=32, quantize="matrix", statistics_every=10, inverse_root_every=50)
+  tx = shampoo_adamw(3e-3, statistics_every=10, inverse_root_every=50, shampoo=o4.ShampooConfig(bits=32, storage="matrix"))
   data = compare.load_digits_split(0)
   model = compare.CNN()
   params = model.init(jax.random.PRNGKey(0), data[0][0][:1])["params"]
@@ -104,8 +105,7 @@ def main():
       if bits == 32 and storage != "matrix":
         continue
       steps = extra.get("bjorck_steps", 1)
-      tx = shampoo_adamw(3e-3, weight_decay=1e-4, bits=bits, quantize=storage, statistics_every=10,
-                         inverse_root_every=50, bjorck_steps=(steps, 4 * steps))
+      tx = shampoo_adamw(3e-3, weight_decay=1e-4, statistics_every=10, inverse_root_every=50, shampoo=o4.ShampooConfig(bits=bits, storage=storage, bjorck_steps=(steps, 4 * steps)))
       r = compare.train_one(label(storage, extra), tx, run_args, data, Quiet())
       rows.append([f"{bits}-bit", label(storage, extra) if bits != 32 else "fp32 (classic)", r["train_loss"],
                    r["test_accuracy"]])

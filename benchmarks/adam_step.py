@@ -30,6 +30,7 @@ import optax
 
 from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
+import optax_shampoo4 as o4
 from optax_shampoo4 import FusedOptimizer, adamw_4bit, adamw_4bit_fused
 from optax_shampoo4.adam import unpack_moments
 from optax_shampoo4.quantization import unpack_nibbles
@@ -67,12 +68,12 @@ def _compare(a_tree, b_tree):
 def agreement(params, grads, second_moment, steps=3):
   """Kernels (compiled, and through the Pallas interpreter) vs the XLA path after ``steps`` steps."""
   from optax_shampoo4 import adam_kernel
-  runs = {"xla": _run(adamw_4bit(1e-3, second_moment=second_moment), params, grads, steps),
-          "pallas": _run(adamw_4bit(1e-3, second_moment=second_moment, implementation="pallas"), params, grads,
+  runs = {"xla": _run(adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment)), params, grads, steps),
+          "pallas": _run(adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas")), params, grads,
                          steps)}
   adam_kernel.FORCE_INTERPRET = True
   try:
-    runs["interpreted"] = _run(adamw_4bit(1e-3, second_moment=second_moment, implementation="pallas"), params,
+    runs["interpreted"] = _run(adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas")), params,
                                grads, steps)
   finally:
     adam_kernel.FORCE_INTERPRET = False
@@ -86,7 +87,7 @@ def _compare_fused(params, grads, second_moment, steps):
   """The params after ``steps`` fused steps vs after as many ``update`` + ``apply_updates`` steps."""
   from benchmarks.shampoo_step import step_program
   fused = adamw_4bit_fused(1e-3, second_moment=second_moment)
-  plain = adamw_4bit(1e-3, second_moment=second_moment, implementation="pallas")
+  plain = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
   results = []
   for tx in (fused, plain):
     step, carry = step_program(tx), [jax.tree.map(jnp.copy, params), tx.init(params)]
@@ -249,16 +250,15 @@ def main():
   grads = common.random_tree(shapes, seed=2)
   optimizers = {"optax.adamw": optax.adamw(1e-3)}
   for second_moment in ("rank1", "block"):
-    optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(1e-3, second_moment=second_moment)
-    optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(
-        1e-3, second_moment=second_moment, implementation="pallas")
+    optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment))
+    optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
     optimizers[f"adamw_4bit_fused {second_moment}"] = adamw_4bit_fused(1e-3, second_moment=second_moment)
   # the same step on the per-tensor state layout (block: packed by default; rank-1 has only this layout)
   optimizers["adamw_4bit_fused block, per-tensor state"] = adamw_4bit_fused(1e-3, second_moment="block",
                                                                             packed=False)
   if not args.skip_slow_baselines:
-    optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, second_moment="factored")
-    optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, bits=8, second_moment="block")
+    optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment="factored"))
+    optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, config=o4.AdamConfig(bits=8, second_moment="block"))
   if args.only:
     optimizers = {k: v for k, v in optimizers.items() if k in args.only.split(";") or k == "optax.adamw"}
   rows, results, tables = [], {}, []

@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.shampoo_step import NEVER, step_program
+import optax_shampoo4 as o4
 from optax_shampoo4 import linalg, shampoo_adamw
 
 CLASSES = (  # (class, pattern on the kernel / op name), first match wins
@@ -204,8 +205,7 @@ def main():
   for kind, label, tolerance in programs:
     linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = tolerance
     try:
-      tx = shampoo_adamw(1e-3, bits=args.bits, statistics_every=schedules[kind][0],
-                         inverse_root_every=schedules[kind][1])
+      tx = shampoo_adamw(1e-3, statistics_every=schedules[kind][0], inverse_root_every=schedules[kind][1], shampoo=o4.ShampooConfig(bits=args.bits))
       step = step_program(tx)
       carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
 

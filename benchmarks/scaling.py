@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from benchmarks import common
 from benchmarks.shampoo_step import NEVER
+import optax_shampoo4 as o4
 from optax_shampoo4 import scale_by_shampoo, state_nbytes
 from optax_shampoo4.sharding import optimizer_state_sharding
 
@@ -33,8 +34,7 @@ def time_kinds(shapes, bits, devices, repeats, profile=False, dump_hlo=False, pr
   grads = jax.device_put(common.random_tree(shapes, seed=2), replicated)
   times, per_device_bytes = {}, None
   for kind, (t1, t2) in {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}.items():
-    tx = scale_by_shampoo(bits=bits, statistics_every=t1, inverse_root_every=t2, shard_blocks=shard_blocks,
-                          replicate_roots=replicate_roots)
+    tx = scale_by_shampoo(o4.ShampooConfig(bits=bits, shard_blocks=shard_blocks, replicate_roots=replicate_roots), statistics_every=t1, inverse_root_every=t2)
     abstract = jax.eval_shape(tx.init, grads)
     state_sharding = optimizer_state_sharding(abstract, mesh, "blocks", replicate_roots=replicate_roots)
     state = jax.jit(tx.init, out_shardings=state_sharding)(grads)
@@ -86,7 +86,7 @@ def main():
   for row, devices in zip(rows, counts):
     row += [results[devices]["speedup"]["statistics"], results[devices]["speedup"]["inverse_root"]]
   table = common.print_table(
-      f"{args.model}, scale_by_shampoo(bits={args.bits}) sharded over d devices"
+      f"{args.model}, scale_by_shampoo(o4.ShampooConfig(bits={args.bits})) sharded over d devices"
       f"{' (propagation only)' if args.propagation_only else ''}"
       f"{', roots replicated' if args.replicate_roots else ''} ({common.machine()})",
       ["d", "plain ms", "statistics step ms", "inverse-root step ms", "statistics work ms", "root work ms",

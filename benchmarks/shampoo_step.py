@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
+import optax_shampoo4 as o4
 from optax_shampoo4 import FusedOptimizer, blocking, linalg, shampoo, shampoo_adamw, state_nbytes
 
 NEVER = 2**30
@@ -158,14 +159,14 @@ def main():
     for bits in bit_widths:
       kinds = {}
       for kind, (t1, t2) in {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}.items():
-        tx = shampoo_adamw(1e-3, bits=bits, statistics_every=t1, inverse_root_every=t2)
+        tx = shampoo_adamw(1e-3, statistics_every=t1, inverse_root_every=t2, shampoo=o4.ShampooConfig(bits=bits))
         kinds[kind], state_bytes = time_step(tx, params, grads, args.repeats)
       plain = kinds["plain"]
       kinds["plain_pipelined"] = pipelined_step_time(
-          shampoo_adamw(1e-3, bits=bits, statistics_every=NEVER, inverse_root_every=NEVER), params, grads)
+          shampoo_adamw(1e-3, statistics_every=NEVER, inverse_root_every=NEVER, shampoo=o4.ShampooConfig(bits=bits)), params, grads)
       amortized = plain + (kinds["statistics"] - plain) / args.t1 + (kinds["inverse_root"] - plain) / args.t2
-      precond_bytes = state_nbytes(jax.eval_shape(shampoo.scale_by_shampoo(bits=bits).init, params))
-      rows.append([f"shampoo_adamw(bits={bits})", plain * 1e3, kinds["plain_pipelined"] * 1e3,
+      precond_bytes = state_nbytes(jax.eval_shape(shampoo.scale_by_shampoo(o4.ShampooConfig(bits=bits)).init, params))
+      rows.append([f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={bits}))", plain * 1e3, kinds["plain_pipelined"] * 1e3,
                    kinds["statistics"] * 1e3,
                    kinds["inverse_root"] * 1e3, amortized * 1e3, state_bytes / 2**20])
       results[f"shampoo{bits}"] = {**{f"{k}_s": v for k, v in kinds.items()}, "amortized_s": amortized,

@@ -32,11 +32,10 @@ def optimizers(learning_rate: float):
   return {
       "adamw": lambda: optax.adamw(learning_rate, weight_decay=1e-4),
       "adamw_4bit": lambda: o4.adamw_4bit(learning_rate, weight_decay=1e-4),
-      "shampoo32": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=32, **SHAMPOO),
-      "shampoo4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=4, **SHAMPOO),
-      "cholesky4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=4, quantize="cholesky",
-                                            **SHAMPOO),
-      "all_4bit": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, bits=4, adam_bits=4, **SHAMPOO),
+      "shampoo32": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=32)),
+      "shampoo4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4)),
+      "cholesky4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4, storage="cholesky")),
+      "all_4bit": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4), adam=o4.AdamConfig(bits=4)),
   }
 
 

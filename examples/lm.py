@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +56,15 @@ def load_corpus(max_bytes: int = 4_000_000):
 class Block(nn.Module):
   width: int
   heads: int
+  dtype: Any = jnp.float32  # computation dtype (params stay fp32)
 
   @nn.compact
   def __call__(self, x):
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    x = x + nn.SelfAttention(self.heads, qkv_features=self.width)(nn.LayerNorm()(x), mask=mask)
-    h = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
-    return x + nn.Dense(self.width)(nn.gelu(h))
+    attention = nn.MultiHeadDotProductAttention(self.heads, qkv_features=self.width, dtype=self.dtype)
+    x = x + attention(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
+    h = nn.Dense(4 * self.width, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
+    return x + nn.Dense(self.width, dtype=self.dtype)(nn.gelu(h))
 
 
 class ByteTransformer(nn.Module):
@@ -69,14 +72,16 @@ class ByteTransformer(nn.Module):
   layers: int
   heads: int
   context: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(256, self.width)(tokens) + self.param(
         "position", nn.initializers.normal(0.02), (self.context, self.width))[: tokens.shape[1]]
+    x = x.astype(self.dtype)
     for _ in range(self.layers):
-      x = Block(self.width, self.heads)(x)
-    return nn.Dense(256)(nn.LayerNorm()(x))
+      x = Block(self.width, self.heads, self.dtype)(x)
+    return nn.Dense(256, dtype=jnp.float32)(nn.LayerNorm(dtype=jnp.float32)(x))
 
 
 def batches(data, context, batch, rng):

@@ -6,6 +6,7 @@ AdamW / 4-bit Factor [A4], as pure-functional Optax transformations whose states
 Public API:
   Optimizers:       shampoo_adamw, shampoo_sgdm, adamw_4bit, adamw_4bit_fused (FusedOptimizer)
   Transformations:  scale_by_shampoo, scale_by_adam_4bit
+  Configs:          ShampooConfig, AdamConfig, DimensionNumbers
   Quantization:     quantize, dequantize, codebook, QuantizedArray
   Memory:           state_nbytes, memory_report, format_memory_report
 """
@@ -32,16 +33,19 @@ _avoid_jaxlib_0_10_cpu_deadlock()
 
 from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState, scale_by_adam_4bit  # noqa: E402
 from optax_shampoo4.alias import (  # noqa: E402
-    STATIC_ARGS, FusedOptimizer, adamw_4bit, adamw_4bit_fused, inject_hyperparams, shampoo_adamw, shampoo_sgdm)
+    FusedOptimizer, adamw_4bit, adamw_4bit_fused, shampoo_adamw, shampoo_sgdm)
+from optax_shampoo4.config import AdamConfig, DimensionNumbers, ShampooConfig  # noqa: E402
 from optax_shampoo4.memory import format_memory_report, memory_report, state_nbytes  # noqa: E402
+from optax_shampoo4.preconditioners import (  # noqa: E402
+    CholeskyPreconditioner, EigenPreconditioner, MatrixPreconditioner)
 from optax_shampoo4.quantization import QuantizedArray, codebook, dequantize, quantize  # noqa: E402
-from optax_shampoo4.shampoo import (  # noqa: E402
-    CholeskyPreconditioner, EigenPreconditioner, MatrixPreconditioner, ShampooState, scale_by_shampoo)
+from optax_shampoo4.shampoo import ShampooState, scale_by_shampoo  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "shampoo_adamw", "shampoo_sgdm", "adamw_4bit", "adamw_4bit_fused", "FusedOptimizer", "STATIC_ARGS", "inject_hyperparams", "scale_by_shampoo", "scale_by_adam_4bit",
+    "shampoo_adamw", "shampoo_sgdm", "adamw_4bit", "adamw_4bit_fused", "FusedOptimizer",
+    "scale_by_shampoo", "scale_by_adam_4bit", "ShampooConfig", "AdamConfig", "DimensionNumbers",
     "quantize", "dequantize", "codebook", "QuantizedArray", "state_nbytes", "memory_report",
     "format_memory_report", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",
     "CholeskyPreconditioner", "ScaleByAdam4bitState", "FactoredMoment",

@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shampoo4 import adam_kernel
-from optax_shampoo4.quantization import (HALVES_SPAN, QuantizationSpec, QuantizedArray, dequantize, quantize,
-                                         validate_quantization_args)
+from optax_shampoo4 import _checks, adam_kernel
+from optax_shampoo4.config import AdamConfig
+from optax_shampoo4.quantization import HALVES_SPAN, QuantizationSpec, QuantizedArray, dequantize, quantize
 
-SECOND_MOMENTS = ("rank1", "block", "factored")
-IMPLEMENTATIONS = ("xla", "pallas")
 
 
 class FactoredMoment(NamedTuple):
@@ -352,51 +350,19 @@ def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections, co
   return out, new_mu, new_nu
 
 
-def adam_4bit_functions(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    bits: int = 4,
-    block_size: Optional[int] = None,
-    second_moment: str = "rank1",
-    min_quantized_size: int = 4096,
-    second_moment_codebook: Optional[str] = None,
-    implementation: str = "xla",
-    packed: bool = False,
-):
+def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamConfig = AdamConfig()):
   """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments): ``step_fn(updates, state,
   apply=None)`` is its update; with an :class:`ApplyStep` it returns the new params instead of the updates —
-  the fused kernels then write the params themselves (``optax_shampoo4.adamw_4bit_fused``), and a step with
-  a non-finite gradient leaves the params unchanged too."""
-  for name, value, high in (("b1", b1, 1.0), ("b2", b2, 1.0)):
-    if not isinstance(value, jax.Array) and not (0.0 <= float(value) < high):
-      raise ValueError(f"{name} must be in [0, 1), got {value}")
-  for name, value in (("eps", eps), ("eps_root", eps_root)):
-    if not isinstance(value, jax.Array) and float(value) < 0:
-      raise ValueError(f"{name} must be >= 0, got {value}")
-  if bits not in (4, 8, 32) or isinstance(bits, bool):
-    raise ValueError(f"bits must be one of (4, 8, 32), got {bits!r}")
-  if second_moment not in SECOND_MOMENTS:
-    raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
-  if block_size is None:
-    block_size = 256 if bits == 8 else 128
-  if bits != 32:
-    validate_quantization_args(codebook="dynamic_tree", bits=bits, block_size=block_size)
-  if isinstance(min_quantized_size, bool) or not isinstance(min_quantized_size, int) or min_quantized_size < 0:
-    raise ValueError(f"min_quantized_size must be a non-negative int, got {min_quantized_size!r}")
-  if second_moment_codebook is not None and bits != 32:
-    validate_quantization_args(codebook=second_moment_codebook, bits=bits, block_size=block_size,
-                               argument_prefix="second_moment_")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if not isinstance(packed, bool):
-    raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
-  if packed and (implementation, bits, second_moment, block_size) != ("pallas", 4, "block", adam_kernel.COLUMNS):
-    raise ValueError("packed=True needs implementation='pallas', bits=4, second_moment='block' and "
-                     f"block_size=128, got {implementation!r}, {bits}, {second_moment!r}, {block_size}")
-  layout = _MomentLayout(bits, block_size, second_moment, min_quantized_size, second_moment_codebook)
+  the fused kernels then write the params themselves (:func:`optax_shampoo4.fused.fused_step`), and a step
+  with a non-finite gradient leaves the params unchanged too."""
+  _checks.check_type("config", config, AdamConfig)
+  _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
+  _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
+  _checks.check_number("eps", eps, 0.0)
+  _checks.check_number("eps_root", eps_root, 0.0)
+  bits, second_moment, implementation, packed = config.bits, config.second_moment, config.implementation, config.packed
+  layout = _MomentLayout(bits, config.block_size, second_moment, config.min_quantized_size,
+                         config.second_moment_codebook)
   kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
 
   def init_leaf_second(p):
@@ -486,13 +452,7 @@ def scale_by_adam_4bit(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    bits: int = 4,
-    block_size: Optional[int] = None,
-    second_moment: str = "rank1",
-    min_quantized_size: int = 4096,
-    second_moment_codebook: Optional[str] = None,
-    implementation: str = "xla",
-    packed: bool = False,
+    config: AdamConfig = AdamConfig(),
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's rule, storing both moments in 4 (or 8) bits [A4].
 
@@ -501,30 +461,10 @@ def scale_by_adam_4bit(
     b2: decay of the second moment (default 0.999).
     eps: added to ``√v̂`` in the denominator (default 1e-8).
     eps_root: added to ``v̂`` inside the square root (default 0).
-    bits: 4 (default), 8 (the 8-bit baseline: dynamic-tree codes for both moments, blocks of 256) or 32
-      (fp32 moments; identical to ``optax.scale_by_adam``).
-    block_size: block of the block-wise quantizer; default 128 at 4 bits, 256 at 8 bits. Static.
-    second_moment: ``"rank1"`` (default), ``"block"`` or ``"factored"`` (4-bit Factor: Adafactor row and
-      column EMAs in fp32 for tensors of rank ≥ 2). Static.
-    min_quantized_size: tensors with at most this many elements keep fp32 moments (default 4096). Static.
-    second_moment_codebook: override the second moment's codebook (default ``"linear_nozero"`` at 4 bits,
-      ``"dynamic_tree_unsigned"`` at 8). For ablations: a codebook with a zero lets ``v`` decode to 0 and
-      the update explode [A4]. Static.
-    implementation: ``"xla"`` (default) or ``"pallas"``: the fused kernels of
-      :mod:`~optax_shampoo4.adam_kernel` (Triton on GPU, the Pallas interpreter elsewhere), for one GPU or
-      replicated params. On an H100 they took the GPT-2-medium step (blocked) from 2.3× to 1.7×
-      ``optax.adamw`` (rank-1) and from 1.8× to 1.3× (block) and stored the same codes as the XLA path
-      (``benchmarks/adam_step.py``, docs/benchmarks.md); with ``packed`` and the update applied in the
-      kernels (``optax_shampoo4.adamw_4bit_fused``) the block step is 0.7×. Not for FSDP-sharded params:
-      GSPMD cannot split a kernel and would gather the moments. They cover 4-bit moments with 128-element
-      blocks: rank-1, matrices whose last axis is a multiple of 128 and which have at least 8 rows; block,
-      tensors of any rank whose size is a multiple of 128 (at least 8 blocks); other tensors take the XLA
-      path. Both paths store the same format. Static.
-    packed: keep each moment of the whole model in a :class:`PackedMoment` (a handful of arrays) instead of a
-      pytree like the params: the same bytes per tensor, but a jitted step passes ~8 state arrays instead of
-      ~3 per tensor, which is what bounds a GPU step's host dispatch (the default of
-      ``optax_shampoo4.adamw_4bit_fused(second_moment="block")``). Needs ``implementation="pallas"``,
-      ``second_moment="block"`` and 4 bits. Single device or replicated params only. Static.
+    config: how the moments are stored (bits, second-moment layout, kernels); see
+      :class:`~optax_shampoo4.config.AdamConfig`. The Pallas kernels (``implementation="pallas"``) are
+      for one GPU or replicated params (GSPMD cannot split a kernel); they cover 4-bit moments with
+      128-element blocks, and other tensors take the XLA path, which stores the same format.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByAdam4bitState`. Moments cost
@@ -533,10 +473,7 @@ def scale_by_adam_4bit(
   A step whose gradient holds a NaN/Inf leaves the moments and ``count`` untouched (``nonfinite_count`` is
   incremented) and returns the non-finite update, so ``optax.apply_if_finite`` can skip it.
   """
-  init_fn, step_fn = adam_4bit_functions(
-      b1, b2, eps, eps_root, bits=bits, block_size=block_size, second_moment=second_moment,
-      min_quantized_size=min_quantized_size, second_moment_codebook=second_moment_codebook,
-      implementation=implementation, packed=packed)
+  init_fn, step_fn = adam_4bit_functions(b1, b2, eps, eps_root, config)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -1,15 +1,20 @@
 """Reshaping tensors into preconditioner blocks and grouping the blocks by size.
 
-The rule (SPEC §2, adapted to Flax's layouts, where the *last* axis is the output axis):
+The rule (``docs/algorithms.md``, "Shapes"):
 
-* size-1 axes are dropped;
-* a tensor that has fewer than two axes left (bias, norm scale, scalar) or no elements gets no
+* a tensor with fewer than two axes of size > 1 (bias, norm scale, scalar) or no elements gets no
   preconditioner: its gradient passes through to the base optimizer;
-* otherwise all axes but the last are merged: a Dense kernel ``(in, out)`` stays ``(in, out)``, an
-  embedding ``(vocab, d)`` stays ``(vocab, d)``, a Flax conv kernel ``(kh, kw, Cin, Cout)`` becomes
-  ``(kh·kw·Cin, Cout)``, keeping the output dimension whole;
-* each dimension larger than ``max_order`` is cut into chunks of ``max_order`` (3072 → 1200, 1200, 672);
-  every 2-D block gets a left preconditioner (order = its rows) and a right one (order = its columns).
+* a tensor with exactly two such axes is that matrix: a Dense kernel ``(in, out)`` or an embedding
+  ``(vocab, d)``;
+* a tensor with more is split between two contiguous groups of axes, rows and columns, at the split that
+  needs the fewest preconditioner entries once long sides are cut (below). This fits every Flax layout:
+  attention ``(d_model, heads, head_dim) → (d_model, heads·head_dim)`` and
+  ``(heads, head_dim, d_model) → (heads·head_dim, d_model)``, a conv kernel
+  ``(kh, kw, Cin, Cout) → (kh·kw·Cin, Cout)``;
+* :class:`~optax_shampoo4.config.DimensionNumbers` override the rule per leaf (row axes, column axes, and
+  batch axes whose every index is a matrix of its own);
+* each side longer than ``max_order`` is cut into chunks of ``max_order`` (3072 → 1200, 1200, 672); every
+  2-D block gets a left preconditioner (order = its rows) and a right one (order = its columns).
 
 Preconditioners of equal order live in one stack ``(count, order, order)`` so that each *order class*
 compiles to one batched program; blocks of equal shape are preconditioned together. Everything here is
@@ -21,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optax_shampoo4.config import DimensionNumbers
 
 
 def chunk_sizes(dimension: int, max_order: int) -> Tuple[int, ...]:
@@ -34,12 +41,56 @@ def chunk_sizes(dimension: int, max_order: int) -> Tuple[int, ...]:
   return (max_order,) * full + ((rest,) if rest else ())
 
 
-def matrix_shape(shape: Sequence[int]) -> Optional[Tuple[int, int]]:
-  """The 2-D shape a tensor is preconditioned as, or ``None`` when it gets no preconditioner."""
-  kept = [d for d in shape if d != 1]
-  if len(kept) < 2 or 0 in kept:
+def preconditioner_entries(rows: int, cols: int, max_order: int) -> int:
+  """Entries ``Σ order²`` of the preconditioners of a ``(rows, cols)`` matrix cut at ``max_order``."""
+  row_chunks, col_chunks = chunk_sizes(rows, max_order), chunk_sizes(cols, max_order)
+  return (len(col_chunks) * sum(r * r for r in row_chunks) +
+          len(row_chunks) * sum(c * c for c in col_chunks))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixLayout:
+  """How a tensor is viewed as a stack of matrices: ``x.transpose(perm).reshape(batch, rows, cols)``."""
+
+  perm: Tuple[int, ...]
+  batch: int
+  rows: int
+  cols: int
+
+  def to_matrices(self, x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, self.perm).reshape(self.batch, self.rows, self.cols)
+
+  def from_matrices(self, m: jax.Array, shape: Sequence[int]) -> jax.Array:
+    permuted = tuple(shape[a] for a in self.perm)
+    return jnp.transpose(m.reshape(permuted), np.argsort(self.perm))
+
+
+def matrix_layout(shape: Sequence[int], max_order: int = 1200,
+                  dimension_numbers: Optional[DimensionNumbers] = None) -> Optional[MatrixLayout]:
+  """The matrices a tensor of ``shape`` is preconditioned as, or ``None`` when it gets no preconditioner."""
+  shape = tuple(shape)
+  if 0 in shape:
     return None
-  return (math.prod(kept[:-1]), kept[-1])
+  if dimension_numbers is not None:
+    batch, rows, cols = dimension_numbers.resolve(len(shape))
+    size = lambda axes: math.prod(shape[a] for a in axes)
+    if size(rows) == 1 or size(cols) == 1:
+      return None
+    return MatrixLayout(batch + rows + cols, size(batch), size(rows), size(cols))
+  kept = [a for a, d in enumerate(shape) if d != 1]
+  if len(kept) < 2:
+    return None
+  sizes = [shape[a] for a in kept]
+  splits = [(math.prod(sizes[:s]), math.prod(sizes[s:])) for s in range(1, len(kept))]
+  rows, cols = min(splits, key=lambda rc: preconditioner_entries(*rc, max_order))
+  unit = tuple(a for a, d in enumerate(shape) if d == 1)
+  return MatrixLayout(unit + tuple(kept), 1, rows, cols)
+
+
+def matrix_shape(shape: Sequence[int], max_order: int = 1200) -> Optional[Tuple[int, int]]:
+  """The 2-D shape a tensor is preconditioned as under the default rule, or ``None``."""
+  layout = matrix_layout(shape, max_order)
+  return None if layout is None else (layout.rows, layout.cols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +98,7 @@ class Block:
   """One block of one tensor, and where its two preconditioners sit in their stacks."""
 
   leaf: int
+  batch: int
   row_start: int
   rows: int
   col_start: int
@@ -73,7 +125,7 @@ class Plan:
   """The static blocking of a whole pytree of tensors."""
 
   shapes: Tuple[Tuple[int, ...], ...]
-  matrix_shapes: Tuple[Optional[Tuple[int, int]], ...]
+  layouts: Tuple[Optional[MatrixLayout], ...]
   groups: Tuple[BlockGroup, ...]
   stack_sizes: Tuple[Tuple[int, int], ...]  # (order, number of preconditioners), increasing order
   padding: int  # every stack's length is padded up to a multiple of this
@@ -88,24 +140,27 @@ class Plan:
 
   @property
   def preconditioned_leaves(self) -> Tuple[int, ...]:
-    return tuple(i for i, s in enumerate(self.matrix_shapes) if s is not None)
+    return tuple(i for i, s in enumerate(self.layouts) if s is not None)
 
 
 @functools.lru_cache(maxsize=256)
-def make_plan(shapes: Tuple[Tuple[int, ...], ...], max_order: int, padding: int = 1) -> Plan:
+def make_plan(shapes: Tuple[Tuple[int, ...], ...], max_order: int, padding: int = 1,
+              dimension_numbers: Optional[Tuple[Optional[DimensionNumbers], ...]] = None) -> Plan:
   """Blocks every tensor of ``shapes`` and assigns stack slots group by group (left side first)."""
-  matrix_shapes = tuple(matrix_shape(s) for s in shapes)
+  dimension_numbers = dimension_numbers or (None,) * len(shapes)
+  layouts = tuple(matrix_layout(s, max_order, d) for s, d in zip(shapes, dimension_numbers))
   by_shape: Dict[Tuple[int, int], List[Block]] = {}
-  for leaf, mshape in enumerate(matrix_shapes):
-    if mshape is None:
+  for leaf, layout in enumerate(layouts):
+    if layout is None:
       continue
-    row_start = 0
-    for rows in chunk_sizes(mshape[0], max_order):
-      col_start = 0
-      for cols in chunk_sizes(mshape[1], max_order):
-        by_shape.setdefault((rows, cols), []).append(Block(leaf, row_start, rows, col_start, cols))
-        col_start += cols
-      row_start += rows
+    for batch in range(layout.batch):
+      row_start = 0
+      for rows in chunk_sizes(layout.rows, max_order):
+        col_start = 0
+        for cols in chunk_sizes(layout.cols, max_order):
+          by_shape.setdefault((rows, cols), []).append(Block(leaf, batch, row_start, rows, col_start, cols))
+          col_start += cols
+        row_start += rows
 
   used: Dict[int, int] = {}
   groups = []
@@ -115,32 +170,36 @@ def make_plan(shapes: Tuple[Tuple[int, ...], ...], max_order: int, padding: int 
     right_offset = used.get(cols, 0)
     used[cols] = right_offset + len(blocks)
     groups.append(BlockGroup(rows, cols, tuple(blocks), left_offset, right_offset))
-  return Plan(tuple(tuple(s) for s in shapes), matrix_shapes, tuple(groups), tuple(sorted(used.items())),
+  return Plan(tuple(tuple(s) for s in shapes), layouts, tuple(groups), tuple(sorted(used.items())),
               padding)
 
 
 def gather_blocks(plan: Plan, matrices: Sequence[Optional[jax.Array]]) -> List[jax.Array]:
-  """For each group, the stack ``(len(blocks), rows, cols)`` of its blocks cut from the 2-D ``matrices``."""
+  """For each group, the stack ``(len(blocks), rows, cols)`` of its blocks cut from the
+  ``(batch, rows, cols)`` ``matrices`` of the leaves (see :meth:`MatrixLayout.to_matrices`)."""
   out = []
   for group in plan.groups:
     out.append(jnp.stack([
-        matrices[b.leaf][b.row_start:b.row_start + b.rows, b.col_start:b.col_start + b.cols]
+        matrices[b.leaf][b.batch, b.row_start:b.row_start + b.rows, b.col_start:b.col_start + b.cols]
         for b in group.blocks]))
   return out
 
 
 def scatter_blocks(plan: Plan, group_values: Sequence[jax.Array]) -> Dict[int, jax.Array]:
-  """Inverse of :func:`gather_blocks`: the 2-D matrix of every preconditioned leaf, from its blocks."""
-  pieces: Dict[int, Dict[Tuple[int, int], jax.Array]] = {}
+  """Inverse of :func:`gather_blocks`: the ``(batch, rows, cols)`` matrices of every preconditioned leaf."""
+  pieces: Dict[int, Dict[Tuple[int, int, int], jax.Array]] = {}
   for group, values in zip(plan.groups, group_values):
     for block, value in zip(group.blocks, values):
-      pieces.setdefault(block.leaf, {})[(block.row_start, block.col_start)] = value
+      pieces.setdefault(block.leaf, {})[(block.batch, block.row_start, block.col_start)] = value
   matrices = {}
   for leaf, blocks in pieces.items():
-    row_starts = sorted({r for r, _ in blocks})
-    col_starts = sorted({c for _, c in blocks})
-    rows = [jnp.concatenate([blocks[(r, c)] for c in col_starts], axis=1) for r in row_starts]
-    matrices[leaf] = jnp.concatenate(rows, axis=0)
+    batches = sorted({b for b, _, _ in blocks})
+    row_starts = sorted({r for _, r, _ in blocks})
+    col_starts = sorted({c for _, _, c in blocks})
+    matrices[leaf] = jnp.stack([
+        jnp.concatenate([jnp.concatenate([blocks[(b, r, c)] for c in col_starts], axis=1) for r in row_starts],
+                        axis=0)
+        for b in batches])
   return matrices
 
 
@@ -195,3 +254,43 @@ def group_slices(plan: Plan, stacks: Dict[int, Any]):
     k = len(group.blocks)
     out.append((cut(stacks[group.rows], group.left_offset, k), cut(stacks[group.cols], group.right_offset, k)))
   return out
+
+
+def chunk_length(order: int, length: int, working_set_bytes: Optional[int], fp32_copies: int) -> int:
+  """How many of a stack's ``length`` order-``order`` matrices fit in ``working_set_bytes`` when each needs
+  ``fp32_copies`` fp32 ``order × order`` buffers at once (the whole stack when the budget is ``None``)."""
+  if working_set_bytes is None:
+    return length
+  return int(min(length, max(1, working_set_bytes // (fp32_copies * 4 * order * order))))
+
+
+def map_chunks(fn: Callable[..., Any], chunk: int, *stacks: Any) -> Any:
+  """``fn`` over the leading (stack) axis of every array in ``stacks``, ``chunk`` entries at a time.
+
+  ``fn`` takes and returns batched pytrees (stack axis first). Chunks run one after another in a
+  ``lax.map`` (a loop, not ``vmap``: the conditionals inside ``fn`` stay conditionals), so only one
+  chunk's temporaries are live. A short last chunk is padded with copies of the stack's last entry.
+  """
+  length = jax.tree.leaves(stacks)[0].shape[0]
+  if chunk >= length:
+    return fn(*stacks)
+  count = -(-length // chunk)
+  pad = count * chunk - length
+
+  def split(a):
+    if pad:
+      a = jnp.concatenate([a, jnp.broadcast_to(a[-1:], (pad,) + a.shape[1:])])
+    return a.reshape((count, chunk) + a.shape[1:])
+
+  def join(a):
+    return a.reshape((count * chunk,) + a.shape[2:])[:length]
+
+  out = jax.lax.map(lambda xs: fn(*_restack(xs, lambda a: a, chunk)), _restack(stacks, split, count))
+  return _restack(out, join, length)
+
+
+def _restack(tree: Any, fn: Callable[[jax.Array], jax.Array], length: int) -> Any:
+  """``fn`` on every array of ``tree``; containers with static stack metadata (``map_stack``) are told the
+  new stack length."""
+  is_stack = lambda x: hasattr(x, "map_stack")
+  return jax.tree.map(lambda x: x.map_stack(fn, length) if is_stack(x) else fn(x), tree, is_leaf=is_stack)

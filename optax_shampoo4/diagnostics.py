@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shampoo4 import linalg
+from optax_shampoo4 import linalg, preconditioners
+from optax_shampoo4.config import ShampooConfig
 from optax_shampoo4.quantization import fake_quantize
 
 
@@ -74,12 +75,11 @@ def error_feedback_errors(grams, *, bits: int = 4, beta: float = 0.95, error_fee
   Runs the library's Cholesky storage and an fp32 one on the same stream of ``grams`` (``G Gᵀ``, each
   ``(n, n)``) and returns ``‖L̂_k − L_k‖_F / ‖L_k‖_F`` for every step ``k``.
   """
-  from optax_shampoo4 import shampoo  # local: shampoo imports nothing from here, but keeps import order light
-
-  hyper = shampoo.Hyper(beta, epsilon, error_feedback_beta)
-  quantized = shampoo.make_storage("cholesky", bits=bits, error_feedback=error_feedback)
-  reference = shampoo.make_storage("cholesky", bits=32)
   n = np.shape(grams[0])[-1]
+  hyper = preconditioners.Hyper(beta, epsilon, error_feedback_beta)
+  quantized = preconditioners.make_storage(
+      ShampooConfig(bits=bits, storage="cholesky", error_feedback=error_feedback, min_quantized_size=0), n)
+  reference = preconditioners.make_storage(ShampooConfig(bits=32, storage="cholesky"), n)
   states = [quantized.init(1, n, hyper), reference.init(1, n, hyper)]
   steps = [jax.jit(lambda s, g, st=st: st.update_statistics(s, g[None], hyper)[0]) for st in (quantized, reference)]
   errors = []

@@ -64,6 +64,23 @@ def matmul(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
   return constrain(jnp.matmul(a, b, precision=_precision_stack[-1] if precision is None else precision))
 
 
+def per_matrix(fn, *stacks):
+  """``fn`` over stacks ``(..., n, m)`` of matrices, for LAPACK-backed ops (Cholesky, triangular solve, eigh).
+
+  On the CPU backend the matrices go through ``fn`` one at a time (``lax.map``): jaxlib's batched CPU
+  LAPACK kernels split a batch over the process's intra-op thread pool and block until it is done, and
+  when every pool thread is one CPU device running such a kernel (a multi-device CPU program; seen with
+  jaxlib 0.10.2 on 8 devices and 2 cores), nothing is left to run the pieces: the step hangs. GPUs and
+  TPUs take the batched call.
+  """
+  if jax.default_backend() != "cpu":
+    return fn(*stacks)
+  batch = stacks[0].shape[:-2]
+  flat = [s.reshape((-1,) + s.shape[-2:]) for s in stacks]
+  out = lax.map(lambda xs: fn(*xs), flat)
+  return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
 def transpose(a: jax.Array) -> jax.Array:
   return jnp.swapaxes(a, -1, -2)
 
@@ -139,10 +156,13 @@ def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0,
   def cholesky_pass(x, gram_matrix):
     frobenius = jnp.sqrt(jnp.sum(gram_matrix * gram_matrix, axis=(-2, -1), keepdims=True))
     # Only the lower triangle is read: the product's rounding asymmetry needs no symmetrizing pass.
-    lower = lax.linalg.cholesky(gram_matrix + (shift * _FP32_UNIT_ROUNDOFF) * frobenius * eye,
-                                symmetrize_input=False)
-    # x ← x R̃⁻¹ with R̃ = lowerᵀ: solve  x_new · lowerᵀ = x.
-    return lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
+    shifted = gram_matrix + (shift * _FP32_UNIT_ROUNDOFF) * frobenius * eye
+
+    def factor_and_solve(shifted, x):
+      lower = lax.linalg.cholesky(shifted, symmetrize_input=False)
+      # x ← x R̃⁻¹ with R̃ = lowerᵀ: solve  x_new · lowerᵀ = x.
+      return lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
+    return per_matrix(factor_and_solve, shifted, x)
 
   def first_order_pass(x, gram_matrix):
     deviation = gram_matrix - eye
@@ -207,7 +227,7 @@ def inverse_root_from_eigenbasis(rows: jax.Array, eigenvalues: jax.Array, *, roo
 
 def inverse_root_eigh(statistic: jax.Array, *, root: int = 4, epsilon=1e-6) -> jax.Array:
   """``(A + ε·λmax I)^(-1/root)`` through a symmetric eigendecomposition (fp32)."""
-  eigenvalues, vectors = jnp.linalg.eigh(symmetrize(statistic), symmetrize_input=False)
+  eigenvalues, vectors = per_matrix(lambda a: jnp.linalg.eigh(a, symmetrize_input=False), symmetrize(statistic))
   return inverse_root_from_eigenbasis(transpose(vectors), eigenvalues, root=root, epsilon=epsilon)
 
 
@@ -259,5 +279,5 @@ def cholesky_lower(statistic: jax.Array, epsilon) -> jax.Array:
   n = statistic.shape[-1]
   diagonal_max = jnp.max(jnp.diagonal(statistic, axis1=-2, axis2=-1), axis=-1)
   ridge = epsilon * jnp.maximum(diagonal_max, 0.0) + jnp.finfo(jnp.float32).tiny
-  return lax.linalg.cholesky(symmetrize(statistic) + ridge[..., None, None] * jnp.eye(n, dtype=statistic.dtype),
-                             symmetrize_input=False)
+  shifted = symmetrize(statistic) + ridge[..., None, None] * jnp.eye(n, dtype=statistic.dtype)
+  return per_matrix(lambda a: lax.linalg.cholesky(a, symmetrize_input=False), shifted)

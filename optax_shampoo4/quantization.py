@@ -266,6 +266,12 @@ class QuantizedArray:
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     return dequantize(self, dtype)
 
+  def map_stack(self, fn, length: int) -> "QuantizedArray":
+    """``fn`` applied to every array of a stack (leading axis first), now ``length`` long."""
+    spec = dataclasses.replace(self.spec, shape=(length,) + tuple(self.spec.shape[1:]))
+    return QuantizedArray(fn(self.codes), tuple(fn(a) for a in self.scales),
+                          None if self.diagonal is None else fn(self.diagonal), spec)
+
   def __repr__(self):
     s = self.spec
     return (f"QuantizedArray(shape={self.shape}, {s.bits}-bit {s.codebook}, {s.normalization}"

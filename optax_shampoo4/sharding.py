@@ -93,11 +93,8 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
       moments = lambda tree: treedef.unflatten(
           [_moment_sharding(m, s, mesh) for m, s in zip(treedef.flatten_up_to(tree), shardings)])
       return ScaleByAdam4bitState(replicated, moments(node.mu), moments(node.nu), replicated)
-    if params_sharding is not None:
-      try:
-        return jax.tree.map(lambda _, s: s, node, params_sharding)
-      except (ValueError, TypeError):
-        pass
+    if params_sharding is not None and jax.tree.structure(node) == jax.tree.structure(params_sharding):
+      return jax.tree.map(lambda _, s: s, node, params_sharding)
     return jax.tree.map(lambda _: replicated, node)
 
   if is_shampoo(state) or isinstance(state, ScaleByAdam4bitState):

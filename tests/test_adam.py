@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax_shampoo4 as o4
+from helpers import substate
 from optax_shampoo4.quantization import unpack_nibbles
 from test_shampoo import digits_mlp_problem, least_squares_problem
 
@@ -38,9 +39,9 @@ def big_mlp_problem():
 @pytest.mark.parametrize("second_moment", ["rank1", "block", "factored"])
 def test_4bit_adamw_tracks_optax_adamw_on_real_data(big_mlp_problem, second_moment):
   reference, _ = loss_curve(optax.adamw(3e-3, weight_decay=1e-4), big_mlp_problem, 300)
-  curve, state = loss_curve(o4.adamw_4bit(3e-3, weight_decay=1e-4, second_moment=second_moment),
+  curve, state = loss_curve(o4.adamw_4bit(3e-3, weight_decay=1e-4, config=o4.AdamConfig(second_moment=second_moment)),
                             big_mlp_problem, 300)
-  assert isinstance(state[0].mu["w1"], o4.QuantizedArray)
+  assert isinstance(substate(state, o4.ScaleByAdam4bitState).mu["w1"], o4.QuantizedArray)
   # Every 25 steps from step 50 on, the losses differ by at most 2 % of the initial loss (ln 10).
   np.testing.assert_allclose(curve[1:], reference[1:], rtol=0, atol=0.02 * np.log(10))
 
@@ -67,7 +68,7 @@ def test_4bit_adamw_on_minibatch_least_squares():
   problem = minibatch_least_squares()
   initial = float(problem[0](problem[1], *problem[3]))
   reference, _ = loss_curve(optax.adamw(1e-2, weight_decay=0.0), problem, 400, every=50)
-  eight, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0, bits=8), problem, 400, every=50)
+  eight, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0, config=o4.AdamConfig(bits=8)), problem, 400, every=50)
   four, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0), problem, 400, every=50)
   np.testing.assert_allclose(eight, reference, rtol=0, atol=0.02 * initial)
   np.testing.assert_allclose(four, reference, rtol=0, atol=0.05 * initial)
@@ -80,7 +81,7 @@ def test_first_moment_dead_zone_on_an_ill_conditioned_quadratic():
   (With fp32 m and 4-bit v the curve tracks optax.adamw: the first moment is the cause.)"""
   problem = least_squares_problem(d_in=96, d_out=64, decades=1.0)
   reference, _ = loss_curve(optax.adamw(1e-2, weight_decay=0.0), problem, 200, every=200)
-  eight, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0, bits=8), problem, 200, every=200)
+  eight, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0, config=o4.AdamConfig(bits=8)), problem, 200, every=200)
   four, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0), problem, 200, every=200)
   assert abs(eight[-1] - reference[-1]) <= 0.1 * reference[-1]
   assert four[-1] > 1.5 * reference[-1]
@@ -114,7 +115,7 @@ def test_zero_point_makes_the_update_explode_and_linear_nozero_does_not():
   largest = {}
   for codebook in ("dynamic_tree_unsigned", "linear_nozero", None):
     tx = (optax.scale_by_adam() if codebook is None else
-          o4.scale_by_adam_4bit(second_moment="block", second_moment_codebook=codebook))
+          o4.scale_by_adam_4bit(config=o4.AdamConfig(second_moment="block", second_moment_codebook=codebook)))
     state = tx.init(jnp.zeros(n))
     for g in stream:
       update, state = tx.update(jnp.asarray(g), state)
@@ -128,8 +129,8 @@ def test_memory_per_parameter():
   params = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
   per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)) / 4096**2
   assert per_param(o4.scale_by_adam_4bit()) <= 1.1
-  assert per_param(o4.scale_by_adam_4bit(second_moment="factored")) <= 0.6
-  assert per_param(o4.scale_by_adam_4bit(bits=8)) <= 2.1
+  assert per_param(o4.scale_by_adam_4bit(config=o4.AdamConfig(second_moment="factored"))) <= 0.6
+  assert per_param(o4.scale_by_adam_4bit(config=o4.AdamConfig(bits=8))) <= 2.1
   assert per_param(optax.scale_by_adam()) == pytest.approx(8.0)
 
 
@@ -147,7 +148,7 @@ def test_all_4bit_shampoo_state_is_at_most_half_of_adamw_on_gpt2_shapes():
   params = gpt2_small_shapes()
   assert 124e6 < sum(np.prod(p.shape) for p in params.values()) < 125e6
   adamw = o4.state_nbytes(jax.eval_shape(optax.adamw(1e-3).init, params))
-  ours = o4.state_nbytes(jax.eval_shape(o4.shampoo_adamw(1e-3, bits=4, adam_bits=4).init, params))
+  ours = o4.state_nbytes(jax.eval_shape(o4.shampoo_adamw(1e-3, shampoo=o4.ShampooConfig(bits=4), adam=o4.AdamConfig(bits=4)).init, params))
   assert ours <= 0.5 * adamw, (ours, adamw)
 
 
@@ -203,8 +204,8 @@ def test_fused_kernels_match_the_xla_path(second_moment):
   rank-1), a NaN step that must keep the state, and a traced b1 (inject_hyperparams)."""
   params = {"tiles": jnp.zeros((80, 256)), "ragged": jnp.zeros((70, 256)), "bf16": jnp.zeros((64, 128), jnp.bfloat16),
             "conv": jnp.zeros((3, 3, 16, 128)), "vector": jnp.zeros((8192,))}
-  factories = {i: o4.inject_hyperparams(o4.adamw_4bit)(learning_rate=1e-2, b1=0.8, second_moment=second_moment,
-                                                      implementation=i) for i in ("xla", "pallas")}
+  factories = {i: optax.inject_hyperparams(o4.adamw_4bit)(
+      learning_rate=1e-2, b1=0.8, config=o4.AdamConfig(second_moment=second_moment, implementation=i)) for i in ("xla", "pallas")}
   states = {i: tx.init(params) for i, tx in factories.items()}
   steps = {i: jax.jit(tx.update) for i, tx in factories.items()}
   # rank-1: two kernels for each of three matrices, and two more for the 6 rows of "ragged" past its last
@@ -222,7 +223,7 @@ def test_fused_kernels_match_the_xla_path(second_moment):
     for i in factories:
       updates[i], states[i] = steps[i](grads, states[i], params)
     assert_equal_to_fp32_rounding(updates["xla"], states["xla"], updates["pallas"], states["pallas"])
-  adam_state = states["pallas"].inner_state[0]
+  adam_state = substate(states["pallas"], o4.ScaleByAdam4bitState)
   assert isinstance(adam_state, o4.adam.ScaleByAdam4bitState)
   assert int(adam_state.count) == 4 and int(adam_state.nonfinite_count) == 1
 
@@ -253,7 +254,7 @@ def test_fused_step_equals_update_then_apply_updates(second_moment):
       grads["w"] = grads["w"].at[3, 7].set(jnp.inf)
     updates, new_reference_state = update(grads, reference_state, reference)
     if t == 2:  # the reference skips the step by hand; its schedule counted it
-      new_reference_state = (new_reference_state[0], *reference_state[1:])
+      new_reference_state = (new_reference_state[0], *reference_state[1:])  # (adam, decay, schedule)
     else:
       reference = optax.apply_updates(reference, updates)
     reference_state = new_reference_state
@@ -269,7 +270,9 @@ def test_fused_step_equals_update_then_apply_updates(second_moment):
       np.testing.assert_allclose(np.asarray(fused_params[name], np.float32), np.asarray(reference[name], np.float32),
                                  **tolerance)
     assert_equal_to_fp32_rounding({}, reference_state, {}, state)
-  assert int(state[0].count) == 4 and int(state[0].nonfinite_count) == 1 and int(state[2].count) == 4
+  adam_state = substate(state, o4.ScaleByAdam4bitState)
+  schedule_state = substate(state, optax.ScaleByScheduleState)
+  assert int(adam_state.count) == 4 and int(adam_state.nonfinite_count) == 1 and int(schedule_state.count) == 4
   assert not np.allclose(np.asarray(fused_params["w"]), np.asarray(params["w"]))  # it trained
 
 
@@ -335,4 +338,4 @@ def test_packed_needs_the_block_kernels(kwargs):
   with pytest.raises(ValueError, match="packed"):
     o4.scale_by_adam_4bit(**arguments)
   with pytest.raises(TypeError, match="packed"):
-    o4.scale_by_adam_4bit(second_moment="block", implementation="pallas", packed=1)
+    o4.scale_by_adam_4bit(config=o4.AdamConfig(second_moment="block", implementation="pallas", packed=1))

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shampoo4 import diagnostics, shampoo
+from optax_shampoo4 import diagnostics, preconditioners
+from optax_shampoo4.config import ShampooConfig
 
 
 def gram_stream(n=96, m=48, steps=60, seed=0):
@@ -21,8 +22,8 @@ def test_error_feedback_reduces_the_statistic_error():
 
 
 def test_rebuilt_statistic_stays_symmetric_positive_definite_over_a_long_run():
-  storage = shampoo.make_storage("cholesky")
-  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  storage = preconditioners.make_storage(ShampooConfig(storage="cholesky", min_quantized_size=0), 64)
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   n = 80
   state = storage.init(2, n, hyper)
   step = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper))
@@ -41,8 +42,8 @@ def test_rebuilt_statistic_stays_symmetric_positive_definite_over_a_long_run():
 
 
 def test_packed_array_holds_factor_and_error_in_one_4bit_matrix():
-  storage = shampoo.make_storage("cholesky")
-  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  storage = preconditioners.make_storage(ShampooConfig(storage="cholesky", min_quantized_size=0), 64)
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   state = storage.init(1, 64, hyper)
   grams = gram_stream(n=64, steps=5)
   for g in grams:
@@ -58,8 +59,8 @@ def test_packed_array_holds_factor_and_error_in_one_4bit_matrix():
 
 
 def test_without_error_feedback_the_error_state_stays_zero():
-  storage = shampoo.make_storage("cholesky", error_feedback=False)
-  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  storage = preconditioners.make_storage(ShampooConfig(storage="cholesky", error_feedback=False, min_quantized_size=0), 64)
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   state = storage.init(1, 64, hyper)
   for g in gram_stream(n=64, steps=3):
     state, _ = storage.update_statistics(state, jnp.asarray(g[None], jnp.float32), hyper)
@@ -68,8 +69,8 @@ def test_without_error_feedback_the_error_state_stays_zero():
 
 
 def test_failed_factorization_keeps_the_previous_factor():
-  storage = shampoo.make_storage("cholesky")
-  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  storage = preconditioners.make_storage(ShampooConfig(storage="cholesky", min_quantized_size=0), 64)
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   state = storage.init(1, 64, hyper)
   bad = jnp.full((1, 64, 64), jnp.nan)
   new_state, ok = storage.update_statistics(state, bad, hyper)

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_shampoo4 as o4
+from helpers import substate
 from optax_shampoo4.sharding import optimizer_state_sharding
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -112,17 +113,16 @@ def assert_no_full_stack_gather(hlo: str, stacks) -> None:
     ("eigenvectors", 32, 3e-2, "count"), ("eigenvectors", 4, 6e-2, "count"), ("cholesky", 4, 6e-2, "count"),
     ("matrix", 32, 1e-4, "count"), ("matrix", 32, 1e-4, "sharding")])
 def test_sharded_equals_single_device_and_splits_the_state(quantize, bits, tolerance, shard_blocks):
-  tx = optax.chain(o4.scale_by_shampoo(bits=bits, quantize=quantize, statistics_every=1, inverse_root_every=2,
-                                       shard_blocks=SHARD_BLOCKS[shard_blocks]()))
+  tx = optax.chain(o4.scale_by_shampoo(o4.ShampooConfig(bits=bits, storage=quantize, shard_blocks=SHARD_BLOCKS[shard_blocks]()), statistics_every=1, inverse_root_every=2))
   single_out, single_state = last_update(tx)
   out, state = last_update(tx, shard=sharder)
   for key in PARAMS:
     assert relative(out[key], single_out[key]) < tolerance, key
   from optax_shampoo4.quantization import QuantizedArray, dequantize
   load = lambda x: dequantize(x) if isinstance(x, QuantizedArray) else x
-  for key, stack in single_state[0].preconditioners.items():
-    assert relative(load(state[0].preconditioners[key].inverse_root), load(stack.inverse_root)) < tolerance, key
-  stacks = state[0].preconditioners
+  for key, stack in substate(single_state, o4.ShampooState).preconditioners.items():
+    assert relative(load(substate(state, o4.ShampooState).preconditioners[key].inverse_root), load(stack.inverse_root)) < tolerance, key
+  stacks = substate(state, o4.ShampooState).preconditioners
   total = o4.state_nbytes(stacks)
   per_device = o4.state_nbytes(stacks, per_device=True)
   assert per_device <= total / 8 * 1.01, (per_device, total)
@@ -131,15 +131,15 @@ def test_sharded_equals_single_device_and_splits_the_state(quantize, bits, toler
 
 
 def test_sharded_training_runs_with_a_full_optimizer():
-  tx = o4.shampoo_adamw(1e-2, adam_bits=4, statistics_every=1, inverse_root_every=2, shard_blocks=8)
+  tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2, shampoo=o4.ShampooConfig(shard_blocks=8), adam=o4.AdamConfig(bits=4))
   params, state, _ = run(tx, 3, shard=sharder)
   assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
-  assert int(state[0].failure_count) == 0
+  assert int(substate(state, o4.ShampooState).failure_count) == 0
 
 
 @pytest.mark.parametrize("shard_blocks", SHARD_BLOCKS)
 def test_compiled_program_gathers_no_full_preconditioner_stack(shard_blocks):
-  tx = o4.scale_by_shampoo(statistics_every=1, inverse_root_every=1, shard_blocks=SHARD_BLOCKS[shard_blocks]())
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(shard_blocks=SHARD_BLOCKS[shard_blocks]()), statistics_every=1, inverse_root_every=1)
   state = tx.init(PARAMS)
   mesh, state_sharding = sharder(state)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
@@ -167,8 +167,7 @@ def test_compiled_program_gathers_no_full_preconditioner_stack(shard_blocks):
 def test_replicated_roots_keep_the_per_step_product_local():
   """``replicate_roots``: statistics sharded, roots whole on every device; same results as one device, and
   the compiled step moves nothing between devices outside the update conditionals."""
-  tx = o4.scale_by_shampoo(bits=4, statistics_every=1, inverse_root_every=2, shard_blocks=block_sharding(),
-                           replicate_roots=True)
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(bits=4, shard_blocks=block_sharding(), replicate_roots=True), statistics_every=1, inverse_root_every=2)
   replicate = lambda state: (lambda mesh: (mesh, optimizer_state_sharding(state, mesh, "blocks",
                                                                           replicate_roots=True)))(
       Mesh(np.array(jax.devices()[:8]), ("blocks",)))
@@ -187,8 +186,7 @@ def test_replicated_roots_keep_the_per_step_product_local():
   assert per_device <= roots + statistics / 8 * 1.01, (per_device, roots, statistics)
   # Compiled for larger blocks (where propagation used to reshuffle the gradient blocks every step):
   params = {"a": jnp.zeros((480, 400)), "b": jnp.zeros((400, 480)), "c": jnp.zeros((3, 3, 40, 480))}
-  tx = o4.scale_by_shampoo(statistics_every=1, inverse_root_every=1, max_order=128, shard_blocks=block_sharding(),
-                           replicate_roots=True)
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(max_order=128, shard_blocks=block_sharding(), replicate_roots=True), statistics_every=1, inverse_root_every=1)
   abstract = jax.eval_shape(tx.init, params)
   mesh, state_sharding = replicate(abstract)
   whole = NamedSharding(mesh, PartitionSpec())
@@ -204,7 +202,7 @@ def test_replicated_roots_keep_the_per_step_product_local():
 
 def test_sharded_state_checkpoint_restores_with_its_shardings(tmp_path):
   import orbax.checkpoint as ocp
-  tx = o4.shampoo_adamw(1e-2, adam_bits=4, statistics_every=1, inverse_root_every=2, shard_blocks=8)
+  tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2, shampoo=o4.ShampooConfig(shard_blocks=8), adam=o4.AdamConfig(bits=4))
   _, state, _ = run(tx, 3, shard=sharder)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", state)
@@ -223,7 +221,7 @@ def test_fsdp_sharded_params_and_4bit_adam_moments(second_moment):
   params = {"a": jnp.zeros((96, 256)), "b": jnp.zeros((64, 128)), "odd": jnp.zeros((72, 100)), "bias": jnp.zeros(256)}
   params = jax.tree.map(lambda p: p + 0.1, params)
   _, _, (p_sharded, s_sharded), (p_single, s_single), _ = fsdp_runs(
-      o4.adamw_4bit(1e-2, second_moment=second_moment), params, 4)
+      o4.adamw_4bit(1e-2, config=o4.AdamConfig(second_moment=second_moment)), params, 4)
   for a, b in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   for a, b in zip(jax.tree.leaves(s_sharded), jax.tree.leaves(s_single)):
@@ -252,8 +250,7 @@ def test_shampoo_with_fsdp_sharded_params_equals_single_device():
   mesh axis: three steps with statistics and inverse-root updates match the single-device run, and the
   compiled step gathers no full preconditioner stack."""
   params = jax.tree.map(lambda p: p + 0.1, {**PARAMS, "wide": jnp.zeros((64, 256))})
-  tx = o4.shampoo_adamw(1e-3, adam_bits=4, bits=32, quantize="matrix", statistics_every=1, inverse_root_every=2,
-                        shard_blocks=8)
+  tx = o4.shampoo_adamw(1e-3, statistics_every=1, inverse_root_every=2, shampoo=o4.ShampooConfig(bits=32, storage="matrix", shard_blocks=8), adam=o4.AdamConfig(bits=4))
   params_sharding, sharded, (p_sharded, s_sharded), (p_single, s_single), grads = fsdp_runs(
       tx, params, 3, shardable=lambda p: p.ndim and p.shape[0] % 8 == 0)
   # Sharded products round differently (~1e-6); a 4-bit Adam code then occasionally lands on the other
