@@ -213,17 +213,19 @@ def optimizers(base: str, learning_rate: float, weight_decay: float, steps: int,
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(2, steps))
   if base == "sgdm":
     def shampoo(**kw):
-      return lambda: o4.shampoo_sgdm(schedule, momentum=0.9, weight_decay=weight_decay, **intervals, **kw)
+      return lambda: o4.shampoo_sgdm(schedule, momentum=0.9, weight_decay=weight_decay, **intervals,
+                                     shampoo=o4.ShampooConfig(**kw))
     return {"sgdm": lambda: optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, 0.9)),
             "shampoo32": shampoo(bits=32), "shampoo4": shampoo(bits=4),
-            "cholesky4": shampoo(bits=4, quantize="cholesky")}
+            "cholesky4": shampoo(bits=4, storage="cholesky")}
 
-  def shampoo(**kw):
-    return lambda: o4.shampoo_adamw(schedule, weight_decay=weight_decay, **intervals, **kw)
+  def shampoo(adam=o4.AdamConfig(bits=32), **kw):
+    return lambda: o4.shampoo_adamw(schedule, weight_decay=weight_decay, **intervals, adam=adam,
+                                    shampoo=o4.ShampooConfig(**kw))
   return {"adamw": lambda: optax.adamw(schedule, weight_decay=weight_decay),
           "adamw_4bit": lambda: o4.adamw_4bit(schedule, weight_decay=weight_decay),
           "shampoo32": shampoo(bits=32), "shampoo4": shampoo(bits=4),
-          "cholesky4": shampoo(bits=4, quantize="cholesky"), "all_4bit": shampoo(bits=4, adam_bits=4)}
+          "cholesky4": shampoo(bits=4, storage="cholesky"), "all_4bit": shampoo(o4.AdamConfig(), bits=4)}
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -353,7 +353,7 @@ def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections, co
 def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamConfig = AdamConfig()):
   """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments): ``step_fn(updates, state,
   apply=None)`` is its update; with an :class:`ApplyStep` it returns the new params instead of the updates —
-  the fused kernels then write the params themselves (:func:`optax_shampoo4.fused.fused_step`), and a step
+  the fused kernels then write the params themselves (:func:`optax_shampoo4.adamw_4bit_fused`), and a step
   with a non-finite gradient leaves the params unchanged too."""
   _checks.check_type("config", config, AdamConfig)
   _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
@@ -394,6 +394,13 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamCo
     # off GPU the kernels run in the Pallas interpreter
     interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
 
+    def outputs(out):
+      # Updates keep the gradient's dtype (the Optax contract; optax.apply_if_finite's two branches must
+      # agree); with ``apply`` they are the params, already in the params' dtypes.
+      if apply is None:
+        out = [u.astype(g.dtype) for u, g in zip(out, leaves)]
+      return treedef.unflatten(out)
+
     def new_state(finite, mu, nu):
       return ScaleByAdam4bitState(jnp.where(finite, count, state.count).astype(jnp.int32), mu, nu,
                                   state.nonfinite_count + (~finite).astype(jnp.int32))
@@ -405,7 +412,7 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamCo
       finite = _all_finite(leaves)
       out, mu, nu = _packed_step(layout, kernel_config, (b1, b2, eps, eps_root), leaves, state.mu, state.nu,
                                  corrections, constants, finite, applied, interpret=interpret)
-      return treedef.unflatten(out), new_state(finite, mu, nu)
+      return outputs(out), new_state(finite, mu, nu)
 
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
@@ -441,7 +448,7 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamCo
       new_mu.append(m)
       new_nu.append(v)
 
-    return treedef.unflatten(out), new_state(finite, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
+    return outputs(out), new_state(finite, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
 
   return init_fn, step_fn
 

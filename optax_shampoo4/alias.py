@@ -37,9 +37,23 @@ def _check_alias(learning_rate, weight_decay, skip_nonfinite):
   _checks.check_bool("skip_nonfinite", skip_nonfinite)
 
 
+def _keep_update_dtypes(tx):
+  """``tx`` whose updates keep the gradients' dtypes. Under ``inject_hyperparams`` the learning rate and
+  weight decay are float32 arrays, which promote bf16 updates to float32; ``optax.apply_if_finite`` needs
+  its skipped branch (zeros like the gradients) and its taken branch to agree."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = tx.update(updates, state, params, **extra_args)
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates), state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def _finalize(tx, skip_nonfinite: bool):
   # apply_if_finite zeroes the whole update and keeps every inner state on a NaN/Inf step.
-  return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1) if skip_nonfinite else tx
+  if not skip_nonfinite:
+    return tx
+  return optax.apply_if_finite(_keep_update_dtypes(tx), max_consecutive_errors=2**31 - 1)
 
 
 def adamw_4bit(
@@ -113,11 +127,13 @@ def adamw_4bit_fused(
     *,
     mask: MaskOrFn = None,
     second_moment: str = "block",
+    packed: Optional[bool] = None,
 ) -> FusedOptimizer:
   """:func:`adamw_4bit` with the Pallas kernels applying the update too: each kernel reads a tensor's
   gradient, params and 4-bit moments and writes the new params and moments — no update tensor, no separate
   ``apply_updates`` pass. With ``"block"`` (default) both moments of the whole model are packed into a few
-  arrays (:class:`~optax_shampoo4.adam.PackedMoment`), so a GPU step costs the host less than the device.
+  arrays (:class:`~optax_shampoo4.adam.PackedMoment`), so a GPU step costs the host less than the device;
+  ``packed=False`` keeps the per-tensor layout of :func:`adamw_4bit`.
 
   ``step`` computes, per tensor, ``p + (−lr)·(û + wd·p)`` in fp32 (the ops of ``add_decayed_weights``,
   ``scale_by_learning_rate`` and ``apply_updates``, in their order; bf16 params are rounded once). A step
@@ -125,7 +141,8 @@ def adamw_4bit_fused(
   the jitted step so that the kernels update them in place. One GPU or replicated params.
   """
   _checks.check_choice("second_moment", second_moment, ("rank1", "block"))
-  config = AdamConfig(second_moment=second_moment, implementation="pallas", packed=second_moment == "block")
+  packed = second_moment == "block" if packed is None else packed
+  config = AdamConfig(second_moment=second_moment, implementation="pallas", packed=packed)
   transformation = adamw_4bit(learning_rate, b1, b2, eps, weight_decay, mask=mask, config=config,
                               skip_nonfinite=False)
   _, adam_step = adam_4bit_functions(b1, b2, eps, 0.0, config)
