@@ -126,8 +126,9 @@ class _Stacks:
           lambda x: lax.with_sharding_constraint(x, self.whole), stack.inverse_root))
     return stack
 
-  def chunk(self, order: int, copies: int) -> int:
-    length = self.plan.stack_length(order)
+  def chunk(self, order: int, copies: int, length: Optional[int] = None) -> int:
+    """How many of ``length`` (default: the order's whole stack) matrices one chunk processes."""
+    length = self.plan.stack_length(order) if length is None else length
     if self.config.block_sharding is not None:  # a loop over a sharded axis would gather it
       return length
     return blocking.chunk_length(order, length, self.config.working_set_bytes, copies)
@@ -194,8 +195,7 @@ def precondition(stacks: _Stacks, preconditioners, group_blocks) -> Sequence[jax
       return jnp.matmul(jnp.matmul(load_left(left), g, precision=precision), load_right(right),
                         precision=precision)
 
-    chunk = (len(group.blocks) if stacks.config.block_sharding is not None else blocking.chunk_length(
-        max(group.rows, group.cols), len(group.blocks), stacks.config.working_set_bytes, PRODUCT_FP32_COPIES))
+    chunk = stacks.chunk(max(group.rows, group.cols), PRODUCT_FP32_COPIES, len(group.blocks))
     out.append(blocking.map_chunks(product, chunk, g, left, right))
   return out
 
