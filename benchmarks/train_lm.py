@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -163,7 +164,7 @@ def main(argv=None):
   results = []
   os.makedirs(os.path.join(args.out, "parts"), exist_ok=True)
   for name in names:
-    part = os.path.join(args.out, "parts", name.replace(" ", "_") + ".json")
+    part = os.path.join(args.out, "parts", re.sub(r"[^A-Za-z0-9.-]+", "_", name) + ".json")
     if os.path.exists(part):  # measured by an earlier call on this machine
       with open(part) as f:
         results.append(json.load(f))
