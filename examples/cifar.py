@@ -9,7 +9,7 @@ contains ``cifar-10-batches-py`` / ``cifar-100-python``. Nothing is downloaded. 
 first writes a CIFAR-10-format dataset of N class-dependent random images there (for a smoke test or a
 timing run on a machine without the data; its accuracy says nothing about CIFAR).
 
-Hyperparameters follow [S4] (SPEC §2): ResNets use SGD with momentum 0.9, learning rate 0.1, L2 weight decay
+Hyperparameters follow [S4] (docs/algorithms.md): ResNets use SGD with momentum 0.9, learning rate 0.1, L2 weight decay
 5e-4; ViT-S uses AdamW, learning rate 1e-3, betas (0.9, 0.999), eps 1e-8, decoupled weight decay 0.05;
 Shampoo updates statistics every 100 steps and inverse roots every 500 (CIFAR's T1/T2). The learning rate
 warms up linearly over the first 5 % of the steps and then follows a cosine to zero (our choice). Training

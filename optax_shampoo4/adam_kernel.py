@@ -16,7 +16,7 @@ The stored state has the XLA path's format (fp32 scales; codes paired as contigu
 128 columns, ``quantization.pack_nibbles(pairing="halves")``), so a state written by one path is read by the
 other. The two halves of a tile (low and high nibbles) are read and written as two contiguous slices, so
 nothing is interleaved in registers; the ``"interleaved"`` pairing (columns 2j, 2j+1: stride-2 accesses) was
-18 % slower on an H100.
+slower (``benchmarks/adam_kernel.py``).
 
 Opt-in (``scale_by_adam_4bit(implementation="pallas")``). On an H100 (``benchmarks/adam_step.py``, GPT-2
 medium shapes, 3 steps) the Triton-compiled kernels store exactly the XLA path's codes and scales and their

@@ -1,4 +1,4 @@
-"""Error metrics of quantized preconditioners (SPEC §2 Table 1 of [S4]): NRE and angle error of A^{-1/4}."""
+"""Error metrics of quantized preconditioners ([S4] Table 1; ``docs/algorithms.md``): NRE and angle error of A^{-1/4}."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ default fp32 dot is TF32 on recent GPUs and bf16 passes on TPUs, which is too co
 statistics whose eigenvalues span six decades.
 
 Batched QR is avoided on purpose: on GPUs ``jnp.linalg.qr`` over a stack is orders of magnitude slower
-than matrix products (SPEC §5). Orthonormalization is a shifted Cholesky-QR repeated three times, which
+than matrix products (``benchmarks/profile.py`` measures both). Orthonormalization is a shifted Cholesky-QR repeated three times, which
 reproduces the Q factor of a QR decomposition with matrix products, one Cholesky and one triangular solve
 per pass (or, once the columns are nearly orthonormal, one product: a first-order correction).
 """
@@ -141,8 +141,8 @@ def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0,
 
   With ``correction_tolerance`` τ, a pass after the first whose Gram matrix is already close to the identity
   (``‖XᵀX − I‖_F`` ≤ τ for every matrix of the stack in the last pass, ≤ √τ in one followed by another)
-  replaces the Cholesky factorization and the triangular solve — on an H100 about five matrix products'
-  time — by one product: with ``XᵀX = I + E`` and ``U`` the upper triangle of ``E`` (half its diagonal),
+  replaces the Cholesky factorization and the triangular solve — the work of several matrix products —
+  by one product: with ``XᵀX = I + E`` and ``U`` the upper triangle of ``E`` (half its diagonal),
   ``X ← X (I − U)`` is the first-order expansion of ``X R⁻¹`` and leaves ``‖XᵀX − I‖ = O(‖E‖²)`` (measured
   ≈ 0.15‖E‖²). ``I − U`` is upper triangular, so the column spans are still those of QR. The choice is a
   ``lax.cond`` per pass on the whole stack (both branches under ``vmap``).
@@ -212,7 +212,7 @@ def subspace_iteration_step(statistic: jax.Array, rows: jax.Array, *, shift: flo
 
 
 def relative_damping(eigenvalues: jax.Array, epsilon) -> jax.Array:
-  """``ρ = ε · max(λ)`` per matrix (SPEC §2), kept strictly positive for an all-zero statistic."""
+  """``ρ = ε · max(λ)`` per matrix (``docs/algorithms.md``, 4-bit Shampoo), kept strictly positive for an all-zero statistic."""
   largest = jnp.max(eigenvalues, axis=-1, keepdims=True)
   return epsilon * jnp.maximum(largest, 0.0) + jnp.finfo(jnp.float32).tiny
 

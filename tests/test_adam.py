@@ -1,4 +1,4 @@
-"""4-bit AdamW and 4-bit Factor (SPEC §4) against optax.adamw."""
+"""4-bit AdamW and 4-bit Factor (docs/algorithms.md) against optax.adamw."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Cholesky quantization with error feedback (SPEC §3, [CQ])."""
+"""Cholesky quantization with error feedback ([CQ], docs/algorithms.md)."""
 
 import jax
 import jax.numpy as jnp

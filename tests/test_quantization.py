@@ -1,4 +1,4 @@
-"""The quantizer against a plain numpy float64 reference written here (SPEC §1)."""
+"""The quantizer against a plain numpy float64 reference written here (docs/algorithms.md)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""4-bit Shampoo (SPEC §2) against numpy float64 references, [S4] Table 1, and convergence."""
+"""4-bit Shampoo (docs/algorithms.md) against numpy float64 references, [S4] Table 1, and convergence."""
 
 import functools
 
@@ -70,7 +70,7 @@ def test_oriented_blocks_give_each_slot_its_statistic():
 # ----------------------------------------------------------------------------------------------- fp64 reference
 def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_root_every, beta, epsilon,
                       cholesky_ridge=False):
-  """Classic Shampoo in numpy float64, written from SPEC §2 independently of the library.
+  """Classic Shampoo in numpy float64, written from docs/algorithms.md independently of the library.
 
   ``cholesky_ridge``: [CQ] factors ``L + ε·max(diag L)·I`` and keeps ``C Cᵀ``, so the ridge stays in ``L``.
   """
