@@ -97,7 +97,7 @@ class ShampooConfig:
       compile on small models, largest memory). Default 256 MiB.
     shard_blocks: an int pads every stack to a multiple of it; a ``NamedSharding`` such as
       ``NamedSharding(mesh, P("blocks"))`` also keeps the updates' stacks sharded along that mesh axis
-      (each device does the work of its share of blocks; chunking is then off).
+      (each device does the work of its share of blocks). Other than 1, either form turns chunking off.
     replicate_roots: with a ``NamedSharding``: keep the stored inverse roots whole on every device.
   """
 
@@ -170,6 +170,12 @@ class ShampooConfig:
       return None
     axes = self.block_sharding.spec[0]
     return axes if isinstance(axes, tuple) else (axes,)
+
+  @property
+  def stacks_spread(self) -> bool:
+    """Whether the stacks may be split over devices (``shard_blocks`` other than 1): then no loop may run
+    over their leading axis, which would gather them whole onto every device."""
+    return self.block_sharding is not None or self.shard_blocks > 1
 
   @property
   def stack_multiple(self) -> int:

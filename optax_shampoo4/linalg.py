@@ -71,9 +71,10 @@ def per_matrix(fn, *stacks):
   LAPACK kernels split a batch over the process's intra-op thread pool and block until it is done, and
   when every pool thread is one CPU device running such a kernel (a multi-device CPU program; seen with
   jaxlib 0.10.2 on 8 devices and 2 cores), nothing is left to run the pieces: the step hangs. GPUs and
-  TPUs take the batched call.
+  TPUs take the batched call, and so do stacks sharded along their leading axis (inside
+  :func:`constrain_stacks`): a loop over that axis would gather the whole stack onto every device.
   """
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or _constraint_stack[-1] is not None:
     return fn(*stacks)
   batch = stacks[0].shape[:-2]
   flat = [s.reshape((-1,) + s.shape[-2:]) for s in stacks]

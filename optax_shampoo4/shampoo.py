@@ -103,7 +103,8 @@ class _Stacks:
     """Keeps arrays whose leading axis is the order's stack sharded along ``shard_blocks``."""
     sharding, length = self.config.block_sharding, self.plan.stack_length(order)
     if sharding is None:
-      return None
+      # spread by propagation alone: nothing to constrain, but linalg must not loop over the stack
+      return (lambda x: x) if self.config.stacks_spread else None
 
     def constrain(x):
       if getattr(x, "ndim", 0) < 1 or x.shape[0] != length:
@@ -129,7 +130,7 @@ class _Stacks:
   def chunk(self, order: int, copies: int, length: Optional[int] = None) -> int:
     """How many of ``length`` (default: the order's whole stack) matrices one chunk processes."""
     length = self.plan.stack_length(order) if length is None else length
-    if self.config.block_sharding is not None:  # a loop over a sharded axis would gather it
+    if self.config.stacks_spread:  # a loop over a sharded axis would gather it
       return length
     return blocking.chunk_length(order, length, self.config.working_set_bytes, copies)
 
