@@ -22,7 +22,7 @@ from optax_shampoo4 import adam, adam_kernel
 
 
 def leaf_programs(config, shape, second_moment):
-  layout = adam._MomentLayout(4, 128, second_moment, 4096)
+  layout = adam.MomentLayout(4, 128, second_moment, 4096)
   b1, b2, eps, eps_root = 0.9, 0.999, 1e-8, 0.0
   constants = jnp.asarray([b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root], jnp.float32)
   view = adam_kernel.covers(shape, config)

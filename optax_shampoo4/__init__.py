@@ -4,8 +4,8 @@
 AdamW / 4-bit Factor [A4], as pure-functional Optax transformations whose states are pytrees.
 
 Public API:
-  Optimizers:       shampoo_adamw, shampoo_sgdm, adamw_4bit, adamw_4bit_fused (FusedOptimizer)
-  Transformations:  scale_by_shampoo, scale_by_adam_4bit
+  Optimizers:       shampoo_adamw, shampoo_sgdm, soap, adamw_4bit, adamw_4bit_fused (FusedOptimizer)
+  Transformations:  scale_by_shampoo, scale_by_soap, scale_by_adam_4bit
   Configs:          ShampooConfig, AdamConfig, DimensionNumbers
   Quantization:     quantize, dequantize, codebook, QuantizedArray
   Memory:           state_nbytes, memory_report, format_memory_report
@@ -33,20 +33,21 @@ _avoid_jaxlib_0_10_cpu_deadlock()
 
 from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState, scale_by_adam_4bit  # noqa: E402
 from optax_shampoo4.alias import (  # noqa: E402
-    FusedOptimizer, adamw_4bit, adamw_4bit_fused, shampoo_adamw, shampoo_sgdm)
+    FusedOptimizer, adamw_4bit, adamw_4bit_fused, shampoo_adamw, shampoo_sgdm, soap)
 from optax_shampoo4.config import AdamConfig, DimensionNumbers, ShampooConfig  # noqa: E402
 from optax_shampoo4.memory import format_memory_report, memory_report, state_nbytes  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
-    CholeskyPreconditioner, EigenPreconditioner, MatrixPreconditioner)
+    CholeskyPreconditioner, EigenBasis, EigenPreconditioner, MatrixPreconditioner)
 from optax_shampoo4.quantization import QuantizedArray, codebook, dequantize, quantize  # noqa: E402
 from optax_shampoo4.shampoo import ShampooState, scale_by_shampoo  # noqa: E402
+from optax_shampoo4.soap import SoapState, scale_by_soap  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "shampoo_adamw", "shampoo_sgdm", "adamw_4bit", "adamw_4bit_fused", "FusedOptimizer",
+    "shampoo_adamw", "shampoo_sgdm", "soap", "scale_by_soap", "SoapState", "adamw_4bit", "adamw_4bit_fused", "FusedOptimizer",
     "scale_by_shampoo", "scale_by_adam_4bit", "ShampooConfig", "AdamConfig", "DimensionNumbers",
     "quantize", "dequantize", "codebook", "QuantizedArray", "state_nbytes", "memory_report",
     "format_memory_report", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",
-    "CholeskyPreconditioner", "ScaleByAdam4bitState", "FactoredMoment",
+    "CholeskyPreconditioner", "EigenBasis", "ScaleByAdam4bitState", "FactoredMoment",
 ]

@@ -139,14 +139,19 @@ def _pack(stored, covered, shapes, treedef, tile_rows: int) -> PackedMoment:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MomentLayout:
-  """How the two moments of one tensor are stored."""
+class MomentLayout:
+  """How the two moments of one tensor are stored (``store_*`` / ``load_*`` per tensor shape)."""
 
   bits: int
   block_size: int
   second_moment: str
   min_quantized_size: int
   second_moment_codebook_override: Optional[str] = None
+
+  @classmethod
+  def from_config(cls, config: AdamConfig) -> "MomentLayout":
+    return cls(config.bits, config.block_size, config.second_moment, config.min_quantized_size,
+               config.second_moment_codebook)
 
   def quantized(self, shape) -> bool:
     size = 1
@@ -361,8 +366,7 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamCo
   _checks.check_number("eps", eps, 0.0)
   _checks.check_number("eps_root", eps_root, 0.0)
   bits, second_moment, implementation, packed = config.bits, config.second_moment, config.implementation, config.packed
-  layout = _MomentLayout(bits, config.block_size, second_moment, config.min_quantized_size,
-                         config.second_moment_codebook)
+  layout = MomentLayout.from_config(config)
   kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
 
   def init_leaf_second(p):

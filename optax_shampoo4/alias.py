@@ -18,6 +18,7 @@ from optax_shampoo4 import _checks
 from optax_shampoo4.adam import ApplyStep, ScaleByAdam4bitState, adam_4bit_functions, scale_by_adam_4bit
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.shampoo import scale_by_shampoo
+from optax_shampoo4.soap import scale_by_soap
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -257,5 +258,48 @@ def shampoo_sgdm(
                        error_feedback_beta=error_feedback_beta),
       optax.add_decayed_weights(weight_decay, mask),
       optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  ), skip_nonfinite)
+
+
+def soap(
+    learning_rate: ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    mask: MaskOrFn = None,
+    config: ShampooConfig = ShampooConfig(),
+    moments: AdamConfig = AdamConfig(),
+    precondition_every: int = 10,
+    shampoo_beta: Optional[float] = None,
+    moment_on_refresh: str = "keep",
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """SOAP (Adam in Shampoo's eigenbasis) with 4-bit bases and moments by default, composed like
+  ``optax.adamw``: :func:`~optax_shampoo4.soap.scale_by_soap` → decoupled weight decay → lr. No grafting:
+  Adam's hyperparameters apply unchanged.
+
+  Args:
+    learning_rate: a float or an Optax schedule (default 3e-3, the SOAP paper's).
+    b1, b2, eps: Adam's constants (defaults 0.95, 0.95, 1e-8).
+    weight_decay: decoupled weight decay (default 0.01).
+    mask: weight-decay mask, as in ``optax.adamw``.
+    config: the bases, :class:`ShampooConfig` (default 4-bit eigenvectors; ``bits=32`` is fp32 SOAP).
+    moments: the moments, :class:`AdamConfig` (default 4-bit; ``AdamConfig(bits=32)`` for fp32).
+    precondition_every, shampoo_beta, moment_on_refresh: see :func:`~optax_shampoo4.soap.scale_by_soap`.
+    skip_nonfinite: wrap in ``optax.apply_if_finite`` (default).
+
+  Examples:
+    >>> import optax, optax_shampoo4 as o4
+    >>> tx = o4.soap(3e-3)  # 4-bit bases and moments
+    >>> tx = o4.soap(3e-3, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32))  # fp32 SOAP
+  """
+  _check_alias(learning_rate, weight_decay, skip_nonfinite)
+  return _finalize(optax.chain(
+      scale_by_soap(b1, b2, eps, config=config, moments=moments, precondition_every=precondition_every,
+                    shampoo_beta=shampoo_beta, moment_on_refresh=moment_on_refresh),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   ), skip_nonfinite)

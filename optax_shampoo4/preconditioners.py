@@ -93,6 +93,13 @@ class EigenPreconditioner(NamedTuple):
   inverse_root: Stored  # (k, n, n), diagonal kept in fp32
 
 
+class EigenBasis(NamedTuple):
+  """An eigenvector storage without inverse roots: SOAP's bases (same fields, same statistics update)."""
+
+  eigenvectors: Stored  # (k, n, n)
+  eigenvalues: jax.Array  # (k, n) fp32
+
+
 class MatrixPreconditioner(NamedTuple):
   """The statistic itself (diagonal kept in fp32) — naive at 4 bits, classic Shampoo at 32."""
 
@@ -153,10 +160,19 @@ class EigenStorage(Storage):
     return EigenPreconditioner(self.codec.store(eye), jnp.full((k, n), hyper.epsilon, jnp.float32),
                                self._store_root(eye))
 
+  def init_basis(self, k, n, hyper) -> EigenBasis:
+    """A stack of identity bases: the state of SOAP's rotations (:mod:`optax_shampoo4.soap`)."""
+    preconditioner = self.init(k, n, hyper)
+    return EigenBasis(preconditioner.eigenvectors, preconditioner.eigenvalues)
+
+  def load_basis(self, eigenvectors: Stored) -> jax.Array:
+    """The eigenvectors (rows), rectified by ``bjorck_steps[0]`` Björck steps when they were quantized (fp32
+    rows come out of ``orthonormalize_columns`` already orthonormal)."""
+    rows = self.codec.load(eigenvectors)
+    return linalg.bjorck(rows, self.bjorck_steps[0]) if self.codec.quantized else rows
+
   def update_statistics(self, state, grams, hyper):
-    rows = self.codec.load(state.eigenvectors)
-    if self.codec.quantized:  # fp32 rows come out of orthonormalize_columns already orthonormal
-      rows = linalg.bjorck(rows, self.bjorck_steps[0])
+    rows = self.load_basis(state.eigenvectors)
     previous = linalg.matmul(linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
     # symmetric up to rounding, which the products below do not need removed
     statistic = hyper.beta * previous + (1.0 - hyper.beta) * grams

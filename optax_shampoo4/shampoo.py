@@ -90,7 +90,7 @@ def make_plan(config: ShampooConfig, tree: Any):
   return plan, treedef, leaves
 
 
-class _Stacks:
+class Stacks:
   """Sharding of the per-order stacks under ``config.shard_blocks`` (a no-op without a NamedSharding)."""
 
   def __init__(self, config: ShampooConfig, plan: blocking.Plan):
@@ -146,7 +146,7 @@ class _Stacks:
     return self.constraint(order)(oriented)
 
 
-def update_statistics(stacks: _Stacks, preconditioners, group_blocks, hyper: Hyper):
+def update_statistics(stacks: Stacks, preconditioners, group_blocks, hyper: Hyper):
   """Every order's statistics from this step's gradient blocks, chunk by chunk; ``(new, failures)``."""
   new, failures = {}, jnp.zeros([], jnp.int32)
   for order in stacks.plan.orders:
@@ -167,7 +167,7 @@ def update_statistics(stacks: _Stacks, preconditioners, group_blocks, hyper: Hyp
   return new, failures
 
 
-def update_inverse_roots(stacks: _Stacks, preconditioners, hyper: Hyper):
+def update_inverse_roots(stacks: Stacks, preconditioners, hyper: Hyper):
   """Every order's inverse roots, chunk by chunk; ``(new, failures)``."""
   new, failures = {}, jnp.zeros([], jnp.int32)
   for order in stacks.plan.orders:
@@ -181,7 +181,7 @@ def update_inverse_roots(stacks: _Stacks, preconditioners, hyper: Hyper):
   return new, failures
 
 
-def precondition(stacks: _Stacks, preconditioners, group_blocks) -> Sequence[jax.Array]:
+def precondition(stacks: Stacks, preconditioners, group_blocks) -> Sequence[jax.Array]:
   """``L̂ G R̂`` for every block group. The stored roots are sliced per group before they are dequantized
   (sharded stacks then move codes, not fp32 matrices), and a group larger than the working set runs in
   chunks, so that no fp32 copy of all roots exists at once."""
@@ -206,7 +206,8 @@ def graft(preconditioned: jax.Array, gradient: jax.Array) -> jax.Array:
   return preconditioned * (jnp.linalg.norm(gradient) / (jnp.linalg.norm(preconditioned) + 1e-12))
 
 
-def _linalg_precision(config: ShampooConfig):
+def linalg_precision(config: ShampooConfig):
+  """The precision of the statistics and root updates on this backend (CPUs always use fp32)."""
   if jax.default_backend() == "cpu":
     return lax.Precision.HIGHEST
   return LINALG_PRECISIONS[config.linalg_precision_name]
@@ -267,7 +268,7 @@ def scale_by_shampoo(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     plan, treedef, leaves = make_plan(config, updates)
-    stacks = _Stacks(config, plan)
+    stacks = Stacks(config, plan)
     step = state.count + 1
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
     matrices = [None if layout is None else layout.to_matrices(x.astype(jnp.float32))
@@ -289,7 +290,7 @@ def scale_by_shampoo(
 
     # XLA:GPU copies every conditional's predicate to the host and waits for it, which drains the launch
     # queue: a plain step reads one predicate (the outer cond), and each expensive branch is traced once.
-    with linalg.precision(_linalg_precision(config)):
+    with linalg.precision(linalg_precision(config)):
       preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged,
                                            state.preconditioners)
     preconditioners = {key: stacks.constrain(preconditioners[key], order)

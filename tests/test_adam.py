@@ -7,9 +7,9 @@ import optax
 import pytest
 
 import optax_shampoo4 as o4
-from helpers import substate
+from helpers import digits_mlp_problem, gpt2_small_shapes, least_squares_problem, substate
 from optax_shampoo4.quantization import unpack_nibbles
-from test_shampoo import digits_mlp_problem, least_squares_problem
+
 
 
 def loss_curve(tx, problem, steps, every=25):
@@ -132,16 +132,6 @@ def test_memory_per_parameter():
   assert per_param(o4.scale_by_adam_4bit(config=o4.AdamConfig(second_moment="factored"))) <= 0.6
   assert per_param(o4.scale_by_adam_4bit(config=o4.AdamConfig(bits=8))) <= 2.1
   assert per_param(optax.scale_by_adam()) == pytest.approx(8.0)
-
-
-def gpt2_small_shapes():
-  d, vocab, context, layers = 768, 50257, 1024, 12
-  shapes = {"wte": (vocab, d), "wpe": (context, d), "ln_f": (d,)}
-  for i in range(layers):
-    shapes.update({f"h{i}.attn": (d, 3 * d), f"h{i}.attn_b": (3 * d,), f"h{i}.proj": (d, d), f"h{i}.proj_b": (d,),
-                   f"h{i}.fc": (d, 4 * d), f"h{i}.fc_b": (4 * d,), f"h{i}.fc_proj": (4 * d, d),
-                   f"h{i}.fc_proj_b": (d,), f"h{i}.ln1": (d,), f"h{i}.ln2": (d,)})
-  return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
 
 
 def test_all_4bit_shampoo_state_is_at_most_half_of_adamw_on_gpt2_shapes():

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_shampoo4 as o4
-from helpers import substate
+from helpers import digits_mlp_problem, least_squares_problem, substate, train
 from optax_shampoo4 import preconditioners, blocking, diagnostics, linalg, shampoo
 
 
@@ -175,58 +175,6 @@ def test_until_first_inverse_root_the_update_is_the_gradient():
 
 
 # ----------------------------------------------------------------------------------------------- convergence
-def digits_mlp_problem():
-  """A tanh MLP on scikit-learn's digits (real data), trained on minibatches of 64."""
-  from sklearn.datasets import load_digits
-  digits = load_digits()
-  order = np.random.default_rng(0).permutation(len(digits.target))
-  x = jnp.asarray(digits.data[order][:1500] / 16.0, jnp.float32)
-  y = jnp.asarray(digits.target[order][:1500])
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  params = {"w1": jax.random.normal(k1, (64, 128)) / 8, "b1": jnp.zeros(128),
-            "w2": jax.random.normal(k2, (128, 64)) / 11, "b2": jnp.zeros(64),
-            "w3": jnp.zeros((64, 10)), "b3": jnp.zeros(10)}
-
-  def loss(p, xb, yb):
-    h = jnp.tanh(jnp.tanh(xb @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])
-    return optax.softmax_cross_entropy_with_integer_labels(h @ p["w3"] + p["b3"], yb).mean()
-
-  def batch(i):
-    index = jax.random.randint(jax.random.PRNGKey(i), (64,), 0, 1500)
-    return x[index], y[index]
-
-  return loss, params, batch, (x, y)
-
-
-def least_squares_problem(seed=0, n=512, d_in=96, d_out=64, decades=2.0):
-  """Deterministic least squares with strongly correlated features (feature covariance condition 1e4)."""
-  rng = np.random.default_rng(seed)
-  mixing = rng.standard_normal((d_in, d_in)) * np.logspace(0, -decades, d_in)
-  x = rng.standard_normal((n, d_in)) @ mixing.T
-  y = x @ rng.standard_normal((d_in, d_out)) + 0.01 * rng.standard_normal((n, d_out))
-  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-
-  def loss(p, *_):
-    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
-
-  return loss, {"w": jnp.zeros((d_in, d_out)), "b": jnp.zeros(d_out)}, (lambda i: ()), ()
-
-
-def train(tx, problem, steps):
-  loss, params, batch, full = problem
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, i):
-    grads = jax.grad(loss)(params, *batch(i))
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for i in range(steps):
-    params, state = step(params, state, i)
-  return float(loss(params, *full)), state
-
-
 SHAMPOO_VARIANTS = {"shampoo32": dict(bits=32), "shampoo8": dict(bits=8), "shampoo4": dict(bits=4),
                     "naive4": dict(bits=4, storage="matrix"), "cholesky4": dict(bits=4, storage="cholesky")}
 

@@ -1,0 +1,131 @@
+"""SOAP (docs/algorithms.md §7) against a float64 numpy SOAP, convergence against AdamW, and state bytes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_shampoo4 as o4
+from helpers import digits_mlp_problem, gpt2_small_shapes, substate, train
+from soap_reference import adam_updates, soap_updates
+
+FP32 = dict(config=o4.ShampooConfig(bits=32, max_order=8), moments=o4.AdamConfig(bits=32))
+CONSTANTS = dict(b1=0.9, b2=0.95, eps=1e-8)
+
+
+def test_fp32_matches_float64_numpy_soap_through_refreshes():
+  """Every leaf of a mixed tree, 12 steps with a basis refresh every 3rd: a plain matrix, one cut into
+  two blocks at ``max_order`` 8, a 3-D kernel with per-head dimension numbers, and a bias (plain Adam).
+  Square blocks: a block's first statistic is then full-rank, so fp32 and float64 agree to 1e-4."""
+  rng = np.random.default_rng(0)
+  shapes = {"w": (8, 8), "tall": (16, 8), "heads": (8, 2, 8), "b": (5,)}
+  dims = {"w": None, "tall": None, "heads": o4.DimensionNumbers(rows=0, cols=2), "b": None}
+  config = o4.ShampooConfig(bits=32, max_order=8, dimension_numbers=dims)
+  tx = o4.scale_by_soap(**CONSTANTS, config=config, moments=o4.AdamConfig(bits=32), precondition_every=3)
+  stream = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(12)]
+  state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
+  ours = []
+  for grads in stream:
+    updates, state = jax.jit(tx.update)(jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads), state)
+    ours.append(jax.tree.map(np.asarray, updates))
+  assert int(state.failure_count) == 0
+  hp = dict(CONSTANTS, beta=0.95, every=3)
+  expected = {
+      "w": soap_updates([g["w"] for g in stream], **hp),
+      "tall": [np.concatenate(blocks) for blocks in zip(
+          soap_updates([g["tall"][:8] for g in stream], **hp), soap_updates([g["tall"][8:] for g in stream], **hp))],
+      "heads": [np.stack(heads, axis=1) for heads in zip(
+          *(soap_updates([g["heads"][:, h] for g in stream], **hp) for h in range(2)))],
+      "b": adam_updates([g["b"] for g in stream], **CONSTANTS),
+  }
+  for name in shapes:
+    for step, (got, want) in enumerate(zip([u[name] for u in ours], expected[name]), start=1):
+      scale = np.max(np.abs(want))
+      np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, err_msg=f"{name}, step {step}")
+  # the refreshes did rotate: the update is not the unrotated Adam update
+  unrotated = adam_updates([g["w"] for g in stream], **CONSTANTS)[-1]
+  assert np.max(np.abs(ours[-1]["w"] - unrotated)) > 0.1
+
+
+def test_4bit_soap_tracks_fp32_soap_and_both_beat_adamw():
+  problem = digits_mlp_problem()
+  kwargs = dict(learning_rate=3e-3, weight_decay=0.0, precondition_every=5)
+  adamw, _ = train(optax.adamw(3e-3, b1=0.95, b2=0.95, weight_decay=0.0), problem, 400)
+  fp32, _ = train(o4.soap(**kwargs, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)), problem, 400)
+  four, state = train(o4.soap(**kwargs), problem, 400)
+  soap_state = substate(state, o4.SoapState)
+  assert int(soap_state.failure_count) == 0
+  assert any(isinstance(x, o4.QuantizedArray) for x in jax.tree.leaves(
+      (soap_state.bases, soap_state.mu, soap_state.nu), is_leaf=lambda x: isinstance(x, o4.QuantizedArray)))
+  assert four <= 1.05 * fp32, (four, fp32)
+  assert fp32 < 0.5 * adamw and four < 0.5 * adamw, (fp32, four, adamw)
+
+
+def test_state_bytes_per_parameter_on_gpt2_shapes():
+  params = gpt2_small_shapes()
+  count = sum(np.prod(p.shape) for p in params.values())
+  per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)) / count
+  adamw = per_param(optax.adamw(1e-3))
+  soap4 = per_param(o4.soap())
+  soap32 = per_param(o4.soap(config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)))
+  shampoo4 = per_param(o4.shampoo_adamw(1e-3, adam=o4.AdamConfig()))
+  assert adamw == pytest.approx(8.0)
+  assert soap4 <= 0.3 * adamw, soap4  # bases 0.5625 B per entry, moments ~1 B per parameter
+  assert soap4 < shampoo4 and soap4 < soap32 / 7, (soap4, shampoo4, soap32)
+
+
+def test_state_bytes_per_parameter_on_the_benchmark_transformer():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  import lm
+  size = lm.SIZES["base"]
+  model = lm.ByteTransformer(size["width"], size["layers"], size["heads"], size["context"])
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  count = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
+  assert 85e6 < count < 86e6
+  per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)) / count
+  soap4, adamw = per_param(o4.soap()), per_param(optax.adamw(1e-3))
+  assert soap4 <= 0.35 * adamw, soap4
+  assert soap4 < per_param(o4.shampoo_adamw(1e-3, adam=o4.AdamConfig()))
+
+
+def test_moments_stay_where_the_algorithm_keeps_them():
+  """The first moment is the EMA of the raw gradient; the second lives in the rotated basis."""
+  tx = o4.scale_by_soap(**CONSTANTS, **FP32, precondition_every=1)
+  rng = np.random.default_rng(1)
+  grads = [{"w": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)} for _ in range(2)]
+  state = tx.init({"w": jnp.zeros((8, 8))})
+  for g in grads:
+    _, state = tx.update(g, state)
+  np.testing.assert_allclose(state.mu["w"], 0.1 * 0.9 * grads[0]["w"] + 0.1 * grads[1]["w"], rtol=1e-5)
+  rows = [np.asarray(state.bases["order_8"].eigenvectors[i]) for i in range(2)]
+  np.testing.assert_allclose(rows[0] @ rows[0].T, np.eye(8), atol=1e-5)
+  rotated = rows[0] @ np.asarray(grads[1]["w"]) @ rows[1].T
+  assert np.all(np.asarray(state.nu["w"]) >= 0.05 * rotated**2 - 1e-6)
+
+
+def test_a_failed_basis_update_is_counted_and_keeps_the_old_basis():
+  tx = o4.scale_by_soap(**CONSTANTS, **FP32, precondition_every=1)
+  state = tx.init({"w": jnp.zeros((8, 8))})
+  _, state = tx.update({"w": jnp.ones((8, 8))}, state)
+  before = state.bases
+  huge = {"w": jnp.full((8, 8), 1e30, jnp.float32)}  # finite, but G Gᵀ overflows
+  _, after = tx.update(huge, state)
+  assert int(after.failure_count) == int(state.failure_count) + 2
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after.bases)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(config=o4.ShampooConfig(storage="matrix")), "config.storage"),
+    (dict(moments=o4.AdamConfig(second_moment="factored")), "moments"),
+    (dict(precondition_every=0), "precondition_every"),
+    (dict(moment_on_refresh="reset"), "moment_on_refresh"),
+    (dict(shampoo_beta=1.0), "shampoo_beta"),
+    (dict(config="4bit"), "config"),
+])
+def test_bad_arguments_raise_at_construction(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    o4.soap(1e-3, **kwargs)
