@@ -1,4 +1,4 @@
-"""Whole training runs of a Flax byte-level GPT: AdamW against Shampoo / all-4-bit, side by side (GPU).
+"""Whole training runs of a Flax byte-level GPT: AdamW against Shampoo, all-4-bit and SOAP, side by side (GPU).
 
     python benchmarks/train_lm.py [--steps 1200] [--size base] [--out benchmarks/results/train_lm]
 
@@ -37,11 +37,15 @@ def optimizers(args):
   intervals = dict(statistics_every=args.statistics_every, inverse_root_every=args.inverse_root_every)
   adamw = lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1)
   shampoo = lambda **kw: (lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, **intervals, **kw))
+  soap = lambda s, **kw: o4.soap(s, b2=0.95, weight_decay=0.1, precondition_every=args.precondition_every, **kw)
   return {"adamw lr 1e-3": (1e-3, adamw), "adamw lr 2e-3": (2e-3, adamw),
           "shampoo 4-bit": (args.lr, shampoo()),
           "shampoo 32-bit": (args.lr, shampoo(shampoo=o4.ShampooConfig(bits=32))),
           "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
-          "shampoo 4-bit, 100/500": (args.lr, lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, statistics_every=100, inverse_root_every=500))}
+          "shampoo 4-bit, 100/500": (args.lr, lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, statistics_every=100, inverse_root_every=500)),
+          "soap 4-bit lr 3e-3": (3e-3, soap),
+          "soap 4-bit lr 1e-3": (1e-3, soap),
+          "soap 32-bit lr 3e-3": (3e-3, lambda s: soap(s, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)))}
 
 
 def run_one(name, args):
@@ -151,6 +155,7 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=1e-3, help="Shampoo's peak learning rate")
   parser.add_argument("--statistics-every", type=int, default=20)
   parser.add_argument("--inverse-root-every", type=int, default=100)
+  parser.add_argument("--precondition-every", type=int, default=10, help="SOAP's basis interval")
   parser.add_argument("--only", default=None, help="';'-separated optimizer names (default: all); "
                       "results already in OUT/parts are reused")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

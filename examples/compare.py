@@ -36,6 +36,9 @@ def optimizers(learning_rate: float):
       "shampoo4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4)),
       "cholesky4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4, storage="cholesky")),
       "all_4bit": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4), adam=o4.AdamConfig(bits=4)),
+      # SOAP has no grafting; it takes the same learning rate here for a like-for-like run
+      "soap4": lambda: o4.soap(learning_rate, weight_decay=1e-4),
+      "soap32": lambda: o4.soap(learning_rate, weight_decay=1e-4, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)),
   }
 
 

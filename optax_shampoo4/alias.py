@@ -274,7 +274,7 @@ def soap(
     moments: AdamConfig = AdamConfig(),
     precondition_every: int = 10,
     shampoo_beta: Optional[float] = None,
-    moment_on_refresh: str = "keep",
+    moment_on_refresh: str = "project",
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP (Adam in Shampoo's eigenbasis) with 4-bit bases and moments by default, composed like

@@ -35,9 +35,10 @@ from optax_shampoo4.preconditioners import Hyper, make_storage
 from optax_shampoo4.shampoo import (NOT_PARAMS, PRECISIONS, Stacks, linalg_precision, make_plan, stack_key,
                                     update_statistics)
 
-# What happens to the second moment when the bases move: "keep" its entries (both bases are sorted by
-# decreasing eigenvalue, so entry (i, j) stays the variance along the i-th/j-th directions), or "project"
-# it through the change of basis, V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ.
+# What happens to the second moment when the bases move: "project" it through the change of basis,
+# V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each new direction's variance the mix of the old ones
+# it is made of), or "keep" its entries (both bases are sorted by decreasing eigenvalue). On the byte-level
+# LM, "keep" ends 0.3 nats worse (docs/algorithms.md §7).
 MOMENT_ON_REFRESH = ("keep", "project")
 # fp32 buffers of one block's rotation: gradient, moments, both bases, rotated copies and the update.
 ROTATION_FP32_COPIES = 10
@@ -79,43 +80,55 @@ def _project_second_moment(v, new_left, new_right, old_left, old_right, precisio
 
 
 class _Rotation(NamedTuple):
-  """The static parts of one step's rotated Adam update."""
+  """Adam's step in the rotated basis, block group by block group (chunked within the working set)."""
 
   stacks: Stacks
-  moment_on_refresh: str
   precision: Any
 
-  def group_step(self, group, g, m, v, left, right, old_left, old_right, constants, refreshed):
-    """One block group: ``(update blocks, new V blocks)`` from gradient, ``M`` and ``V`` blocks."""
-    b2, eps, corrections = constants
-    storage_left = make_storage(self.stacks.config, group.rows)
-    storage_right = make_storage(self.stacks.config, group.cols)
-
-    def step(g, m, v, left, right, old_left, old_right):
-      u_left, u_right = storage_left.load_basis(left), storage_right.load_basis(right)
-      if self.moment_on_refresh == "project":
-        v = lax.cond(refreshed, lambda v: _project_second_moment(
-            v, u_left, u_right, storage_left.load_basis(old_left), storage_right.load_basis(old_right),
-            self.precision), lambda v: v, v)
-      v = b2 * v + (1.0 - b2) * jnp.square(_rotate(u_left, g, u_right, self.precision))
-      normalized = (_rotate(u_left, m, u_right, self.precision) / corrections[0]) / (
-          jnp.sqrt(v / corrections[1]) + eps)
-      update = jnp.matmul(jnp.matmul(jnp.swapaxes(u_left, -1, -2), normalized, precision=self.precision),
-                          u_right, precision=self.precision)
-      return update, v
-
+  def _loaders(self, group):
+    config = self.stacks.config
+    left, right = make_storage(config, group.rows), make_storage(config, group.cols)
     chunk = self.stacks.chunk(max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
-    return blocking.map_chunks(step, chunk, g, m, v, left, right, old_left, old_right)
+    return left.load_basis, right.load_basis, chunk
 
-  def apply(self, plan, groups, bases, old_bases, constants, refreshed):
-    """The update and new ``V`` blocks of every group."""
-    eigenvectors = lambda tree: {order: tree[stack_key(order)].eigenvectors for order in plan.orders}
-    new_slices = blocking.group_slices(plan, eigenvectors(bases))
-    old_slices = blocking.group_slices(plan, eigenvectors(old_bases))
-    outputs = [self.group_step(group, g, m, v, left, right, old_left, old_right, constants, refreshed)
-               for group, (g, m, v), (left, right), (old_left, old_right)
-               in zip(plan.groups, groups, new_slices, old_slices)]
-    return [u for u, _ in outputs], [v for _, v in outputs]
+  def _slices(self, bases):
+    plan = self.stacks.plan
+    return blocking.group_slices(plan, {order: bases[stack_key(order)].eigenvectors for order in plan.orders})
+
+  def apply(self, groups, bases, constants):
+    """``(update blocks, new V blocks)`` of every group from its gradient, ``M`` and ``V`` blocks."""
+    b2, eps, corrections = constants
+    updates, second_moments = [], []
+    for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups, self._slices(bases)):
+      load_left, load_right, chunk = self._loaders(group)
+
+      def step(g, m, v, left, right):
+        u_left, u_right = load_left(left), load_right(right)
+        v = b2 * v + (1.0 - b2) * jnp.square(_rotate(u_left, g, u_right, self.precision))
+        normalized = (_rotate(u_left, m, u_right, self.precision) / corrections[0]) / (
+            jnp.sqrt(v / corrections[1]) + eps)
+        update = jnp.matmul(jnp.matmul(jnp.swapaxes(u_left, -1, -2), normalized, precision=self.precision),
+                            u_right, precision=self.precision)
+        return update, v
+
+      update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
+      updates.append(update)
+      second_moments.append(v)
+    return updates, second_moments
+
+  def project(self, second_moments, new_bases, old_bases):
+    """Every group's ``V`` blocks carried from the old bases to the new ones."""
+    out = []
+    for group, v, (left, right), (old_left, old_right) in zip(
+        self.stacks.plan.groups, second_moments, self._slices(new_bases), self._slices(old_bases)):
+      load_left, load_right, chunk = self._loaders(group)
+
+      def carry(v, left, right, old_left, old_right):
+        return _project_second_moment(v, load_left(left), load_right(right), load_left(old_left),
+                                      load_right(old_right), self.precision)
+
+      out.append(blocking.map_chunks(carry, chunk, v, left, right, old_left, old_right))
+    return out
 
 
 def _to_groups(plan, values):
@@ -141,7 +154,7 @@ def scale_by_soap(
     moments: AdamConfig = AdamConfig(),
     precondition_every: int = 10,
     shampoo_beta: Optional[float] = None,
-    moment_on_refresh: str = "keep",
+    moment_on_refresh: str = "project",
 ) -> optax.GradientTransformationExtraArgs:
   """Adam in the eigenbasis of Shampoo's statistics (SOAP), with quantized bases and moments.
 
@@ -155,8 +168,8 @@ def scale_by_soap(
     precondition_every: steps between basis updates ``f`` (default 10); the first is at step ``f``, and until
       then the update is Adam's.
     shampoo_beta: EMA factor of the statistics (default: ``b2``).
-    moment_on_refresh: ``"keep"`` (default) or ``"project"`` the second moment when the bases move (see
-      ``docs/algorithms.md`` §7 for the measurement behind the default).
+    moment_on_refresh: ``"project"`` (default) or ``"keep"`` the second moment when the bases move
+      (``docs/algorithms.md`` §7 has the measurement behind the default).
 
   The numeric arguments may be traced (``optax.inject_hyperparams``); the configs are static.
 
@@ -203,22 +216,27 @@ def scale_by_soap(
     mu = [b1 * layout.load_first(m, s) + (1.0 - b1) * g
           for m, s, g in zip(treedef.flatten_up_to(state.mu), shapes, grads)]
     nu = [layout.load_second(v, s) for v, s in zip(treedef.flatten_up_to(state.nu), shapes)]
-    grad_groups = _to_groups(plan, grads)
+    grad_groups, nu_groups = _to_groups(plan, grads), _to_groups(plan, nu)
+    rotation = _Rotation(stacks, PRECISIONS[config.preconditioning_precision])
 
-    refreshed = finite & (step % precondition_every == 0)
+    def refresh(bases, nu_groups):
+      new_bases, failures = update_statistics(stacks, bases, grad_groups, hyper)
+      if moment_on_refresh == "project":
+        nu_groups = rotation.project(nu_groups, new_bases, bases)
+      return new_bases, nu_groups, failures
+
+    # one conditional per step (XLA:GPU waits on each predicate; see scale_by_shampoo)
     with linalg.precision(linalg_precision(config)):
-      bases, failures = lax.cond(
-          refreshed, lambda b: update_statistics(stacks, b, grad_groups, hyper),
-          lambda b: (b, jnp.zeros([], jnp.int32)), state.bases)
+      bases, nu_groups, failures = lax.cond(
+          finite & (step % precondition_every == 0), refresh,
+          lambda b, v: (b, v, jnp.zeros([], jnp.int32)), state.bases, nu_groups)
     bases = {key: stacks.constrain(bases[key], order) for order, key in ((o, stack_key(o)) for o in plan.orders)}
 
     # an integer power, as optax.scale_by_adam takes it: a float power rounds differently when the betas
     # are traced (optax.inject_hyperparams) than when they are constants
     corrections = (1.0 - b1 ** step, 1.0 - b2 ** step)
-    rotation = _Rotation(stacks, moment_on_refresh, PRECISIONS[config.preconditioning_precision])
     group_updates, group_nu = rotation.apply(
-        plan, list(zip(grad_groups, _to_groups(plan, mu), _to_groups(plan, nu))), bases, state.bases,
-        (b2, eps, corrections), refreshed)
+        list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases, (b2, eps, corrections))
     # tensors without a preconditioner: plain Adam
     nu = [v if layout_ is not None else b2 * v + (1.0 - b2) * g * g
           for v, g, layout_ in zip(nu, grads, plan.layouts)]

@@ -42,8 +42,8 @@ def test_4bit_adamw_tracks_optax_adamw_on_real_data(big_mlp_problem, second_mome
   curve, state = loss_curve(o4.adamw_4bit(3e-3, weight_decay=1e-4, config=o4.AdamConfig(second_moment=second_moment)),
                             big_mlp_problem, 300)
   assert isinstance(substate(state, o4.ScaleByAdam4bitState).mu["w1"], o4.QuantizedArray)
-  # Every 25 steps from step 50 on, the losses differ by at most 2 % of the initial loss (ln 10).
-  np.testing.assert_allclose(curve[1:], reference[1:], rtol=0, atol=0.02 * np.log(10))
+  # Every 25 steps from step 50 on (losses 0.33 down to 0.036), within 10 % of optax.adamw's (measured ≤ 5.6 %).
+  np.testing.assert_allclose(curve[1:], reference[1:], rtol=0.1, atol=0)
 
 
 def minibatch_least_squares(n=4096, d_in=96, d_out=64, batch=64):
@@ -64,15 +64,15 @@ def minibatch_least_squares(n=4096, d_in=96, d_out=64, batch=64):
 
 def test_4bit_adamw_on_minibatch_least_squares():
   """Measured: on linear regression 4-bit AdamW converges but more slowly than optax.adamw (loss 1.4 vs
-  0.5 after 400 steps, from 66); 8-bit is within 2 % of the initial loss at every checkpoint."""
+  0.5 after 400 steps, from 66: 2.8×); 8-bit stays within 10 % of optax.adamw at every checkpoint."""
   problem = minibatch_least_squares()
   initial = float(problem[0](problem[1], *problem[3]))
   reference, _ = loss_curve(optax.adamw(1e-2, weight_decay=0.0), problem, 400, every=50)
   eight, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0, config=o4.AdamConfig(bits=8)), problem, 400, every=50)
   four, _ = loss_curve(o4.adamw_4bit(1e-2, weight_decay=0.0), problem, 400, every=50)
-  np.testing.assert_allclose(eight, reference, rtol=0, atol=0.02 * initial)
-  np.testing.assert_allclose(four, reference, rtol=0, atol=0.05 * initial)
-  assert four[-1] < 0.03 * initial
+  np.testing.assert_allclose(eight, reference, rtol=0.15, atol=0)
+  assert np.all(four <= 3.5 * reference) and np.all(four >= reference), (four, reference)
+  assert np.all(np.diff(four) < 0) and four[-1] < 0.03 * initial
 
 
 def test_first_moment_dead_zone_on_an_ill_conditioned_quadratic():

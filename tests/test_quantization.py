@@ -124,6 +124,20 @@ def test_ties_go_to_the_lower_code():
   np.testing.assert_array_equal(codes[1:], np.arange(15))
 
 
+@pytest.mark.parametrize("codebook", ["dynamic_tree", "linear2"])
+def test_8bit_ties_go_to_the_lower_code_and_the_next_float_up_to_the_upper(codebook):
+  """The 8-bit encoder on every fp32 midpoint of its codebook exactly (block max 1.0, so the normalized
+  value is the input) and on the next fp32 number above it."""
+  table = o4.codebook(codebook, 8).astype(np.float32)
+  midpoints = qz._decision_boundaries(codebook, 8)
+  above = np.nextafter(midpoints, np.float32(np.inf))
+  x = np.concatenate([[1.0], midpoints, [1.0], above]).astype(np.float32)
+  q = o4.quantize(x, codebook=codebook, bits=8, block_size=256)
+  decoded = np.asarray(o4.dequantize(q))
+  np.testing.assert_array_equal(decoded[1:256], table[:-1])
+  np.testing.assert_array_equal(decoded[257:], table[1:])
+
+
 def test_all_zero_blocks_decode_to_exact_zeros():
   x = np.zeros((3, 130), np.float32)
   x[1, 70:] = np.linspace(-2, 2, 60)

@@ -10,6 +10,7 @@ import pytest
 
 import optax_shampoo4 as o4
 from helpers import digits_mlp_problem, least_squares_problem, substate, train
+from references import eigen_shampoo_updates, refresh_basis, reference_shampoo
 from optax_shampoo4 import preconditioners, blocking, diagnostics, linalg, shampoo
 
 
@@ -68,56 +69,6 @@ def test_oriented_blocks_give_each_slot_its_statistic():
 
 
 # ----------------------------------------------------------------------------------------------- fp64 reference
-def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_root_every, beta, epsilon,
-                      cholesky_ridge=False):
-  """Classic Shampoo in numpy float64, written from docs/algorithms.md independently of the library.
-
-  ``cholesky_ridge``: [CQ] factors ``L + ε·max(diag L)·I`` and keeps ``C Cᵀ``, so the ridge stays in ``L``.
-  """
-  def fold(x):
-    kept = [d for d in x.shape if d != 1]
-    if len(kept) < 2 or 0 in kept:
-      return None
-    return x.reshape(int(np.prod(kept[:-1])), kept[-1])
-
-  def chunks(d):
-    return [(s, min(max_order, d - s)) for s in range(0, d, max_order)]
-
-  def inverse_root(a):
-    w, v = np.linalg.eigh(a)
-    return (v * (np.maximum(w, 0) + epsilon * w.max()) ** -0.25) @ v.T
-
-  stats, roots, outputs = {}, {}, []
-  for step, grads in enumerate(gradient_stream, start=1):
-    out = []
-    for leaf, g in enumerate(grads):
-      g = np.asarray(g, np.float64)
-      m = fold(g)
-      if m is None:
-        out.append(g)
-        continue
-      pre = np.zeros_like(m)
-      for r0, rn in chunks(m.shape[0]):
-        for c0, cn in chunks(m.shape[1]):
-          key = (leaf, r0, c0)
-          block = m[r0:r0 + rn, c0:c0 + cn]
-          if key not in stats:
-            stats[key] = [epsilon * np.eye(rn), epsilon * np.eye(cn)]
-            roots[key] = [np.eye(rn), np.eye(cn)]
-          if step % statistics_every == 0:
-            stats[key][0] = beta * stats[key][0] + (1 - beta) * block @ block.T
-            stats[key][1] = beta * stats[key][1] + (1 - beta) * block.T @ block
-            if cholesky_ridge:
-              stats[key] = [s + epsilon * np.max(np.diag(s)) * np.eye(len(s)) for s in stats[key]]
-          if step % inverse_root_every == 0:
-            roots[key] = [inverse_root(stats[key][0]), inverse_root(stats[key][1])]
-          pre[r0:r0 + rn, c0:c0 + cn] = roots[key][0] @ block @ roots[key][1]
-      pre *= np.linalg.norm(m) / (np.linalg.norm(pre) + 1e-12)
-      out.append(pre.reshape(g.shape))
-    outputs.append(out)
-  return outputs
-
-
 @pytest.mark.parametrize("storage", ["matrix", "cholesky"])
 def test_32bit_matches_float64_reference_on_mixed_pytree(storage):
   shapes = {"conv": (3, 3, 4, 12), "dense": (12, 70), "bias": (70,), "scalar": (), "embed": (75, 9),
@@ -138,6 +89,111 @@ def test_32bit_matches_float64_reference_on_mixed_pytree(storage):
     for g, w in zip(treedef.flatten_up_to(got), want):
       assert np.linalg.norm(np.asarray(g, np.float64) - w) <= 1e-4 * np.linalg.norm(w)
   assert int(state.failure_count) == 0 and int(state.count) == 5
+
+
+def test_32bit_eigenvector_storage_matches_float64_subspace_reference():
+  """The eigenvector storage inside scale_by_shampoo at 32 bits, 8 steps, against references.py's float64
+  version of the same procedure: the updates, the eigenvalues, and the eigenvectors (up to sign) wherever
+  the eigenvalue is separated from the others (a cluster's basis is not unique)."""
+  rng = np.random.default_rng(3)
+  shape = (24, 16)
+  stream = [rng.standard_normal(shape) for _ in range(8)]
+  numbers = dict(statistics_every=1, inverse_root_every=2, beta=0.9, epsilon=1e-3)
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(bits=32), **numbers)
+  state = tx.init({"w": jnp.zeros(shape)})
+  want, sides = eigen_shampoo_updates(stream, **numbers)
+  for step, (g, w) in enumerate(zip(stream, want), start=1):
+    got, state = jax.jit(tx.update)({"w": jnp.asarray(g, jnp.float32)}, state)
+    assert np.linalg.norm(np.asarray(got["w"], np.float64) - w) <= 1e-4 * np.linalg.norm(w), step
+  for n, (rows, values) in zip(shape, sides):
+    stack = state.preconditioners[f"order_{n}"]
+    ours_rows, ours_values = np.asarray(stack.eigenvectors[0], np.float64), np.asarray(stack.eigenvalues[0])
+    np.testing.assert_allclose(ours_values, values, rtol=1e-4, atol=1e-5 * values.max())
+    gaps = np.array([np.min(np.abs(np.delete(values, i) - v)) for i, v in enumerate(values)]) / values.max()
+    separated = np.flatnonzero(gaps > 1e-2)
+    assert len(separated) >= min(shape) // 2, separated
+    overlap = np.abs(np.sum(ours_rows[separated] * rows[separated], axis=1))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-4)
+
+
+def test_4bit_eigenvector_codes_match_an_independent_quantization():
+  """After one statistics step at 4 bits, the stored basis decodes to the float64 basis quantized
+  independently here: per row, blocks of 64 scaled by their absmax, each entry the nearest linear-2 value
+  (or, within fp32 rounding of a midpoint, its neighbour). The gradient's singular values lie in [1, 2], so
+  that fp32 pins every row down (a Gaussian square gradient's smallest directions it does not)."""
+  rng = np.random.default_rng(4)
+  n, beta, epsilon = 128, 0.9, 1e-3
+  left, _ = np.linalg.qr(rng.standard_normal((n, n)))
+  right, _ = np.linalg.qr(rng.standard_normal((n, n)))
+  g = (left * np.linspace(2.0, 1.0, n)) @ right.T
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(bits=4), statistics_every=1, inverse_root_every=1000, beta=beta,
+                           epsilon=epsilon)
+  _, state = jax.jit(tx.update)({"w": jnp.asarray(g, jnp.float32)}, tx.init({"w": jnp.zeros((n, n))}))
+  stored = state.preconditioners[f"order_{n}"].eigenvectors
+  assert isinstance(stored, o4.QuantizedArray)
+  decoded = np.asarray(o4.dequantize(stored), np.float64)
+  values = np.sort(o4.codebook("linear2", 4).astype(np.float64))
+  for slot, gram in enumerate((g @ g.T, g.T @ g)):  # left, then right preconditioner
+    rows, eigenvalues = refresh_basis(np.eye(n), np.full(n, epsilon), gram, beta)
+    blocks = rows.reshape(n, n // 64, 64)
+    scale = np.max(np.abs(blocks), axis=-1, keepdims=True)
+    distance = np.abs(blocks[..., None] / scale[..., None] - values)
+    nearest, second = np.argsort(distance, axis=-1)[..., 0], np.argsort(distance, axis=-1)[..., 1]
+    ours = decoded[slot].reshape(blocks.shape) / scale
+    is_nearest = np.isclose(ours, values[nearest], atol=1e-5)
+    is_neighbour = np.isclose(ours, values[second], atol=1e-5) & (
+        np.abs(np.take_along_axis(distance, nearest[..., None], -1) -
+               np.take_along_axis(distance, second[..., None], -1))[..., 0] < 1e-4)
+    assert np.all(is_nearest | is_neighbour)
+    assert np.mean(is_nearest) > 0.99
+
+
+@pytest.mark.parametrize("storage", ["eigenvectors", "matrix", "cholesky"])
+def test_a_failed_update_is_counted_and_keeps_the_previous_preconditioner(storage):
+  """End to end through scale_by_shampoo: a finite gradient whose Gram overflows is rejected by the
+  statistics step; a non-finite statistic planted in the state is rejected by the root step. Each rejection
+  counts once per preconditioner, and what was stored before stays bit for bit."""
+  params = {"w": jnp.zeros((64, 80))}
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(storage=storage), statistics_every=1, inverse_root_every=2)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for i in range(2):
+    _, state = update({"w": jax.random.normal(jax.random.PRNGKey(i), (64, 80))}, state)
+  assert int(state.failure_count) == 0
+  _, after = update({"w": jnp.full((64, 80), 1e30)}, state)  # step 3: statistics only
+  assert int(after.failure_count) == 2  # the left and the right preconditioner
+  for a, b in zip(jax.tree.leaves(state.preconditioners), jax.tree.leaves(after.preconditioners)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a statistic gone non-finite (as a corrupted checkpoint would hold): the root step at step 4 rejects it
+  poisoned = {key: stack._replace(**{stack._fields[0]: jax.tree.map(lambda x: x.at[0].set(
+      jnp.asarray(np.nan, x.dtype)) if x.dtype == jnp.float32 else x, getattr(stack, stack._fields[0]))})
+              for key, stack in after.preconditioners.items()}
+  after = after._replace(preconditioners=poisoned, failure_count=jnp.zeros([], jnp.int32))
+  out, final = update({"w": jnp.ones((64, 80))}, after)
+  assert int(final.failure_count) >= 1
+  for key in poisoned:
+    for a, b in zip(jax.tree.leaves(poisoned[key].inverse_root), jax.tree.leaves(final.preconditioners[key].inverse_root)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert bool(jnp.all(jnp.isfinite(out["w"])))
+
+
+def test_nothing_is_updated_before_start_step():
+  params = {"w": jnp.zeros((64, 80))}
+  tx = o4.scale_by_shampoo(o4.ShampooConfig(bits=32), statistics_every=1, inverse_root_every=1, start_step=4)
+  update = jax.jit(tx.update)
+  initial = state = tx.init(params)
+  grads = {"w": jax.random.normal(jax.random.PRNGKey(0), (64, 80))}
+  for step in range(1, 5):
+    out, state = update(grads, state)
+    same = [np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(initial.preconditioners), jax.tree.leaves(state.preconditioners))]
+    if step < 4:
+      assert all(same), step
+      np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(grads["w"]))
+    else:
+      assert not any(same)
+      assert not np.allclose(np.asarray(out["w"]), np.asarray(grads["w"]))
+  assert int(state.count) == 4
 
 
 def test_32bit_eigenvector_path_converges_to_float64_eigendecomposition():

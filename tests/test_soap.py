@@ -8,13 +8,14 @@ import pytest
 
 import optax_shampoo4 as o4
 from helpers import digits_mlp_problem, gpt2_small_shapes, substate, train
-from soap_reference import adam_updates, soap_updates
+from references import adam_updates, soap_updates
 
 FP32 = dict(config=o4.ShampooConfig(bits=32, max_order=8), moments=o4.AdamConfig(bits=32))
 CONSTANTS = dict(b1=0.9, b2=0.95, eps=1e-8)
 
 
-def test_fp32_matches_float64_numpy_soap_through_refreshes():
+@pytest.mark.parametrize("moment_on_refresh", ["project", "keep"])
+def test_fp32_matches_float64_numpy_soap_through_refreshes(moment_on_refresh):
   """Every leaf of a mixed tree, 12 steps with a basis refresh every 3rd: a plain matrix, one cut into
   two blocks at ``max_order`` 8, a 3-D kernel with per-head dimension numbers, and a bias (plain Adam).
   Square blocks: a block's first statistic is then full-rank, so fp32 and float64 agree to 1e-4."""
@@ -22,7 +23,8 @@ def test_fp32_matches_float64_numpy_soap_through_refreshes():
   shapes = {"w": (8, 8), "tall": (16, 8), "heads": (8, 2, 8), "b": (5,)}
   dims = {"w": None, "tall": None, "heads": o4.DimensionNumbers(rows=0, cols=2), "b": None}
   config = o4.ShampooConfig(bits=32, max_order=8, dimension_numbers=dims)
-  tx = o4.scale_by_soap(**CONSTANTS, config=config, moments=o4.AdamConfig(bits=32), precondition_every=3)
+  tx = o4.scale_by_soap(**CONSTANTS, config=config, moments=o4.AdamConfig(bits=32), precondition_every=3,
+                        moment_on_refresh=moment_on_refresh)
   stream = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(12)]
   state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
   ours = []
@@ -30,7 +32,7 @@ def test_fp32_matches_float64_numpy_soap_through_refreshes():
     updates, state = jax.jit(tx.update)(jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads), state)
     ours.append(jax.tree.map(np.asarray, updates))
   assert int(state.failure_count) == 0
-  hp = dict(CONSTANTS, beta=0.95, every=3)
+  hp = dict(CONSTANTS, beta=0.95, every=3, project=moment_on_refresh == "project")
   expected = {
       "w": soap_updates([g["w"] for g in stream], **hp),
       "tall": [np.concatenate(blocks) for blocks in zip(
