@@ -10,7 +10,9 @@ optimizer: final train loss (mean of the last 50 steps), held-out loss, median a
 (each step waited for), wall-clock to reach the best AdamW final loss (50-step running mean of the
 train loss, compile excluded), optimizer-state bytes, peak GPU bytes, the compiled step's temp bytes
 (``memory_analysis()``) and its compile time. Prints a table, writes ``results.json`` and
-``loss_vs_time.png`` (with matplotlib).
+``loss_vs_time.png`` (with matplotlib). ``--devices 4``: data-parallel over 4 GPUs with params and optimizer
+state FSDP-sharded and Shampoo's / SOAP's stacks spread over the devices; peak memory is the largest
+device's.
 """
 
 from __future__ import annotations
@@ -30,22 +32,42 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 SMOOTH = 50
 
 
-def optimizers(args):
-  """name -> factory of the optimizer given a schedule (built in the child process)."""
+def optimizers(args, base=None):
+  """name -> (peak lr, factory of the optimizer given a schedule), built in the child process; ``base``:
+  the ShampooConfig the Shampoo and SOAP variants start from (its sharding, with ``--devices``)."""
+  import dataclasses
   import optax
   import optax_shampoo4 as o4
+  base = base or o4.ShampooConfig()
+  fp32 = dataclasses.replace(base, bits=32)
   intervals = dict(statistics_every=args.statistics_every, inverse_root_every=args.inverse_root_every)
   adamw = lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1)
-  shampoo = lambda **kw: (lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, **intervals, **kw))
-  soap = lambda s, **kw: o4.soap(s, b2=0.95, weight_decay=0.1, precondition_every=args.precondition_every, **kw)
+  shampoo = lambda config=base, **kw: (lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, shampoo=config,
+                                                                  **{**intervals, **kw}))
+  soap = lambda config=base, **kw: (lambda s: o4.soap(s, b2=0.95, weight_decay=0.1, config=config,
+                                                      precondition_every=args.precondition_every, **kw))
   return {"adamw lr 1e-3": (1e-3, adamw), "adamw lr 2e-3": (2e-3, adamw),
           "shampoo 4-bit": (args.lr, shampoo()),
-          "shampoo 32-bit": (args.lr, shampoo(shampoo=o4.ShampooConfig(bits=32))),
+          "shampoo 32-bit": (args.lr, shampoo(fp32)),
           "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
-          "shampoo 4-bit, 100/500": (args.lr, lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, statistics_every=100, inverse_root_every=500)),
-          "soap 4-bit lr 3e-3": (3e-3, soap),
-          "soap 4-bit lr 1e-3": (1e-3, soap),
-          "soap 32-bit lr 3e-3": (3e-3, lambda s: soap(s, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)))}
+          "shampoo 4-bit, 100/500": (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
+          "soap 4-bit lr 3e-3": (3e-3, soap()),
+          "soap 4-bit lr 1e-3": (1e-3, soap()),
+          "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32)))}
+
+
+def data_parallel(state, devices):
+  """``(mesh, state sharding, batch sharding)`` over the first ``devices`` GPUs: the batch split over a
+  ``"data"`` axis, params and optimizer state FSDP-sharded along it (first axis, where it divides)."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from optax_shampoo4.sharding import optimizer_state_sharding
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+  replicated = NamedSharding(mesh, P())
+  rows = lambda p: NamedSharding(mesh, P("data") if p.ndim and p.shape[0] % devices == 0 else P())
+  params_sharding = jax.tree.map(rows, state.params)
+  opt_sharding = optimizer_state_sharding(state.opt_state, mesh, "data", params_sharding)
+  return mesh, state.replace(step=replicated, params=params_sharding, opt_state=opt_sharding), NamedSharding(mesh, P("data"))
 
 
 def run_one(name, args):
@@ -60,9 +82,21 @@ def run_one(name, args):
   train, held_out = lm.load_corpus(args.max_bytes)
   model = lm.ByteTransformer(size["width"], size["layers"], size["heads"], size["context"], jnp.bfloat16)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size["context"]), jnp.int32))["params"]
-  peak, factory = optimizers(args)[name]
+  base = None
+  if args.devices > 1:  # the stacks spread over the data axis, each device updating its share
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    base = o4.ShampooConfig(shard_blocks=NamedSharding(Mesh(np.array(jax.devices()[:args.devices]), ("data",)),
+                                                       P("data")))
+  peak, factory = optimizers(args, base)[name]
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, args.steps // 10, args.steps, peak / 10)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=factory(schedule))
+  jit = lambda f: jax.jit(f, donate_argnums=0)
+  place = lambda x, y: (x, y)
+  if args.devices > 1:
+    _, state_sharding, batch_sharding = data_parallel(state, args.devices)
+    state = jax.device_put(state, state_sharding)
+    jit = lambda f: jax.jit(f, donate_argnums=0, out_shardings=(state_sharding, None))
+    place = lambda x, y: (jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding))
 
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
@@ -73,14 +107,14 @@ def run_one(name, args):
     return state.apply_gradients(grads=grads), loss
 
   rng = np.random.default_rng(0)
-  x, y = lm.batches(train, size["context"], size["batch"], rng)
+  x, y = place(*lm.batches(train, size["context"], size["batch"], rng))
   start = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, x, y).compile()
+  compiled = jit(step).lower(state, x, y).compile()
   compile_s = time.perf_counter() - start
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   losses, times = [], []
   for _ in range(args.steps):
-    x, y = lm.batches(train, size["context"], size["batch"], rng)
+    x, y = place(*lm.batches(train, size["context"], size["batch"], rng))
     start = time.perf_counter()
     state, loss = compiled(state, x, y)
     losses.append(float(loss))  # waits for the step
@@ -89,11 +123,12 @@ def run_one(name, args):
   eval_rng = np.random.default_rng(1234)
   held = [float(evaluate(state.params, *lm.batches(held_out, size["context"], size["batch"], eval_rng)))
           for _ in range(16)]
-  stats = jax.devices()[0].memory_stats() or {}
-  return {"name": name, "params": int(sum(p.size for p in jax.tree.leaves(params))),
+  peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:args.devices])
+  return {"name": name, "devices": args.devices,
+          "state_bytes_per_device": int(o4.state_nbytes(state.opt_state, per_device=True)), "params": int(sum(p.size for p in jax.tree.leaves(params))),
           "final_loss": float(np.mean(losses[-SMOOTH:])), "held_out_loss": float(np.mean(held)),
           "ms_median": 1e3 * float(np.median(times[5:])), "ms_mean": 1e3 * float(np.mean(times[5:])),
-          "state_bytes": int(o4.state_nbytes(state.opt_state)), "peak_bytes": int(stats.get("peak_bytes_in_use", 0)),
+          "state_bytes": int(o4.state_nbytes(state.opt_state)), "peak_bytes": int(peak_bytes),
           "temp_bytes": int(temp_bytes), "compile_s": compile_s, "losses": losses, "step_s": times,
           "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
@@ -121,7 +156,8 @@ def summarize(results, out):
     r["time_to_target_s"], r["time_to_target_ratio"] = seconds, (seconds / base_time if seconds and base_time else None)
     reach = "not reached" if seconds is None else f"{seconds:.1f} s ({ratio(seconds, base_time)}, step {at_step})"
     cells = (r["name"], f"{r['final_loss']:.4f}", f"{r['held_out_loss']:.4f}",
-             f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}", reach, f"{r['state_bytes'] / 2**20:.0f}",
+             f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}", reach, f"{r['state_bytes'] / 2**20:.0f}" + (
+                 f" ({r['state_bytes_per_device'] / 2**20:.0f} per device)" if r.get("devices", 1) > 1 else ""),
              f"{r['peak_bytes'] / 2**30:.2f} ({ratio(r['peak_bytes'], best['peak_bytes'])})",
              f"{r['temp_bytes'] / 2**30:.2f}", f"{r['compile_s']:.1f} ({ratio(r['compile_s'], best['compile_s'])})")
     rows.append(cells)
@@ -155,6 +191,8 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=1e-3, help="Shampoo's peak learning rate")
   parser.add_argument("--statistics-every", type=int, default=20)
   parser.add_argument("--inverse-root-every", type=int, default=100)
+  parser.add_argument("--devices", type=int, default=1, help="data-parallel over this many GPUs, params and "
+                      "optimizer state FSDP-sharded, Shampoo's and SOAP's stacks spread over them")
   parser.add_argument("--precondition-every", type=int, default=10, help="SOAP's basis interval")
   parser.add_argument("--only", default=None, help="';'-separated optimizer names (default: all); "
                       "results already in OUT/parts are reused")

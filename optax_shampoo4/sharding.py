@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState
 from optax_shampoo4.quantization import QuantizedArray
 from optax_shampoo4.shampoo import ShampooState
+from optax_shampoo4.soap import SoapState
 
 
 def _stack_sharding(leaf, mesh: Mesh, axis: str):
@@ -71,7 +72,8 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
   devices (the new roots are gathered once per inverse-root update), and the per-step preconditioning
   ``L̂ G R̂`` of replicated gradients needs no communication, at the cost of the roots' bytes on every
   device (about half of the preconditioner state); the moments of a :class:`~optax_shampoo4.adam.ScaleByAdam4bitState`
-  follow ``params_sharding`` by the rule in this module's docstring; leaves of other states take
+  follow ``params_sharding`` by the rule in this module's docstring; a :class:`~optax_shampoo4.SoapState`
+  has its bases sharded like the stacks and its moments like Adam's; leaves of other states take
   ``params_sharding`` when their tree matches the params (e.g. ``optax.adam``'s moments), else are
   replicated.
 
@@ -79,6 +81,10 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   is_shampoo = lambda x: isinstance(x, ShampooState)
+
+  def moments(tree):
+    shardings, treedef = jax.tree.flatten(params_sharding)
+    return treedef.unflatten([_moment_sharding(m, s, mesh) for m, s in zip(treedef.flatten_up_to(tree), shardings)])
 
   def assign(node):
     if is_shampoo(node):
@@ -88,16 +94,17 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
                   for key, stack in stacks.items()}
       return ShampooState(count=replicated, preconditioners=stacks, nonfinite_count=replicated,
                           failure_count=replicated)
+    if isinstance(node, SoapState):  # bases like Shampoo's stacks, moments like Adam's
+      bases = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.bases)
+      moment = (lambda tree: jax.tree.map(lambda _: replicated, tree)) if params_sharding is None else moments
+      return SoapState(replicated, bases, moment(node.mu), moment(node.nu), replicated, replicated)
     if isinstance(node, ScaleByAdam4bitState) and params_sharding is not None:
-      shardings, treedef = jax.tree.flatten(params_sharding)
-      moments = lambda tree: treedef.unflatten(
-          [_moment_sharding(m, s, mesh) for m, s in zip(treedef.flatten_up_to(tree), shardings)])
       return ScaleByAdam4bitState(replicated, moments(node.mu), moments(node.nu), replicated)
     if params_sharding is not None and jax.tree.structure(node) == jax.tree.structure(params_sharding):
       return jax.tree.map(lambda _, s: s, node, params_sharding)
     return jax.tree.map(lambda _: replicated, node)
 
-  if is_shampoo(state) or isinstance(state, ScaleByAdam4bitState):
+  if isinstance(state, (ShampooState, SoapState, ScaleByAdam4bitState)):
     return assign(state)
   if isinstance(state, tuple) and not hasattr(state, "_fields"):  # optax.chain's tuple of states
     return tuple(optimizer_state_sharding(s, mesh, axis, params_sharding, replicate_roots) for s in state)

@@ -321,3 +321,31 @@ def test_fsdp_sharded_statistics_and_root_steps_finish():
   import sys
   done = subprocess.run([sys.executable, "-c", HANG_REPRO], capture_output=True, text=True, timeout=240)
   assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+
+
+def test_soap_sharded_over_8_devices_equals_one_device():
+  """SOAP's bases sharded slot-wise over the 8 devices of the FSDP axis (a NamedSharding, constrained inside
+  the refresh), its moments sharded along rows with the params: four steps with two basis refreshes match a true one-device run, and
+  each device holds an eighth of the bases."""
+  params = {"a": jnp.full((96, 80), 0.1), "b": jnp.full((80, 96), 0.1), "bias": jnp.zeros(96)}
+  config = o4.ShampooConfig(bits=32)
+  soap = lambda config: o4.soap(1e-2, config=config, moments=o4.AdamConfig(bits=32), precondition_every=2)
+  fsdp = NamedSharding(Mesh(np.array(jax.devices()[:8]), ("fsdp",)), PartitionSpec("fsdp"))  # fsdp_runs' mesh
+  _, _, (p_sharded, s_sharded), _, _ = fsdp_runs(
+      soap(dataclasses.replace(config, shard_blocks=fsdp)), params, 4,
+      shardable=lambda p: p.ndim and p.shape[0] % 8 == 0)
+  single, state = soap(config), None
+  p_single, state = params, single.init(params)
+  for i in range(4):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+    updates, state = jax.jit(single.update)(grads, state, p_single)
+    p_single = optax.apply_updates(p_single, updates)
+  for key in params:
+    moved = np.asarray(p_single[key]) - np.asarray(params[key])
+    assert relative(np.asarray(p_sharded[key]) - np.asarray(params[key]), moved) < 3e-2, key
+  soap_state = substate(s_sharded, o4.SoapState)
+  assert int(soap_state.failure_count) == 0 and int(soap_state.count) == 4
+  for leaf in jax.tree.leaves(soap_state.bases):
+    assert leaf.sharding.spec[0] == "fsdp"
+  assert o4.state_nbytes(soap_state.bases, per_device=True) <= o4.state_nbytes(soap_state.bases) / 8 * 1.01
+  assert soap_state.mu["a"].sharding.spec[0] == "fsdp"
