@@ -53,7 +53,8 @@ def optimizers(args, base=None):
           "shampoo 4-bit, 100/500": (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
           "soap 4-bit lr 3e-3": (3e-3, soap()),
           "soap 4-bit lr 1e-3": (1e-3, soap()),
-          "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32)))}
+          "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+          "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32)))}
 
 
 def data_parallel(state, devices):

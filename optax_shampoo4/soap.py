@@ -111,7 +111,10 @@ class _Rotation(NamedTuple):
                             u_right, precision=self.precision)
         return update, v
 
-      update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
+      # the per-step Björck rectification of a 4-bit basis at the rotations' precision (TF32 on GPUs by
+      # default), not the refresh's fp32, which made a 4-bit step far slower than an fp32-basis one
+      with linalg.precision(self.precision):
+        update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
       updates.append(update)
       second_moments.append(v)
     return updates, second_moments
