@@ -54,7 +54,9 @@ def optimizers(args, base=None):
           "soap 4-bit lr 3e-3": (3e-3, soap()),
           "soap 4-bit lr 1e-3": (1e-3, soap()),
           "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
-          "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32)))}
+          "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+          "soap 4-bit, 8-bit moments lr 1e-3": (1e-3, soap(moments=o4.AdamConfig(bits=8))),
+          "soap 4-bit, fp32 moments lr 1e-3": (1e-3, soap(moments=o4.AdamConfig(bits=32)))}
 
 
 def data_parallel(state, devices):
