@@ -70,15 +70,22 @@ def per_matrix(fn, *stacks):
   On the CPU backend the matrices go through ``fn`` one at a time (``lax.map``): jaxlib's batched CPU
   LAPACK kernels split a batch over the process's intra-op thread pool and block until it is done, and
   when every pool thread is one CPU device running such a kernel (a multi-device CPU program; seen with
-  jaxlib 0.10.2 on 8 devices and 2 cores), nothing is left to run the pieces: the step hangs. GPUs and
-  TPUs take the batched call, and so do stacks sharded along their leading axis (inside
-  :func:`constrain_stacks`): a loop over that axis would gather the whole stack onto every device.
+  jaxlib 0.10.2 on 4 and 8 devices and 2 cores), nothing is left to run the pieces: the step hangs. A stack
+  sharded along its leading axis with a mesh (a constraint of :func:`constrain_stacks` carrying ``mesh``
+  and ``axes``) loops over each device's own slots inside ``shard_map``, since a loop over the sharded
+  axis would gather the whole stack onto every device. GPUs and TPUs take the batched call, and so do
+  stacks spread by propagation alone (no mesh to map over).
   """
-  if jax.default_backend() != "cpu" or _constraint_stack[-1] is not None:
+  constraint = _constraint_stack[-1]
+  if jax.default_backend() != "cpu" or (constraint is not None and not hasattr(constraint, "mesh")):
     return fn(*stacks)
   batch = stacks[0].shape[:-2]
   flat = [s.reshape((-1,) + s.shape[-2:]) for s in stacks]
-  out = lax.map(lambda xs: fn(*xs), flat)
+  loop = lambda *xs: lax.map(lambda ys: fn(*ys), xs)
+  if constraint is not None:
+    spec = jax.sharding.PartitionSpec(constraint.axes)
+    loop = jax.shard_map(loop, mesh=constraint.mesh, in_specs=spec, out_specs=spec)
+  out = loop(*flat)
   return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 

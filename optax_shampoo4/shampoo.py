@@ -111,6 +111,7 @@ class Stacks:
         return x
       spec = jax.sharding.PartitionSpec(self.config.block_axes, *([None] * (x.ndim - 1)))
       return lax.with_sharding_constraint(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+    constrain.mesh, constrain.axes = sharding.mesh, self.config.block_axes  # for linalg.per_matrix
     return constrain
 
   def constrain(self, stack, order: int):

@@ -10,7 +10,8 @@ Per block ``G`` with left/right bases ``U_L``, ``U_R`` (rows = eigenvectors of S
   quotients), the same code as :func:`optax_shampoo4.shampoo.update_statistics`.
 
 The bases are the eigenvector storage of 4-bit Shampoo without its inverse roots, so the state is about
-``0.5625 B`` per basis entry plus the two moments (``AdamConfig``, about 1 B per parameter at 4 bits).
+``0.5625 B`` per basis entry plus the two moments (``AdamConfig``: about 2 B per parameter at 8 bits,
+the default, 1 B at 4).
 Tensors without a preconditioner (biases, scales) take plain Adam. ``docs/algorithms.md`` §7 has the details.
 
 References:
@@ -154,7 +155,7 @@ def scale_by_soap(
     eps: float = 1e-8,
     *,
     config: ShampooConfig = ShampooConfig(),
-    moments: AdamConfig = AdamConfig(),
+    moments: AdamConfig = AdamConfig(bits=8),
     precondition_every: int = 10,
     shampoo_beta: Optional[float] = None,
     moment_on_refresh: str = "project",
@@ -167,7 +168,9 @@ def scale_by_soap(
     eps: added to ``√V̂`` in the denominator (default 1e-8).
     config: the bases' structure: ``bits`` (4: linear-2 with Björck on load, 8 or 32), blocking,
       ``dimension_numbers``, working set, sharding; ``storage`` must be ``"eigenvectors"``.
-    moments: how ``M`` and ``V`` are stored (``AdamConfig(bits=4|8|32, second_moment="rank1"|"block")``).
+    moments: how ``M`` and ``V`` are stored (``AdamConfig(bits=4|8|32, second_moment="rank1"|"block")``);
+      default 8-bit: at 4 bits the moments lose most of what the rotation gains on the byte-level LM
+      (``docs/algorithms.md`` §7), at 8 bits they keep it.
     precondition_every: steps between basis updates ``f`` (default 10); the first is at step ``f``, and until
       then the update is Adam's.
     shampoo_beta: EMA factor of the statistics (default: ``b2``).

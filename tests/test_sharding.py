@@ -309,14 +309,25 @@ for i in range(10):
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape) * 0.1, params)
   updates, state = step(grads, state, params)
 assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+# the stacks spread over the mesh by a NamedSharding (Cholesky-QR of the 4-bit eigenvector updates)
+config = o4.ShampooConfig(shard_blocks=NamedSharding(mesh, P("fsdp")))
+tx = o4.shampoo_adamw(1e-3, shampoo=config, statistics_every=2, inverse_root_every=4)
+params = {f"w{i}": jnp.ones((64, 96)) * 0.01 for i in range(16)}  # several matrices per device and order
+params = jax.device_put(params, NamedSharding(mesh, P()))
+state, step = jax.jit(tx.init)(params), jax.jit(tx.update)
+for i in range(4):
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape) * 0.1, params)
+  updates, state = step(grads, state, params)
+assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 print("done")
 """
 
 
 def test_fsdp_sharded_statistics_and_root_steps_finish():
   """8 CPU devices, FSDP-sharded params, 32-bit eigenvector storage, steps 5 and 10 update the
-  preconditioners: this hung forever when every device thread ran a batched LAPACK kernel at once
-  (linalg.per_matrix). Run in its own process, so that a hang fails the test instead of the suite."""
+  preconditioners; then 4-bit stacks spread by a NamedSharding: both hung forever when every device thread
+  ran a batched LAPACK kernel at once (linalg.per_matrix). Run in its own process, so that a hang fails
+  the test instead of the suite."""
   import subprocess
   import sys
   done = subprocess.run([sys.executable, "-c", HANG_REPRO], capture_output=True, text=True, timeout=240)
