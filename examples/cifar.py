@@ -326,7 +326,7 @@ def main(argv=None):
                          args.statistics_every, args.inverse_root_every)
   if args.optimizers is None:
     args.optimizers = ",".join(available)
-  results = run_comparison(parser, args, train_one, data, ("test_accuracy", "test acc"), available=available,
+  results = run_comparison(parser, args, train_one, data, (("test_accuracy", "test acc"),), available=available,
                            title=f"{args.model} on {os.path.basename(os.path.normpath(args.data_dir))}",
                            extra_json={"num_classes": data[2], "train_images": len(data[0][1])})
   print("amortized ms/step: " + ", ".join(f"{n} {r['ms_per_step_amortized']:.2f}" for n, r in results.items()))

@@ -2,8 +2,8 @@
 
     python examples/compare.py [--steps 400] [--optimizers adamw,shampoo4,...] [--seed 0] [--out runs/compare]
 
-Prints one table (final train loss, test accuracy, optimizer state bytes and bytes per parameter, ms per
-step), and writes ``results.json``, ``loss_curves.png`` and ``state_memory.png`` into ``--out``. With
+Prints one table (final train loss, held-out loss and accuracy on the test split, optimizer state bytes and
+bytes per parameter, ms per step), and writes ``results.json``, ``loss_curves.png`` and ``state_memory.png`` into ``--out``. With
 ``--checkpoint-dir`` each optimizer's final train state is saved with Orbax; ``--resume`` restores it
 and continues training for ``--steps`` more steps.
 """
@@ -130,11 +130,11 @@ def train_one(name, tx, args, data, progress):
   state, curve, times = timed_steps(state, args.steps, run_step, name, progress)
   maybe_save(args, name, state)
   train_loss, _ = evaluate(model, state.params, train_x, train_y)
-  _, test_accuracy = evaluate(model, state.params, test_x, test_y)
+  test_loss, test_accuracy = evaluate(model, state.params, test_x, test_y)
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
   state_bytes = o4.state_nbytes(state.opt_state)
   steady = times[min(len(times) - 1, 5):]  # skip compilation
-  return {"train_loss": train_loss, "test_accuracy": test_accuracy, "state_bytes": state_bytes,
+  return {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy, "state_bytes": state_bytes,
           "state_bytes_per_param": state_bytes / n_params, "ms_per_step": 1e3 * float(np.median(steady)),
           "curve": curve, "params": n_params, "steps_done": first_step + args.steps}
 
@@ -176,10 +176,10 @@ def comparison_parser(description, steps, out, default_optimizers):
   return parser
 
 
-def run_comparison(parser, args, train_fn, data, metric, extra_json=None, available=None, title="digits CNN"):
+def run_comparison(parser, args, train_fn, data, metrics, extra_json=None, available=None, title="digits CNN"):
   """Trains every optimizer of ``args.optimizers`` with ``train_fn``, prints the table, writes JSON + PNGs.
 
-  ``metric`` is ``(result key, column title)`` of the quality column beside the train loss; ``available``
+  ``metrics`` are ``(result key, column title)`` pairs of the quality columns beside the train loss; ``available``
   maps optimizer names to factories (default: :func:`optimizers` at ``args.learning_rate``).
   """
   available = available or optimizers(args.learning_rate)
@@ -193,10 +193,11 @@ def run_comparison(parser, args, train_fn, data, metric, extra_json=None, availa
   with tqdm(total=args.steps * len(names), unit="step") as progress:
     for name in names:
       results[name] = train_fn(name, available[name](), args, data, progress)
-  key, column = metric
-  print(f"{'optimizer':<12} {'train loss':>10} {column:>12} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
+  columns = "".join(f" {column:>12}" for _, column in metrics)
+  print(f"{'optimizer':<12} {'train loss':>10}{columns} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
   for name, r in results.items():
-    print(f"{name:<12} {r['train_loss']:>10.4f} {r[key]:>12.4f} {r['state_bytes']:>12,} "
+    values = "".join(f" {r[key]:>12.4f}" for key, _ in metrics)
+    print(f"{name:<12} {r['train_loss']:>10.4f}{values} {r['state_bytes']:>12,} "
           f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"args": vars(args), "machine": str(jax.devices()[0]), **(extra_json or {}), "results": results},
@@ -210,7 +211,8 @@ def main(argv=None):
                              "adamw,adamw_4bit,shampoo32,shampoo4,cholesky4,all_4bit")
   parser.add_argument("--batch-size", type=int, default=64)
   args = parser.parse_args(argv)
-  return run_comparison(parser, args, train_one, load_digits_split(args.seed), ("test_accuracy", "test acc"))
+  return run_comparison(parser, args, train_one, load_digits_split(args.seed),
+                        (("test_loss", "held-out loss"), ("test_accuracy", "test acc")))
 
 
 if __name__ == "__main__":

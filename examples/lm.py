@@ -132,7 +132,7 @@ def main(argv=None):
   parser.add_argument("--max-bytes", type=int, default=4_000_000)
   args = parser.parse_args(argv)
   corpus = load_corpus(args.max_bytes)
-  return run_comparison(parser, args, train_one, corpus, ("held_out_bits_per_byte", "held-out bpb"),
+  return run_comparison(parser, args, train_one, corpus, (("held_out_bits_per_byte", "held-out bpb"),),
                         extra_json={"corpus_bytes": [len(c) for c in corpus]}, title="byte transformer")
 
 

@@ -19,6 +19,7 @@ def test_compare_runs_and_writes_outputs(tmp_path):
   assert set(results) == {"adamw", "shampoo4", "all_4bit"}
   data = json.loads((out / "results.json").read_text())
   assert data["results"]["shampoo4"]["state_bytes"] > data["results"]["all_4bit"]["state_bytes"]
+  assert all(0.0 < r["test_loss"] < 3.0 and 0.0 <= r["test_accuracy"] <= 1.0 for r in data["results"].values())
   for name in ("loss_curves.png", "state_memory.png"):
     assert (out / name).stat().st_size > 1000
   resumed = compare.main(["--steps", "3", "--optimizers", "shampoo4", "--out", str(out),
