@@ -50,7 +50,8 @@ def least_squares_problem(seed=0, n=512, d_in=96, d_out=64, decades=2.0):
   return loss, {"w": jnp.zeros((d_in, d_out)), "b": jnp.zeros(d_out)}, (lambda i: ()), ()
 
 
-def train(tx, problem, steps):
+def loss_curve(tx, problem, steps, every=25):
+  """The full-data loss every ``every`` steps of training ``tx`` on ``problem``, and the final state."""
   loss, params, batch, full = problem
   state = tx.init(params)
 
@@ -60,9 +61,18 @@ def train(tx, problem, steps):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  curve = []
   for i in range(steps):
     params, state = step(params, state, i)
-  return float(loss(params, *full)), state
+    if (i + 1) % every == 0:
+      curve.append(float(loss(params, *full)))
+  return np.asarray(curve), state
+
+
+def train(tx, problem, steps):
+  """The full-data loss after ``steps`` steps, and the final state."""
+  curve, state = loss_curve(tx, problem, steps, every=steps)
+  return float(curve[-1]), state
 
 
 def gpt2_small_shapes():

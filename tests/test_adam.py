@@ -7,27 +7,8 @@ import optax
 import pytest
 
 import optax_shampoo4 as o4
-from helpers import digits_mlp_problem, gpt2_small_shapes, least_squares_problem, substate
+from helpers import digits_mlp_problem, gpt2_small_shapes, least_squares_problem, loss_curve, substate
 from optax_shampoo4.quantization import unpack_nibbles
-
-
-
-def loss_curve(tx, problem, steps, every=25):
-  loss, params, batch, full = problem
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, i):
-    grads = jax.grad(loss)(params, *batch(i))
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  curve = []
-  for i in range(steps):
-    params, state = step(params, state, i)
-    if (i + 1) % every == 0:
-      curve.append(float(loss(params, *full)))
-  return np.asarray(curve), state
 
 
 @pytest.fixture(scope="module")
