@@ -90,6 +90,23 @@ def make_plan(config: ShampooConfig, tree: Any):
   return plan, treedef, leaves
 
 
+class UpdateContext(NamedTuple):
+  """What every update of a blocked transformation starts from (:func:`update_context`)."""
+
+  plan: blocking.Plan
+  treedef: Any
+  leaves: Sequence[jax.Array]
+  stacks: "Stacks"
+  step: jax.Array  # this step's number (the state's count + 1)
+  finite: jax.Array  # whether every gradient leaf is finite
+
+
+def update_context(config: ShampooConfig, updates: Any, count: jax.Array) -> UpdateContext:
+  plan, treedef, leaves = make_plan(config, updates)
+  finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+  return UpdateContext(plan, treedef, leaves, Stacks(config, plan), count + 1, finite)
+
+
 class Stacks:
   """Sharding of the per-order stacks under ``config.shard_blocks`` (a no-op without a NamedSharding)."""
 
@@ -268,10 +285,7 @@ def scale_by_shampoo(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    plan, treedef, leaves = make_plan(config, updates)
-    stacks = Stacks(config, plan)
-    step = state.count + 1
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+    plan, treedef, leaves, stacks, step, finite = update_context(config, updates, state.count)
     matrices = [None if layout is None else layout.to_matrices(x.astype(jnp.float32))
                 for x, layout in zip(leaves, plan.layouts)]
     group_blocks = blocking.gather_blocks(plan, matrices)

@@ -34,7 +34,7 @@ from optax_shampoo4.adam import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.preconditioners import Hyper, make_storage
 from optax_shampoo4.shampoo import (NOT_PARAMS, PRECISIONS, Stacks, linalg_precision, make_plan, stack_key,
-                                    update_statistics)
+                                    update_context, update_statistics)
 
 # What happens to the second moment when the bases move: "project" it through the change of basis,
 # V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each new direction's variance the mix of the old ones
@@ -213,10 +213,7 @@ def scale_by_soap(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    plan, treedef, leaves = make_plan(config, updates)
-    stacks = Stacks(config, plan)
-    step = state.count + 1
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+    plan, treedef, leaves, stacks, step, finite = update_context(config, updates, state.count)
     grads = [x.astype(jnp.float32) for x in leaves]
     shapes = [x.shape for x in leaves]
     mu = [b1 * layout.load_first(m, s) + (1.0 - b1) * g
