@@ -156,14 +156,11 @@ class Storage:
 class EigenStorage(Storage):
 
   def init(self, k, n, hyper):
-    eye = self._identity(k, n)
-    return EigenPreconditioner(self.codec.store(eye), jnp.full((k, n), hyper.epsilon, jnp.float32),
-                               self._store_root(eye))
+    return EigenPreconditioner(*self.init_basis(k, n, hyper), self._store_root(self._identity(k, n)))
 
   def init_basis(self, k, n, hyper) -> EigenBasis:
-    """A stack of identity bases: the state of SOAP's rotations (:mod:`optax_shampoo4.soap`)."""
-    preconditioner = self.init(k, n, hyper)
-    return EigenBasis(preconditioner.eigenvectors, preconditioner.eigenvalues)
+    """A stack of identity bases (also the state of SOAP's rotations, :mod:`optax_shampoo4.soap`)."""
+    return EigenBasis(self.codec.store(self._identity(k, n)), jnp.full((k, n), hyper.epsilon, jnp.float32))
 
   def load_basis(self, eigenvectors: Stored) -> jax.Array:
     """The eigenvectors (rows), rectified by ``bjorck_steps[0]`` Björck steps when they were quantized (fp32
