@@ -82,7 +82,9 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
   replicated = NamedSharding(mesh, PartitionSpec())
   is_shampoo = lambda x: isinstance(x, ShampooState)
 
-  def moments(tree):
+  def moments(tree):  # Adam-style moments: along the params' rows, or replicated without params_sharding
+    if params_sharding is None:
+      return jax.tree.map(lambda _: replicated, tree)
     shardings, treedef = jax.tree.flatten(params_sharding)
     return treedef.unflatten([_moment_sharding(m, s, mesh) for m, s in zip(treedef.flatten_up_to(tree), shardings)])
 
@@ -96,9 +98,8 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding:
                           failure_count=replicated)
     if isinstance(node, SoapState):  # bases like Shampoo's stacks, moments like Adam's
       bases = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.bases)
-      moment = (lambda tree: jax.tree.map(lambda _: replicated, tree)) if params_sharding is None else moments
-      return SoapState(replicated, bases, moment(node.mu), moment(node.nu), replicated, replicated)
-    if isinstance(node, ScaleByAdam4bitState) and params_sharding is not None:
+      return SoapState(replicated, bases, moments(node.mu), moments(node.nu), replicated, replicated)
+    if isinstance(node, ScaleByAdam4bitState):
       return ScaleByAdam4bitState(replicated, moments(node.mu), moments(node.nu), replicated)
     if params_sharding is not None and jax.tree.structure(node) == jax.tree.structure(params_sharding):
       return jax.tree.map(lambda _, s: s, node, params_sharding)
