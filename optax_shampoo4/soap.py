@@ -141,11 +141,12 @@ def _to_groups(plan, values):
   return blocking.gather_blocks(plan, matrices)
 
 
-def _from_groups(plan, group_values, like):
-  """Params-shaped leaves from block groups (inverse of :func:`_to_groups`; ``like`` fills the rest)."""
-  out = list(like)
+def _from_groups(plan, group_values, others):
+  """Params-shaped leaves from block groups (inverse of :func:`_to_groups`); ``others`` gives the leaves
+  without a preconditioner (its entries for preconditioned leaves are ignored)."""
+  out = list(others)
   for index, matrix in blocking.scatter_blocks(plan, group_values).items():
-    out[index] = plan.layouts[index].from_matrices(matrix, like[index].shape)
+    out[index] = plan.layouts[index].from_matrices(matrix, plan.shapes[index])
   return out
 
 
@@ -240,12 +241,12 @@ def scale_by_soap(
     corrections = (1.0 - b1 ** step, 1.0 - b2 ** step)
     group_updates, group_nu = rotation.apply(
         list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases, (b2, eps, corrections))
-    # tensors without a preconditioner: plain Adam
-    nu = [v if layout_ is not None else b2 * v + (1.0 - b2) * g * g
-          for v, g, layout_ in zip(nu, grads, plan.layouts)]
-    nu = _from_groups(plan, group_nu, nu)
-    plain = [(m / corrections[0]) / (jnp.sqrt(v / corrections[1]) + eps) for m, v in zip(mu, nu)]
-    outputs = _from_groups(plan, group_updates, plain)
+    # tensors without a preconditioner: plain Adam (the preconditioned ones come from the groups)
+    nu = _from_groups(plan, group_nu, [None if layout_ is not None else b2 * v + (1.0 - b2) * g * g
+                                       for v, g, layout_ in zip(nu, grads, plan.layouts)])
+    outputs = _from_groups(plan, group_updates, [
+        None if layout_ is not None else (m / corrections[0]) / (jnp.sqrt(v / corrections[1]) + eps)
+        for m, v, layout_ in zip(mu, nu, plan.layouts)])
 
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_mu = keep(treedef.unflatten([layout.store_first(m, s) for m, s in zip(mu, shapes)]), state.mu)
