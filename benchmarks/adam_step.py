@@ -31,7 +31,7 @@ import optax
 from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
 import optax_shampoo4 as o4
-from optax_shampoo4 import FusedOptimizer, adamw_4bit, adamw_4bit_fused
+from optax_shampoo4 import adamw_4bit
 from optax_shampoo4.adam import unpack_moments
 from optax_shampoo4.quantization import unpack_nibbles
 
@@ -86,7 +86,7 @@ def agreement(params, grads, second_moment, steps=3):
 def _compare_fused(params, grads, second_moment, steps):
   """The params after ``steps`` fused steps vs after as many ``update`` + ``apply_updates`` steps."""
   from benchmarks.shampoo_step import step_program
-  fused = adamw_4bit_fused(1e-3, second_moment=second_moment)
+  fused = common.fused_adamw_4bit(1e-3, second_moment)
   plain = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
   results = []
   for tx in (fused, plain):
@@ -219,7 +219,7 @@ def train_step_times(optimizers, params, tokens: int, steps: int = 20, repeats: 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, state, batch, tx=tx):
       grads = jax.grad(synthetic_loss)(p, batch)
-      if isinstance(tx, FusedOptimizer):
+      if isinstance(tx, common.FusedRow):
         return tx.step(grads, state, p)
       updates, state = tx.update(grads, state, p)
       return optax.apply_updates(p, updates), state
@@ -252,10 +252,9 @@ def main():
   for second_moment in ("rank1", "block"):
     optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment))
     optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
-    optimizers[f"adamw_4bit_fused {second_moment}"] = adamw_4bit_fused(1e-3, second_moment=second_moment)
+    optimizers[f"adamw_4bit_fused {second_moment}"] = common.fused_adamw_4bit(1e-3, second_moment)
   # the same step on the per-tensor state layout (block: packed by default; rank-1 has only this layout)
-  optimizers["adamw_4bit_fused block, per-tensor state"] = adamw_4bit_fused(1e-3, second_moment="block",
-                                                                            packed=False)
+  optimizers["adamw_4bit_fused block, per-tensor state"] = common.fused_adamw_4bit(1e-3, "block", packed=False)
   if not args.skip_slow_baselines:
     optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment="factored"))
     optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, config=o4.AdamConfig(bits=8, second_moment="block"))

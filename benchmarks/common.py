@@ -7,10 +7,31 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+
+class FusedRow(NamedTuple):
+  """A benchmark row whose steps run through ``optax_shampoo4.fused_step`` (see :func:`fused`)."""
+
+  init: Callable[..., Any]
+  update: Callable[..., Any]
+  step: Callable[..., Any]
+
+
+def fused(tx) -> FusedRow:
+  """``tx`` (``adamw_4bit`` with the Pallas kernels) timed through its fused step."""
+  import optax_shampoo4 as o4
+  return FusedRow(tx.init, tx.update, o4.fused_step(tx))
+
+
+def fused_adamw_4bit(learning_rate, second_moment: str, packed=None) -> FusedRow:
+  import optax_shampoo4 as o4
+  packed = second_moment == "block" if packed is None else packed
+  return fused(o4.adamw_4bit(learning_rate, config=o4.AdamConfig(
+      second_moment=second_moment, implementation="pallas", packed=packed)))
 
 
 def gpt2_small_shapes() -> Dict[str, tuple]:

@@ -129,8 +129,8 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
   ``updates`` updates (2 blocks, fp32 and 4-bit storage) against a float64 reference; for fp32 storage also
   the difference from the HIGHEST, 3-pass pipeline."""
   import functools
-  from optax_shampoo4 import linalg, shampoo
-  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  from optax_shampoo4 import linalg, preconditioners
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   rng = np.random.default_rng(0)
   basis = np.linalg.qr(rng.standard_normal((order, order)))[0] * np.logspace(0, -3, order)
   streams = [np.stack([basis @ rng.standard_normal((order, order)) / np.sqrt(order) for _ in range(2)])
@@ -149,7 +149,7 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
     variants.append((name, getattr(jax.lax.DotAlgorithmPreset, name), 3))
 
   def final_root(bits):
-    storage = shampoo.make_storage("eigenvectors", bits=bits)
+    storage = preconditioners.make_storage(o4.ShampooConfig(bits=bits, min_quantized_size=0), order)
     update = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper))
     state, failures = storage.init(2, order, hyper), 0
     for g in grams:
@@ -164,7 +164,7 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
     linalg.orthonormalize_columns = functools.partial(original_orthonormalize, passes=passes)
     try:
       with linalg.precision(precision):
-        storage4 = shampoo.make_storage("eigenvectors", bits=4)
+        storage4 = preconditioners.make_storage(o4.ShampooConfig(bits=4, min_quantized_size=0), order)
         update4 = jax.jit(lambda s, g: storage4.update_statistics(s, g, hyper)[0])
         seconds = common.time_call(update4, storage4.init(count, order, hyper), timing_grams, repeats=3)
         root32, failures32 = final_root(32)

@@ -22,17 +22,17 @@ import optax
 
 from benchmarks import common
 import optax_shampoo4 as o4
-from optax_shampoo4 import FusedOptimizer, blocking, linalg, shampoo, shampoo_adamw, state_nbytes
+from optax_shampoo4 import blocking, linalg, preconditioners, shampoo_adamw, state_nbytes
 
 NEVER = 2**30
 
 
 def step_program(tx):
-  """The jitted training step ``update`` + ``apply_updates`` (a ``FusedOptimizer``: its own ``step``), params
-  and state donated."""
+  """The jitted training step ``update`` + ``apply_updates`` (a ``common.FusedRow``: its fused ``step``),
+  params and state donated."""
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
-    if isinstance(tx, FusedOptimizer):
+    if isinstance(tx, common.FusedRow):
       return tx.step(grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -92,10 +92,10 @@ def preconditioning_flops(shapes, max_order):
 def order_breakdown(shapes, bits, repeats):
   """Seconds of the statistics and inverse-root update of each order class (4-bit eigenvector storage)."""
   plan = blocking.make_plan(tuple(shapes.values()), 1200)
-  hyper = shampoo.Hyper(0.95, 1e-6, 0.0)
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   rows = []
   for order, count in plan.stack_sizes:
-    storage = shampoo.make_storage("eigenvectors", bits=bits if order * order >= 4096 else 32)
+    storage = preconditioners.make_storage(o4.ShampooConfig(bits=bits), order)
     state = storage.init(count, order, hyper)
     grams = linalg.gram(jax.random.normal(jax.random.PRNGKey(order), (count, order, 256)))
     stats = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper)[0])

@@ -18,6 +18,7 @@ device's.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, os.path.join(HERE, ".."))
 SMOOTH = 50
 
 
@@ -115,25 +117,42 @@ def run_one(name, args):
   compiled = jit(step).lower(state, x, y).compile()
   compile_s = time.perf_counter() - start
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-  losses, times = [], []
+  losses, times, dispatch = [], [], []
   for _ in range(args.steps):
     x, y = place(*lm.batches(train, size["context"], size["batch"], rng))
     start = time.perf_counter()
     state, loss = compiled(state, x, y)
+    dispatch.append(time.perf_counter() - start)  # the call returns once the step is enqueued
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   evaluate = jax.jit(loss_fn)
   eval_rng = np.random.default_rng(1234)
   held = [float(evaluate(state.params, *lm.batches(held_out, size["context"], size["batch"], eval_rng)))
           for _ in range(16)]
+  profile = None
+  if args.profile_steps:  # plain steps after the run: where each millisecond goes
+    from benchmarks import step_trace
+    carry = [state]
+
+    def one_step():
+      carry[0], loss = compiled(carry[0], x, y)
+      return loss
+
+    kernels = step_trace.kernel_events(one_step, args.profile_steps, raw_path=os.path.join(
+        args.out, re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_trace.json.gz"))
+    profile = step_trace.breakdown(kernels, compiled.as_text(), args.profile_steps)
+    with gzip.open(os.path.join(args.out, re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_hlo.txt.gz"), "wt") as f:
+      f.write(compiled.as_text())
+    state = carry[0]
   peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:args.devices])
   return {"name": name, "devices": args.devices,
           "state_bytes_per_device": int(o4.state_nbytes(state.opt_state, per_device=True)), "params": int(sum(p.size for p in jax.tree.leaves(params))),
           "final_loss": float(np.mean(losses[-SMOOTH:])), "held_out_loss": float(np.mean(held)),
           "ms_median": 1e3 * float(np.median(times[5:])), "ms_mean": 1e3 * float(np.mean(times[5:])),
+          "dispatch_ms_median": 1e3 * float(np.median(dispatch[5:])),
           "state_bytes": int(o4.state_nbytes(state.opt_state)), "peak_bytes": int(peak_bytes),
           "temp_bytes": int(temp_bytes), "compile_s": compile_s, "losses": losses, "step_s": times,
-          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "profile": profile}
 
 
 def time_to_target(result, target):
@@ -165,9 +184,29 @@ def summarize(results, out):
              f"{r['temp_bytes'] / 2**30:.2f}", f"{r['compile_s']:.1f} ({ratio(r['compile_s'], best['compile_s'])})")
     rows.append(cells)
     print("| " + " | ".join(cells) + " |")
+  print_profiles(results)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"target": target, "results": results}, f)
   plot(results, out)
+
+
+def print_profiles(results):
+  profiled = [r for r in results if r.get("profile")]
+  if not profiled:
+    return
+  parts = sorted({p for r in profiled for p in r["profile"]["device_ms_by_part"]})
+  header = ("optimizer", "span ms", "GPU idle ms", "kernels") + tuple(f"{p} ms" for p in parts)
+  print("\nPlain steps, from a profiler trace (ms per step; device time by part of the program)")
+  print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+  for r in profiled:
+    p = r["profile"]
+    cells = [r["name"], f"{p['span_ms']:.2f}", f"{p['idle_ms']:.2f}", f"{p['kernels_per_call']:.0f}"]
+    cells += [f"{p['device_ms_by_part'].get(part, 0.0):.2f}" for part in parts]
+    print("| " + " | ".join(cells) + " |")
+  for r in profiled:
+    print(f"{r['name']}: longest idle gaps (ms, kernel before, kernel after):")
+    for gap in r["profile"]["longest_gaps"]:
+      print(f"  {gap[0]:.3f}  {gap[1]}  ->  {gap[2]}")
 
 
 def plot(results, out):
@@ -199,6 +238,8 @@ def main(argv=None):
   parser.add_argument("--precondition-every", type=int, default=10, help="SOAP's basis interval")
   parser.add_argument("--only", default=None, help="';'-separated optimizer names (default: all); "
                       "results already in OUT/parts are reused")
+  parser.add_argument("--profile-steps", type=int, default=0, help="after the run, trace this many plain "
+                      "steps and split their wall-clock by part of the program (benchmarks/step_trace.py)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default="benchmarks/results/train_lm")
   args = parser.parse_args(argv)

@@ -4,7 +4,9 @@
 AdamW / 4-bit Factor [A4], as pure-functional Optax transformations whose states are pytrees.
 
 Public API:
-  Optimizers:       shampoo_adamw, shampoo_sgdm, soap, adamw_4bit, adamw_4bit_fused (FusedOptimizer)
+  Optimizers:       shampoo_adamw, shampoo_sgdm, soap, adamw_4bit
+  Fused apply:      fused_step, apply_gradients (4-bit AdamW's kernels that also apply the update)
+  NaN safety:       skip_nonfinite
   Transformations:  scale_by_shampoo, scale_by_soap, scale_by_adam_4bit
   Configs:          ShampooConfig, AdamConfig, DimensionNumbers
   Quantization:     quantize, dequantize, codebook, QuantizedArray
@@ -32,10 +34,11 @@ def _avoid_jaxlib_0_10_cpu_deadlock():
 _avoid_jaxlib_0_10_cpu_deadlock()
 
 from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState, scale_by_adam_4bit  # noqa: E402
-from optax_shampoo4.alias import (  # noqa: E402
-    FusedOptimizer, adamw_4bit, adamw_4bit_fused, shampoo_adamw, shampoo_sgdm, soap)
+from optax_shampoo4.alias import adamw_4bit, shampoo_adamw, shampoo_sgdm, soap  # noqa: E402
 from optax_shampoo4.config import AdamConfig, DimensionNumbers, ShampooConfig  # noqa: E402
+from optax_shampoo4.fused import apply_gradients, fused_step  # noqa: E402
 from optax_shampoo4.memory import format_memory_report, memory_report, state_nbytes  # noqa: E402
+from optax_shampoo4.nonfinite import skip_nonfinite  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
     CholeskyPreconditioner, EigenBasis, EigenPreconditioner, MatrixPreconditioner)
 from optax_shampoo4.quantization import QuantizedArray, codebook, dequantize, quantize  # noqa: E402
@@ -45,7 +48,8 @@ from optax_shampoo4.soap import SoapState, scale_by_soap  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "shampoo_adamw", "shampoo_sgdm", "soap", "scale_by_soap", "SoapState", "adamw_4bit", "adamw_4bit_fused", "FusedOptimizer",
+    "shampoo_adamw", "shampoo_sgdm", "soap", "scale_by_soap", "SoapState", "adamw_4bit", "fused_step", "apply_gradients",
+    "skip_nonfinite",
     "scale_by_shampoo", "scale_by_adam_4bit", "ShampooConfig", "AdamConfig", "DimensionNumbers",
     "quantize", "dequantize", "codebook", "QuantizedArray", "state_nbytes", "memory_report",
     "format_memory_report", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",

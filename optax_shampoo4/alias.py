@@ -3,22 +3,22 @@
 Structure goes in the config objects (:class:`~optax_shampoo4.config.ShampooConfig`,
 :class:`~optax_shampoo4.config.AdamConfig`); every numeric argument may be scheduled or logged with plain
 ``optax.inject_hyperparams(alias)(...)``. Under the default ``skip_nonfinite=True`` a step whose gradient
-holds a NaN/Inf changes neither the params nor any state but the counters (``optax.apply_if_finite``).
+holds a NaN/Inf changes neither the params nor any state but the counters (:mod:`~optax_shampoo4.nonfinite`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shampoo4 import _checks
-from optax_shampoo4.adam import ApplyStep, ScaleByAdam4bitState, adam_4bit_functions, scale_by_adam_4bit
+from optax_shampoo4 import _checks, fused, nonfinite
+from optax_shampoo4.adam import scale_by_adam_4bit
 from optax_shampoo4.config import AdamConfig, ShampooConfig
-from optax_shampoo4.shampoo import scale_by_shampoo
-from optax_shampoo4.soap import scale_by_soap
+from optax_shampoo4.shampoo import ShampooState, scale_by_shampoo
+from optax_shampoo4.soap import SoapState, scale_by_soap
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -40,8 +40,7 @@ def _check_alias(learning_rate, weight_decay, skip_nonfinite):
 
 def _keep_update_dtypes(tx):
   """``tx`` whose updates keep the gradients' dtypes. Under ``inject_hyperparams`` the learning rate and
-  weight decay are float32 arrays, which promote bf16 updates to float32; ``optax.apply_if_finite`` needs
-  its skipped branch (zeros like the gradients) and its taken branch to agree."""
+  weight decay are float32 arrays, which promote bf16 updates to float32."""
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, state = tx.update(updates, state, params, **extra_args)
@@ -51,10 +50,10 @@ def _keep_update_dtypes(tx):
 
 
 def _finalize(tx, skip_nonfinite: bool):
-  # apply_if_finite zeroes the whole update and keeps every inner state on a NaN/Inf step.
   if not skip_nonfinite:
     return tx
-  return optax.apply_if_finite(_keep_update_dtypes(tx), max_consecutive_errors=2**31 - 1)
+  # Shampoo's and SOAP's states come first in their chains and keep themselves on a NaN/Inf gradient
+  return nonfinite.skip_nonfinite(_keep_update_dtypes(tx), keeps_own_state=(ShampooState, SoapState))
 
 
 def adamw_4bit(
@@ -76,8 +75,10 @@ def adamw_4bit(
     weight_decay: decoupled weight decay (``p ← p − lr·wd·p``), default 1e-4.
     mask: which params get weight decay (a pytree of bools or a function of the params), as in optax.
     config: the moments' storage: ``AdamConfig(bits=4|8|32, second_moment="rank1"|"block"|"factored",
-      ...)``; ``"factored"`` is 4-bit Factor [A4].
-    skip_nonfinite: wrap in ``optax.apply_if_finite`` (default): a NaN/Inf step changes nothing.
+      ...)``; ``"factored"`` is 4-bit Factor [A4]. With ``implementation="pallas"`` (GPU kernels) the
+      result also has a fused step that applies the update inside the kernels:
+      :func:`~optax_shampoo4.fused_step`, :func:`~optax_shampoo4.apply_gradients`.
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
 
   Optimizer state: about 1.03–1.06 bytes per parameter (0.53 for ``"factored"``) instead of 8.
 
@@ -87,87 +88,15 @@ def adamw_4bit(
     >>> state = tx.init({"w": jnp.ones((64, 128))})
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
-  return _finalize(optax.chain(
+  tx = _finalize(optax.chain(
       scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, config=config),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   ), skip_nonfinite)
-
-
-class FusedOptimizer(NamedTuple):
-  """An optimizer whose ``step`` updates the params itself (:func:`adamw_4bit_fused`).
-
-  ``init`` and ``update`` are those of the equivalent ``adamw_4bit(..., skip_nonfinite=False)`` (same
-  state: it can be mixed, checkpointed and restored alike); ``step(grads, state, params) -> (new_params,
-  new_state)`` is ``update`` + ``optax.apply_updates`` in one pass per tensor.
-  """
-
-  init: Callable[[optax.Params], optax.OptState]
-  update: Callable[..., Tuple[optax.Updates, optax.OptState]]
-  step: Callable[[optax.Updates, optax.OptState, optax.Params], Tuple[optax.Params, optax.OptState]]
-
-
-def _state_of(state, kind):
-  """The one sub-state of ``kind`` inside a chain's state (found by type, not position)."""
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind)) if isinstance(s, kind)]
-  if len(found) != 1:
-    raise ValueError(f"expected one {kind.__name__} in the optimizer state, found {len(found)}")
-  return found[0]
-
-
-def _replace_state(state, kind, new):
-  return jax.tree.map(lambda s: new if isinstance(s, kind) else s, state, is_leaf=lambda x: isinstance(x, kind))
-
-
-def adamw_4bit_fused(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    *,
-    mask: MaskOrFn = None,
-    second_moment: str = "block",
-    packed: Optional[bool] = None,
-) -> FusedOptimizer:
-  """:func:`adamw_4bit` with the Pallas kernels applying the update too: each kernel reads a tensor's
-  gradient, params and 4-bit moments and writes the new params and moments — no update tensor, no separate
-  ``apply_updates`` pass. With ``"block"`` (default) both moments of the whole model are packed into a few
-  arrays (:class:`~optax_shampoo4.adam.PackedMoment`), so a GPU step costs the host less than the device;
-  ``packed=False`` keeps the per-tensor layout of :func:`adamw_4bit`.
-
-  ``step`` computes, per tensor, ``p + (−lr)·(û + wd·p)`` in fp32 (the ops of ``add_decayed_weights``,
-  ``scale_by_learning_rate`` and ``apply_updates``, in their order; bf16 params are rounded once). A step
-  whose gradient holds a NaN/Inf changes nothing but ``nonfinite_count``. Donate the params and state to
-  the jitted step so that the kernels update them in place. One GPU or replicated params.
-  """
-  _checks.check_choice("second_moment", second_moment, ("rank1", "block"))
-  packed = second_moment == "block" if packed is None else packed
-  config = AdamConfig(second_moment=second_moment, implementation="pallas", packed=packed)
-  transformation = adamw_4bit(learning_rate, b1, b2, eps, weight_decay, mask=mask, config=config,
-                              skip_nonfinite=False)
-  _, adam_step = adam_4bit_functions(b1, b2, eps, 0.0, config)
-
-  def step(grads, state, params):
-    adam_state = _state_of(state, ScaleByAdam4bitState)
-    schedule_state = _state_of(state, optax.ScaleByScheduleState) if callable(learning_rate) else None
-    step_size = -(learning_rate(schedule_state.count) if callable(learning_rate) else learning_rate)
-    mask_tree = mask(params) if callable(mask) else mask
-    if mask_tree is None:
-      decays = jax.tree.map(lambda _: weight_decay, params)
-    else:  # a mask may be a prefix of the params tree, as for optax.masked
-      decays = jax.tree.map(lambda keep, sub: jax.tree.map(lambda _: jnp.where(keep, weight_decay, 0.0), sub),
-                            mask_tree, params)
-    new_params, new_adam = adam_step(grads, adam_state,
-                                     ApplyStep(params, jnp.asarray(step_size, jnp.float32), decays))
-    state = _replace_state(state, ScaleByAdam4bitState, new_adam)
-    if schedule_state is not None:
-      skipped = new_adam.nonfinite_count != adam_state.nonfinite_count
-      count = jnp.where(skipped, schedule_state.count, optax.safe_increment(schedule_state.count))
-      state = _replace_state(state, optax.ScaleByScheduleState, schedule_state._replace(count=count))
-    return new_params, state
-
-  return FusedOptimizer(transformation.init, transformation.update, step)
+  if config.implementation != "pallas" or config.second_moment == "factored":
+    return tx
+  return fused.with_fused_step(tx, fused.adamw_4bit_step(learning_rate, b1, b2, eps, weight_decay, mask,
+                                                          config))
 
 
 def shampoo_adamw(
@@ -200,7 +129,7 @@ def shampoo_adamw(
       makes the whole state 4-bit).
     statistics_every, inverse_root_every, beta, epsilon, start_step, error_feedback_beta: see
       :func:`scale_by_shampoo`.
-    skip_nonfinite: wrap in ``optax.apply_if_finite`` (default).
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
 
   Examples:
     >>> import optax, optax_shampoo4 as o4
@@ -248,7 +177,7 @@ def shampoo_sgdm(
     shampoo: the preconditioners' structure, :class:`ShampooConfig`.
     statistics_every, inverse_root_every, beta, epsilon, start_step, error_feedback_beta: see
       :func:`scale_by_shampoo`.
-    skip_nonfinite: wrap in ``optax.apply_if_finite`` (default).
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
   _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -290,7 +219,7 @@ def soap(
     moments: the moments, :class:`AdamConfig` (default 8-bit; ``AdamConfig(bits=4)`` for the smallest
       state, which on the byte-level LM gives back most of SOAP's gain; ``AdamConfig(bits=32)`` for fp32).
     precondition_every, shampoo_beta, moment_on_refresh: see :func:`~optax_shampoo4.soap.scale_by_soap`.
-    skip_nonfinite: wrap in ``optax.apply_if_finite`` (default).
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
 
   Examples:
     >>> import optax, optax_shampoo4 as o4

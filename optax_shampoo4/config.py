@@ -19,7 +19,7 @@ from optax_shampoo4.quantization import validate_quantization_args
 
 STORAGES = ("eigenvectors", "matrix", "cholesky")
 INVERSE_ROOT_METHODS = ("eigh", "newton")
-PRECONDITIONING_PRECISIONS = ("default", "high", "highest")
+PRECONDITIONING_PRECISIONS = ("bf16", "default", "high", "highest")
 LINALG_PRECISIONS = ("highest", "bf16_3x")
 SECOND_MOMENTS = ("rank1", "block", "factored")
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -85,8 +85,11 @@ class ShampooConfig:
     inverse_root_method: ``"eigh"`` or ``"newton"`` for the ``"matrix"``/``"cholesky"`` storages; default
       ``"newton"`` at 32 bits, ``"eigh"`` otherwise.
     error_feedback: ``"cholesky"`` only: quantize ``C + E`` and carry the quantization error.
-    preconditioning_precision: matmul precision of the per-step ``L̂ G R̂``: ``"high"`` (TF32 on GPUs,
-      3 bf16 passes on TPUs), ``"highest"`` or ``"default"``.
+    preconditioning_precision: precision of the per-step products, Shampoo's ``L̂ G R̂`` and SOAP's
+      rotations: ``"bf16"`` (operands rounded to bf16, fp32 accumulation), ``"high"`` (TF32 on GPUs, 3
+      bf16 passes on TPUs), ``"highest"`` or ``"default"``. Default (``None``): ``"bf16"`` for Shampoo's
+      quantized roots, whose 4 or 8 bits bf16's 8-bit significand holds, on GPUs and TPUs; ``"high"``
+      otherwise and for SOAP, whose rotations must round-trip.
     linalg_precision: precision of the statistics and root updates: ``"highest"`` (fp32) or ``"bf16_3x"``
       (three bf16 passes, relative error ≈1e-5; CPUs use fp32 either way). Default: ``"highest"`` at 32
       bits, ``"bf16_3x"`` for quantized storage.
@@ -110,7 +113,7 @@ class ShampooConfig:
   bjorck_steps: Tuple[int, int] = (1, 4)
   inverse_root_method: Optional[str] = None
   error_feedback: bool = True
-  preconditioning_precision: str = "high"
+  preconditioning_precision: Optional[str] = None
   linalg_precision: Optional[str] = None
   dimension_numbers: DimensionNumbersSpec = None
   working_set_bytes: Optional[int] = 256 * MIB
@@ -131,8 +134,9 @@ class ShampooConfig:
     if self.inverse_root_method is not None:
       _checks.check_choice("inverse_root_method", self.inverse_root_method, INVERSE_ROOT_METHODS)
     _checks.check_bool("error_feedback", self.error_feedback)
-    _checks.check_choice("preconditioning_precision", self.preconditioning_precision,
-                         PRECONDITIONING_PRECISIONS)
+    if self.preconditioning_precision is not None:
+      _checks.check_choice("preconditioning_precision", self.preconditioning_precision,
+                           PRECONDITIONING_PRECISIONS)
     if self.linalg_precision is not None:
       _checks.check_choice("linalg_precision", self.linalg_precision, LINALG_PRECISIONS)
     if self.working_set_bytes is not None:

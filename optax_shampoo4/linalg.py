@@ -60,6 +60,19 @@ def precision(value):
     _precision_stack.pop()
 
 
+PRODUCT_PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
+                      "highest": lax.Precision.HIGHEST}
+
+
+def product(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
+  """``a @ b`` of the per-step products; ``precision`` is a ``ShampooConfig.preconditioning_precision``
+  name. ``"bf16"`` rounds both operands to bf16 and accumulates in fp32 (half the bytes of an fp32
+  operand, and bf16 tensor-core rate)."""
+  if precision == "bf16":
+    return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  return jnp.matmul(a, b, precision=PRODUCT_PRECISIONS[precision])
+
+
 def matmul(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
   return constrain(jnp.matmul(a, b, precision=_precision_stack[-1] if precision is None else precision))
 

@@ -1,9 +1,9 @@
 """Preconditioner storages: how a stack of Shampoo statistics and inverse roots is kept between steps.
 
-Every storage is a :class:`Storage` with the same four functions over a stack ``(k, n, n)``:
-``init(k, n, hyper)``, ``update_statistics(state, grams, hyper) -> (state, ok)``,
-``update_inverse_root(state, hyper) -> (state, ok)`` and ``inverse_root(state)``; :data:`STORAGES` maps the
-names of ``ShampooConfig.storage`` to them, and :func:`make_storage` builds one for an order class.
+Every storage is a :class:`Storage`: a NamedTuple of the same functions over a stack ``(k, n, n)``, as
+``optax.GradientTransformation`` is a NamedTuple of ``init`` and ``update``. :data:`STORAGES` maps the names
+of ``ShampooConfig.storage`` to the functions that build them, and :func:`make_storage` builds the one of
+a config for an order.
 
 ``"eigenvectors"`` [S4]
   the eigenvector matrix ``U`` of each statistic (4-bit linear-2, block-wise along each eigenvector) and
@@ -28,7 +28,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Tuple, Union
+import functools
+from typing import Any, Callable, NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -123,132 +124,179 @@ class Hyper:
   error_feedback_beta: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class Storage:
-  codec: MatrixCodec
-  bjorck_steps: Tuple[int, int]
-  inverse_root_method: str
-  error_feedback: bool
+class Storage(NamedTuple):
+  """How a stack ``(k, n, n)`` of one order's preconditioners is kept between steps.
 
-  def _identity(self, k, n):
-    return jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (k, n, n))
+  Attributes:
+    init: ``init(k, n, hyper) -> state``: statistics ``ε·I`` and identity inverse roots.
+    update_statistics: ``(state, grams, hyper) -> (state, ok)``: the EMA with this step's Grams; a matrix
+      whose update fails (``ok`` false) keeps its previous state.
+    update_inverse_root: ``(state, hyper) -> (state, ok)``: the inverse 4th roots from the statistics.
+    inverse_root: ``state -> (k, n, n)`` fp32 inverse roots.
+    load: a stored stack (or a slice of one) ``-> fp32``.
+    statistic: ``state -> (k, n, n)`` fp32 statistics as the storage holds them.
+  """
 
-  def _store_root(self, root):
-    return self.codec.store(root, keep_diagonal=True)
-
-  def _matrix_inverse_root(self, statistic, epsilon):
-    if self.inverse_root_method == "eigh":
-      return linalg.inverse_root_eigh(statistic, root=ROOT, epsilon=epsilon)
-    return linalg.inverse_root_newton(statistic, root=ROOT, epsilon=epsilon)
-
-  def inverse_root(self, state) -> jax.Array:
-    return self.codec.load(state.inverse_root)
-
-  def update_inverse_root(self, state, hyper: Hyper):
-    # computed and quantized where its block's statistics live (under linalg.constrain_stacks), whatever
-    # the stored root's own sharding
-    root = linalg.constrain(self._compute_inverse_root(state, hyper))
-    ok = all_finite(root)
-    stored = jax.tree.map(linalg.constrain, self._store_root(root))
-    return state._replace(inverse_root=select(ok, stored, state.inverse_root)), ok
+  init: Callable[..., Any]
+  update_statistics: Callable[..., Tuple[Any, jax.Array]]
+  update_inverse_root: Callable[..., Tuple[Any, jax.Array]]
+  inverse_root: Callable[[Any], jax.Array]
+  load: Callable[[Stored], jax.Array]
+  statistic: Callable[[Any], jax.Array]
 
 
-class EigenStorage(Storage):
+def _identity(k: int, n: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (k, n, n))
 
-  def init(self, k, n, hyper):
-    return EigenPreconditioner(*self.init_basis(k, n, hyper), self._store_root(self._identity(k, n)))
 
-  def init_basis(self, k, n, hyper) -> EigenBasis:
-    """A stack of identity bases (also the state of SOAP's rotations, :mod:`optax_shampoo4.soap`)."""
-    return EigenBasis(self.codec.store(self._identity(k, n)), jnp.full((k, n), hyper.epsilon, jnp.float32))
+def _store_root(codec: MatrixCodec, root: jax.Array) -> Stored:
+  return codec.store(root, keep_diagonal=True)
 
-  def load_basis(self, eigenvectors: Stored) -> jax.Array:
-    """The eigenvectors (rows), rectified by ``bjorck_steps[0]`` Björck steps when they were quantized (fp32
-    rows come out of ``orthonormalize_columns`` already orthonormal)."""
-    rows = self.codec.load(eigenvectors)
-    return linalg.bjorck(rows, self.bjorck_steps[0]) if self.codec.quantized else rows
 
-  def update_statistics(self, state, grams, hyper):
-    rows = self.load_basis(state.eigenvectors)
-    previous = linalg.matmul(linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
-    # symmetric up to rounding, which the products below do not need removed
-    statistic = hyper.beta * previous + (1.0 - hyper.beta) * grams
-    new_rows, eigenvalues = linalg.subspace_iteration_step(statistic, rows)
-    # Keep the basis sorted by decreasing eigenvalue: subspace iteration with a triangular (QR)
-    # orthonormalization converges to that order, and a wrong order makes it rotate pairs instead.
-    order = jnp.argsort(-eigenvalues, axis=-1)
-    eigenvalues = jnp.maximum(jnp.take_along_axis(eigenvalues, order, axis=-1), 0.0)
-    new_rows = jnp.take_along_axis(new_rows, order[..., :, None], axis=-2)
-    ok = (all_finite(new_rows) & all_finite(eigenvalues) &
-          (linalg.orthogonality_error_estimate(new_rows) <= ORTHOGONALITY_TOLERANCE))
-    new = state._replace(eigenvectors=self.codec.store(new_rows), eigenvalues=eigenvalues)
-    return select(ok, new, state), ok
+def _update_inverse_root(codec: MatrixCodec, compute, state, hyper: Hyper):
+  # computed and quantized where its block's statistics live (under linalg.constrain_stacks), whatever
+  # the stored root's own sharding
+  root = linalg.constrain(compute(state, hyper))
+  ok = all_finite(root)
+  stored = jax.tree.map(linalg.constrain, _store_root(codec, root))
+  return state._replace(inverse_root=select(ok, stored, state.inverse_root)), ok
 
-  def _compute_inverse_root(self, state, hyper):
-    rows = linalg.bjorck(self.codec.load(state.eigenvectors), self.bjorck_steps[1])
+
+def _matrix_inverse_root(method: str, statistic: jax.Array, epsilon) -> jax.Array:
+  if method == "eigh":
+    return linalg.inverse_root_eigh(statistic, root=ROOT, epsilon=epsilon)
+  return linalg.inverse_root_newton(statistic, root=ROOT, epsilon=epsilon)
+
+
+def _functions(codec: MatrixCodec, init, update_statistics, compute_root, statistic) -> Storage:
+  return Storage(init, update_statistics, functools.partial(_update_inverse_root, codec, compute_root),
+                 lambda state: codec.load(state.inverse_root), codec.load, statistic)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eigenvectors [S4] (also SOAP's bases)
+# ----------------------------------------------------------------------------------------------------------
+def init_basis(codec: MatrixCodec, k: int, n: int, hyper: Hyper) -> EigenBasis:
+  """A stack of identity bases with eigenvalues ``ε`` (also the state of SOAP's rotations)."""
+  return EigenBasis(codec.store(_identity(k, n)), jnp.full((k, n), hyper.epsilon, jnp.float32))
+
+
+def load_basis(codec: MatrixCodec, bjorck_steps: int, eigenvectors: Stored) -> jax.Array:
+  """The eigenvectors (rows), rectified by ``bjorck_steps`` Björck steps when they were quantized (fp32
+  rows come out of ``orthonormalize_columns`` already orthonormal)."""
+  rows = codec.load(eigenvectors)
+  return linalg.bjorck(rows, bjorck_steps) if codec.quantized else rows
+
+
+def eigen_statistic(codec: MatrixCodec, bjorck_steps: int, state) -> jax.Array:
+  """``Uᵀ diag(λ) U`` from a stored basis (symmetric up to rounding)."""
+  rows = load_basis(codec, bjorck_steps, state.eigenvectors)
+  return linalg.matmul(linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
+
+
+def update_eigenbasis(codec: MatrixCodec, bjorck_steps: int, state, grams: jax.Array, hyper: Hyper):
+  """The EMA of the statistic rebuilt from the basis, then one warm-started subspace-iteration step;
+  works on an :class:`EigenPreconditioner` and an :class:`EigenBasis` alike. ``(state, ok)``."""
+  rows = load_basis(codec, bjorck_steps, state.eigenvectors)
+  previous = linalg.matmul(linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
+  # symmetric up to rounding, which the products below do not need removed
+  statistic = hyper.beta * previous + (1.0 - hyper.beta) * grams
+  new_rows, eigenvalues = linalg.subspace_iteration_step(statistic, rows)
+  # Keep the basis sorted by decreasing eigenvalue: subspace iteration with a triangular (QR)
+  # orthonormalization converges to that order, and a wrong order makes it rotate pairs instead.
+  order = jnp.argsort(-eigenvalues, axis=-1)
+  eigenvalues = jnp.maximum(jnp.take_along_axis(eigenvalues, order, axis=-1), 0.0)
+  new_rows = jnp.take_along_axis(new_rows, order[..., :, None], axis=-2)
+  ok = (all_finite(new_rows) & all_finite(eigenvalues) &
+        (linalg.orthogonality_error_estimate(new_rows) <= ORTHOGONALITY_TOLERANCE))
+  new = state._replace(eigenvectors=codec.store(new_rows), eigenvalues=eigenvalues)
+  return select(ok, new, state), ok
+
+
+def _eigenvector_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
+  load_steps, root_steps = config.bjorck_steps
+
+  def init(k, n, hyper):
+    return EigenPreconditioner(*init_basis(codec, k, n, hyper), _store_root(codec, _identity(k, n)))
+
+  def compute_root(state, hyper):
+    rows = linalg.bjorck(codec.load(state.eigenvectors), root_steps)
     return linalg.inverse_root_from_eigenbasis(rows, state.eigenvalues, root=ROOT, epsilon=hyper.epsilon)
 
+  return _functions(codec, init, functools.partial(update_eigenbasis, codec, load_steps), compute_root,
+                    functools.partial(eigen_statistic, codec, load_steps))
 
-class MatrixStorage(Storage):
 
-  def init(self, k, n, hyper):
-    eye = self._identity(k, n)
-    return MatrixPreconditioner(self.codec.store(hyper.epsilon * eye, keep_diagonal=True), self._store_root(eye))
+# ----------------------------------------------------------------------------------------------------------
+# The statistic itself
+# ----------------------------------------------------------------------------------------------------------
+def _matrix_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
 
-  def update_statistics(self, state, grams, hyper):
-    statistic = hyper.beta * self.codec.load(state.statistic) + (1.0 - hyper.beta) * grams
+  def init(k, n, hyper):
+    eye = _identity(k, n)
+    return MatrixPreconditioner(codec.store(hyper.epsilon * eye, keep_diagonal=True), _store_root(codec, eye))
+
+  def update_statistics(state, grams, hyper):
+    statistic = hyper.beta * codec.load(state.statistic) + (1.0 - hyper.beta) * grams
     ok = all_finite(statistic)
-    new = state._replace(statistic=self.codec.store(statistic, keep_diagonal=True))
+    new = state._replace(statistic=codec.store(statistic, keep_diagonal=True))
     return select(ok, new, state), ok
 
-  def _compute_inverse_root(self, state, hyper):
-    return self._matrix_inverse_root(self.codec.load(state.statistic), hyper.epsilon)
+  def compute_root(state, hyper):
+    return _matrix_inverse_root(config.root_method, codec.load(state.statistic), hyper.epsilon)
+
+  return _functions(codec, init, update_statistics, compute_root, lambda state: codec.load(state.statistic))
 
 
-class CholeskyStorage(Storage):
+# ----------------------------------------------------------------------------------------------------------
+# Cholesky factor with error feedback [CQ]
+# ----------------------------------------------------------------------------------------------------------
+def unpack_cholesky(packed: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """``(C̄, E)`` from a loaded ``factor_and_error`` stack: the lower triangle and diagonal, and the strict
+  upper triangle transposed."""
+  return jnp.tril(packed), jnp.tril(linalg.transpose(packed), -1)
 
-  def init(self, k, n, hyper):
-    eye = self._identity(k, n)
-    return CholeskyPreconditioner(self.codec.store(jnp.sqrt(hyper.epsilon) * eye, triangular=True),
-                                  self._store_root(eye))
 
-  def _unpack(self, state):
-    packed = self.codec.load(state.factor_and_error)
-    factor = jnp.tril(packed)
-    error = jnp.tril(linalg.transpose(packed), -1)
-    return factor, error
+def _cholesky_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
+  feedback = config.error_feedback and codec.quantized
 
-  def statistic(self, state) -> jax.Array:
-    """The statistic rebuilt from the stored factor, ``C̄ C̄ᵀ`` (symmetric positive semi-definite)."""
-    factor, _ = self._unpack(state)
-    return linalg.gram(factor)
+  def init(k, n, hyper):
+    return CholeskyPreconditioner(codec.store(jnp.sqrt(hyper.epsilon) * _identity(k, n), triangular=True),
+                                  _store_root(codec, _identity(k, n)))
 
-  def update_statistics(self, state, grams, hyper):
-    factor, error = self._unpack(state)
+  def statistic(state):
+    return linalg.gram(unpack_cholesky(codec.load(state.factor_and_error))[0])
+
+  def update_statistics(state, grams, hyper):
+    factor, error = unpack_cholesky(codec.load(state.factor_and_error))
     statistic = hyper.beta * linalg.gram(factor) + (1.0 - hyper.beta) * grams
     cholesky = linalg.cholesky_lower(statistic, hyper.epsilon)
     ok = all_finite(cholesky)
-    if self.error_feedback and self.codec.quantized:
+    packed = cholesky
+    if feedback:
       target = cholesky + error  # E is strictly lower: the fp32 diagonal is exact and needs no feedback
-      stored_factor = jnp.tril(self.codec.load(self.codec.store(target, triangular=True)))
-      residual = target - stored_factor
+      stored_factor = jnp.tril(codec.load(codec.store(target, triangular=True)))
       beta_e = hyper.error_feedback_beta
-      new_error = beta_e * error + (1.0 - beta_e) * residual
+      new_error = beta_e * error + (1.0 - beta_e) * (target - stored_factor)
       packed = target + linalg.transpose(jnp.tril(new_error, -1))
-    else:
-      packed = cholesky
-    new = state._replace(factor_and_error=self.codec.store(packed, triangular=True))
+    new = state._replace(factor_and_error=codec.store(packed, triangular=True))
     return select(ok, new, state), ok
 
-  def _compute_inverse_root(self, state, hyper):
-    return self._matrix_inverse_root(self.statistic(state), hyper.epsilon)
+  def compute_root(state, hyper):
+    return _matrix_inverse_root(config.root_method, statistic(state), hyper.epsilon)
+
+  return _functions(codec, init, update_statistics, compute_root, statistic)
 
 
-STORAGES = {"eigenvectors": EigenStorage, "matrix": MatrixStorage, "cholesky": CholeskyStorage}
+STORAGES = {"eigenvectors": _eigenvector_storage, "matrix": _matrix_storage, "cholesky": _cholesky_storage}
+
+
+def make_codec(config: ShampooConfig, order: int) -> MatrixCodec:
+  """How ``config`` stores an order's stacks: fp32 below ``min_quantized_size`` entries."""
+  bits = config.bits if order * order >= config.min_quantized_size else 32
+  return MatrixCodec(bits, config.codebook, config.block_size)
 
 
 def make_storage(config: ShampooConfig, order: int) -> Storage:
-  """The storage of ``config`` for preconditioners of ``order`` (fp32 below ``min_quantized_size``)."""
-  bits = config.bits if order * order >= config.min_quantized_size else 32
-  codec = MatrixCodec(bits, config.codebook, config.block_size)
-  return STORAGES[config.storage](codec, config.bjorck_steps, config.root_method, config.error_feedback)
+  """The storage of ``config`` for preconditioners of ``order``."""
+  return STORAGES[config.storage](make_codec(config, order), config)

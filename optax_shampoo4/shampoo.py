@@ -25,7 +25,6 @@ from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import DimensionNumbers, ShampooConfig
 from optax_shampoo4.preconditioners import Hyper, make_storage
 
-PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "highest": lax.Precision.HIGHEST}
 # Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5 relative error, about twice
 # the fp32 rate on GPUs). XLA's CPU backend has no faster path for the bf16 algorithms: CPUs use fp32.
 LINALG_PRECISIONS = {"highest": lax.Precision.HIGHEST, "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
@@ -203,16 +202,15 @@ def precondition(stacks: Stacks, preconditioners, group_blocks) -> Sequence[jax.
   """``L̂ G R̂`` for every block group. The stored roots are sliced per group before they are dequantized
   (sharded stacks then move codes, not fp32 matrices), and a group larger than the working set runs in
   chunks, so that no fp32 copy of all roots exists at once."""
-  plan, precision = stacks.plan, PRECISIONS[stacks.config.preconditioning_precision]
+  plan, precision = stacks.plan, product_precision(stacks.config)
   stored = {order: preconditioners[stack_key(order)].inverse_root for order in plan.orders}
   out = []
   for g, group, (left, right) in zip(group_blocks, plan.groups, blocking.group_slices(plan, stored)):
-    load_left = make_storage(stacks.config, group.rows).codec.load
-    load_right = make_storage(stacks.config, group.cols).codec.load
+    load_left = make_storage(stacks.config, group.rows).load
+    load_right = make_storage(stacks.config, group.cols).load
 
     def product(g, left, right):
-      return jnp.matmul(jnp.matmul(load_left(left), g, precision=precision), load_right(right),
-                        precision=precision)
+      return linalg.product(linalg.product(load_left(left), g, precision), load_right(right), precision)
 
     chunk = stacks.chunk(max(group.rows, group.cols), PRODUCT_FP32_COPIES, len(group.blocks))
     out.append(blocking.map_chunks(product, chunk, g, left, right))
@@ -222,6 +220,13 @@ def precondition(stacks: Stacks, preconditioners, group_blocks) -> Sequence[jax.
 def graft(preconditioned: jax.Array, gradient: jax.Array) -> jax.Array:
   """Rescales ``preconditioned`` to the Frobenius norm of ``gradient`` (per whole tensor)."""
   return preconditioned * (jnp.linalg.norm(gradient) / (jnp.linalg.norm(preconditioned) + 1e-12))
+
+
+def product_precision(config: ShampooConfig) -> str:
+  """The precision name of Shampoo's per-step ``L̂ G R̂`` (see ``ShampooConfig.preconditioning_precision``)."""
+  if config.preconditioning_precision is not None:
+    return config.preconditioning_precision
+  return "bf16" if config.bits != 32 and jax.default_backend() != "cpu" else "high"
 
 
 def linalg_precision(config: ShampooConfig):
@@ -286,9 +291,10 @@ def scale_by_shampoo(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     plan, treedef, leaves, stacks, step, finite = update_context(config, updates, state.count)
-    matrices = [None if layout is None else layout.to_matrices(x.astype(jnp.float32))
-                for x, layout in zip(leaves, plan.layouts)]
-    group_blocks = blocking.gather_blocks(plan, matrices)
+    with jax.named_scope("shampoo_blocks"):
+      matrices = [None if layout is None else layout.to_matrices(x.astype(jnp.float32))
+                  for x, layout in zip(leaves, plan.layouts)]
+      group_blocks = blocking.gather_blocks(plan, matrices)
     active = finite & (step >= start_step)
     do_statistics = active & (step % statistics_every == 0)
     do_roots = active & (step % inverse_root_every == 0)
@@ -305,16 +311,19 @@ def scale_by_shampoo(
 
     # XLA:GPU copies every conditional's predicate to the host and waits for it, which drains the launch
     # queue: a plain step reads one predicate (the outer cond), and each expensive branch is traced once.
-    with linalg.precision(linalg_precision(config)):
+    # the named scopes label these steps in profiles (benchmarks/profile.py attributes time by them)
+    with linalg.precision(linalg_precision(config)), jax.named_scope("shampoo_update_preconditioners"):
       preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged,
                                            state.preconditioners)
     preconditioners = {key: stacks.constrain(preconditioners[key], order)
                        for order, key in ((o, stack_key(o)) for o in plan.orders)}
-    new_matrices = blocking.scatter_blocks(plan, precondition(stacks, preconditioners, group_blocks))
+    with jax.named_scope("shampoo_precondition"):
+      new_matrices = blocking.scatter_blocks(plan, precondition(stacks, preconditioners, group_blocks))
     outputs = list(leaves)
-    for index, matrix in new_matrices.items():
-      grafted = graft(matrix, matrices[index])
-      outputs[index] = plan.layouts[index].from_matrices(grafted, leaves[index].shape).astype(leaves[index].dtype)
+    with jax.named_scope("shampoo_graft"):
+      for index, matrix in new_matrices.items():
+        grafted = graft(matrix, matrices[index])
+        outputs[index] = plan.layouts[index].from_matrices(grafted, leaves[index].shape).astype(leaves[index].dtype)
     new_state = ShampooState(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         preconditioners=preconditioners,

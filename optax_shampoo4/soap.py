@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, NamedTuple, Optional
 
 import jax
@@ -32,8 +33,8 @@ from jax import lax
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.adam import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
-from optax_shampoo4.preconditioners import Hyper, make_storage
-from optax_shampoo4.shampoo import (NOT_PARAMS, PRECISIONS, Stacks, linalg_precision, make_plan, stack_key,
+from optax_shampoo4.preconditioners import Hyper, init_basis, load_basis, make_codec
+from optax_shampoo4.shampoo import (NOT_PARAMS, Stacks, linalg_precision, make_plan, stack_key,
                                     update_context, update_statistics)
 
 # What happens to the second moment when the bases move: "project" it through the change of basis,
@@ -88,9 +89,9 @@ class _Rotation(NamedTuple):
 
   def _loaders(self, group):
     config = self.stacks.config
-    left, right = make_storage(config, group.rows), make_storage(config, group.cols)
+    loader = lambda order: functools.partial(load_basis, make_codec(config, order), config.bjorck_steps[0])
     chunk = self.stacks.chunk(max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
-    return left.load_basis, right.load_basis, chunk
+    return loader(group.rows), loader(group.cols), chunk
 
   def _slices(self, bases):
     plan = self.stacks.plan
@@ -185,6 +186,9 @@ def scale_by_soap(
   """
   _checks.check_type("config", config, ShampooConfig)
   _checks.check_type("moments", moments, AdamConfig)
+  if config.preconditioning_precision == "bf16":
+    raise ValueError("config.preconditioning_precision='bf16' is for Shampoo's roots; SOAP's rotations must "
+                     "round-trip (use 'high', 'highest' or 'default')")
   if config.storage != "eigenvectors":
     raise ValueError(f"config.storage must be 'eigenvectors' for SOAP (its bases), got {config.storage!r}")
   if moments.second_moment == "factored" or moments.implementation != "xla":
@@ -205,7 +209,7 @@ def scale_by_soap(
     if type(params).__name__ == "_ParamsPlaceholder":  # optax.tree.map_params probing (see scale_by_shampoo)
       return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(), counter())
     plan, _, _ = make_plan(config, params)
-    bases = {stack_key(order): make_storage(config, order).init_basis(plan.stack_length(order), order, hyper)
+    bases = {stack_key(order): init_basis(make_codec(config, order), plan.stack_length(order), order, hyper)
              for order in plan.orders}
     zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
     mu = jax.tree.map(lambda p: layout.store_first(zeros(p), jnp.shape(p)), params)
@@ -221,7 +225,7 @@ def scale_by_soap(
           for m, s, g in zip(treedef.flatten_up_to(state.mu), shapes, grads)]
     nu = [layout.load_second(v, s) for v, s in zip(treedef.flatten_up_to(state.nu), shapes)]
     grad_groups, nu_groups = _to_groups(plan, grads), _to_groups(plan, nu)
-    rotation = _Rotation(stacks, PRECISIONS[config.preconditioning_precision])
+    rotation = _Rotation(stacks, linalg.PRODUCT_PRECISIONS[config.preconditioning_precision or "high"])
 
     def refresh(bases, nu_groups):
       new_bases, failures = update_statistics(stacks, bases, grad_groups, hyper)
@@ -230,7 +234,7 @@ def scale_by_soap(
       return new_bases, nu_groups, failures
 
     # one conditional per step (XLA:GPU waits on each predicate; see scale_by_shampoo)
-    with linalg.precision(linalg_precision(config)):
+    with linalg.precision(linalg_precision(config)), jax.named_scope("soap_refresh"):
       bases, nu_groups, failures = lax.cond(
           finite & (step % precondition_every == 0), refresh,
           lambda b, v: (b, v, jnp.zeros([], jnp.int32)), state.bases, nu_groups)
@@ -239,8 +243,9 @@ def scale_by_soap(
     # an integer power, as optax.scale_by_adam takes it: a float power rounds differently when the betas
     # are traced (optax.inject_hyperparams) than when they are constants
     corrections = (1.0 - b1 ** step, 1.0 - b2 ** step)
-    group_updates, group_nu = rotation.apply(
-        list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases, (b2, eps, corrections))
+    with jax.named_scope("soap_rotated_adam"):
+      group_updates, group_nu = rotation.apply(
+          list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases, (b2, eps, corrections))
     # tensors without a preconditioner: plain Adam (the preconditioned ones come from the groups)
     nu = _from_groups(plan, group_nu, [None if layout_ is not None else b2 * v + (1.0 - b2) * g * g
                                        for v, g, layout_ in zip(nu, grads, plan.layouts)])

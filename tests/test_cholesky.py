@@ -37,7 +37,7 @@ def test_rebuilt_statistic_stays_symmetric_positive_definite_over_a_long_run():
     np.testing.assert_allclose(statistic, np.swapaxes(statistic, -1, -2), atol=1e-5 * np.abs(statistic).max())
     # C̄ C̄ᵀ with a positive fp32 diagonal of C̄: positive definite (checked in float64, where the product
     # is exact enough; the fp32 product carries ~1e-8-relative rounding).
-    factor = np.asarray(storage._unpack(state)[0], np.float64)
+    factor = np.asarray(preconditioners.unpack_cholesky(storage.load(state.factor_and_error))[0], np.float64)
     assert np.all(np.diagonal(factor, axis1=-2, axis2=-1) > 0)
     assert np.min(np.linalg.eigvalsh(factor @ np.swapaxes(factor, -1, -2))) > 0
 
@@ -51,10 +51,10 @@ def test_packed_array_holds_factor_and_error_in_one_4bit_matrix():
     state, _ = storage.update_statistics(state, jnp.asarray(g[None], jnp.float32), hyper)
   packed = state.factor_and_error
   assert packed.codes.shape == (1, 64, 32) and packed.codes.dtype == jnp.uint8  # n²/2 bytes: one matrix
-  factor, error = storage._unpack(state)
+  factor, error = preconditioners.unpack_cholesky(storage.load(state.factor_and_error))
   assert float(jnp.abs(jnp.triu(error)).max()) == 0.0  # E strictly lower
   assert float(jnp.abs(error).max()) > 0  # and not empty: it carries the quantization residual
-  dense = np.asarray(storage.codec.load(packed)[0])
+  dense = np.asarray(storage.load(packed)[0])
   np.testing.assert_array_equal(np.tril(dense), np.asarray(factor[0]))
   np.testing.assert_array_equal(np.triu(dense, 1).T, np.asarray(error[0]))
 
@@ -65,7 +65,7 @@ def test_without_error_feedback_the_error_state_stays_zero():
   state = storage.init(1, 64, hyper)
   for g in gram_stream(n=64, steps=3):
     state, _ = storage.update_statistics(state, jnp.asarray(g[None], jnp.float32), hyper)
-  _, error = storage._unpack(state)
+  _, error = preconditioners.unpack_cholesky(storage.load(state.factor_and_error))
   assert float(jnp.abs(error).max()) == 0.0
 
 
@@ -91,10 +91,10 @@ def test_error_state_follows_the_feedback_recurrence_against_float64(beta_e):
   hyper = preconditioners.Hyper(beta, epsilon, beta_e)
   state = storage.init(1, n, hyper)
   for gram in gram_stream(n=n, steps=6):
-    factor, error = (np.asarray(a[0], np.float64) for a in storage._unpack(state))
+    factor, error = (np.asarray(a[0], np.float64) for a in preconditioners.unpack_cholesky(storage.load(state.factor_and_error)))
     state, ok = storage.update_statistics(state, jnp.asarray(gram[None], jnp.float32), hyper)
     assert bool(ok[0])
-    new_factor, new_error = (np.asarray(a[0], np.float64) for a in storage._unpack(state))
+    new_factor, new_error = (np.asarray(a[0], np.float64) for a in preconditioners.unpack_cholesky(storage.load(state.factor_and_error)))
     statistic = beta * factor @ factor.T + (1 - beta) * gram
     statistic = (statistic + statistic.T) / 2
     ridge = epsilon * max(np.max(np.diag(statistic)), 0.0) + np.finfo(np.float32).tiny

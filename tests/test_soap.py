@@ -131,6 +131,7 @@ def test_a_failed_basis_update_is_counted_and_keeps_the_old_basis():
     (dict(moment_on_refresh="reset"), "moment_on_refresh"),
     (dict(shampoo_beta=1.0), "shampoo_beta"),
     (dict(config="4bit"), "config"),
+    (dict(config=o4.ShampooConfig(preconditioning_precision="bf16")), "preconditioning_precision"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
