@@ -252,9 +252,9 @@ def main():
   for second_moment in ("rank1", "block"):
     optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment))
     optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
-    optimizers[f"adamw_4bit_fused {second_moment}"] = common.fused_adamw_4bit(1e-3, second_moment)
+    optimizers[f"fused_step(adamw_4bit {second_moment})"] = common.fused_adamw_4bit(1e-3, second_moment)
   # the same step on the per-tensor state layout (block: packed by default; rank-1 has only this layout)
-  optimizers["adamw_4bit_fused block, per-tensor state"] = common.fused_adamw_4bit(1e-3, "block", packed=False)
+  optimizers["fused_step(adamw_4bit block), per-tensor state"] = common.fused_adamw_4bit(1e-3, "block", packed=False)
   if not args.skip_slow_baselines:
     optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment="factored"))
     optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, config=o4.AdamConfig(bits=8, second_moment="block"))
@@ -303,8 +303,8 @@ def main():
   if args.profile:
     from benchmarks.profile import device_times, summarize
     from benchmarks.shampoo_step import step_program
-    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "adamw_4bit_fused block",
-                 "adamw_4bit_fused block, per-tensor state", "adamw_4bit_fused rank1"):
+    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "fused_step(adamw_4bit block)",
+                 "fused_step(adamw_4bit block), per-tensor state", "fused_step(adamw_4bit rank1)"):
       if name not in optimizers:
         continue
       step = step_program(optimizers[name])

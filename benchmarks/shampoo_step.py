@@ -165,7 +165,7 @@ def main():
       kinds["plain_pipelined"] = pipelined_step_time(
           shampoo_adamw(1e-3, statistics_every=NEVER, inverse_root_every=NEVER, shampoo=o4.ShampooConfig(bits=bits)), params, grads)
       amortized = plain + (kinds["statistics"] - plain) / args.t1 + (kinds["inverse_root"] - plain) / args.t2
-      precond_bytes = state_nbytes(jax.eval_shape(shampoo.scale_by_shampoo(o4.ShampooConfig(bits=bits)).init, params))
+      precond_bytes = state_nbytes(jax.eval_shape(o4.scale_by_shampoo(o4.ShampooConfig(bits=bits)).init, params))
       rows.append([f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={bits}))", plain * 1e3, kinds["plain_pipelined"] * 1e3,
                    kinds["statistics"] * 1e3,
                    kinds["inverse_root"] * 1e3, amortized * 1e3, state_bytes / 2**20])

@@ -10,7 +10,8 @@ Public API:
   Transformations:  scale_by_shampoo, scale_by_soap, scale_by_adam_4bit
   Configs:          ShampooConfig, AdamConfig, DimensionNumbers
   Quantization:     quantize, dequantize, codebook, QuantizedArray
-  Memory:           state_nbytes, memory_report, format_memory_report
+  Memory:           state_nbytes, memory_report, format_memory_report, parameter_memory,
+                    format_parameter_memory
 """
 
 import os as _os
@@ -37,7 +38,8 @@ from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState, scale_by_a
 from optax_shampoo4.alias import adamw_4bit, shampoo_adamw, shampoo_sgdm, soap  # noqa: E402
 from optax_shampoo4.config import AdamConfig, DimensionNumbers, ShampooConfig  # noqa: E402
 from optax_shampoo4.fused import apply_gradients, fused_step  # noqa: E402
-from optax_shampoo4.memory import format_memory_report, memory_report, state_nbytes  # noqa: E402
+from optax_shampoo4.memory import (  # noqa: E402
+    format_memory_report, format_parameter_memory, memory_report, parameter_memory, state_nbytes)
 from optax_shampoo4.nonfinite import skip_nonfinite  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
     CholeskyPreconditioner, EigenBasis, EigenPreconditioner, MatrixPreconditioner)
@@ -52,6 +54,6 @@ __all__ = [
     "skip_nonfinite",
     "scale_by_shampoo", "scale_by_adam_4bit", "ShampooConfig", "AdamConfig", "DimensionNumbers",
     "quantize", "dequantize", "codebook", "QuantizedArray", "state_nbytes", "memory_report",
-    "format_memory_report", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",
+    "format_memory_report", "parameter_memory", "format_parameter_memory", "ShampooState", "EigenPreconditioner", "MatrixPreconditioner",
     "CholeskyPreconditioner", "EigenBasis", "ScaleByAdam4bitState", "FactoredMoment",
 ]

@@ -358,14 +358,14 @@ def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections, co
 def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamConfig = AdamConfig()):
   """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments): ``step_fn(updates, state,
   apply=None)`` is its update; with an :class:`ApplyStep` it returns the new params instead of the updates —
-  the fused kernels then write the params themselves (:func:`optax_shampoo4.adamw_4bit_fused`), and a step
+  the fused kernels then write the params themselves (:func:`optax_shampoo4.fused_step`), and a step
   with a non-finite gradient leaves the params unchanged too."""
   _checks.check_type("config", config, AdamConfig)
   _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
   _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_number("eps", eps, 0.0)
   _checks.check_number("eps_root", eps_root, 0.0)
-  bits, second_moment, implementation, packed = config.bits, config.second_moment, config.implementation, config.packed
+  second_moment, implementation, packed = config.second_moment, config.implementation, config.packed
   layout = MomentLayout.from_config(config)
   kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
 

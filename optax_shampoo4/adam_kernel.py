@@ -9,7 +9,7 @@ multiple of 128 (one first-moment block per 128 columns of a row):
    rank-1 scales it is quantized with depend on every element — and the number of non-finite gradients.
 2. :func:`fused_update`: new moments in fp32, the update from them, the new block scales, and both
    moments re-encoded and nibble-packed — reading the gradient and the old codes once and writing the new
-   codes and the update once; or, given the params (``adamw_4bit_fused``), applying the update too and
+   codes and the update once; or, given the params (``optax_shampoo4.fused_step``), applying the update too and
    writing the new params instead of the update.
 
 The stored state has the XLA path's format (fp32 scales; codes paired as contiguous halves of each

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_shampoo4 import _checks, fused, nonfinite
-from optax_shampoo4.adam import scale_by_adam_4bit
+from optax_shampoo4.adam import ScaleByAdam4bitState, scale_by_adam_4bit
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.shampoo import ShampooState, scale_by_shampoo
 from optax_shampoo4.soap import SoapState, scale_by_soap
@@ -52,8 +51,12 @@ def _keep_update_dtypes(tx):
 def _finalize(tx, skip_nonfinite: bool):
   if not skip_nonfinite:
     return tx
-  # Shampoo's and SOAP's states come first in their chains and keep themselves on a NaN/Inf gradient
-  return nonfinite.skip_nonfinite(_keep_update_dtypes(tx), keeps_own_state=(ShampooState, SoapState))
+  # These states keep themselves on a NaN/Inf gradient: Shampoo's and SOAP's come first in their chains,
+  # and 4-bit Adam sees either the gradient or Shampoo's output of it, non-finite with it. A select on
+  # them would add kernels to every step (on the GPU, the host then spends longer updating the step's
+  # command buffers than the kernels take).
+  return nonfinite.skip_nonfinite(_keep_update_dtypes(tx),
+                                  keeps_own_state=(ShampooState, SoapState, ScaleByAdam4bitState))
 
 
 def adamw_4bit(

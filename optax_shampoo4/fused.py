@@ -97,15 +97,12 @@ def adamw_4bit_step(learning_rate, b1, b2, eps, weight_decay, mask, config: Adam
     new_params, new_adam = adam_step(grads, adam_state, ApplyStep(
         params, jnp.asarray(step_size, jnp.float32), _weight_decays(weight_decay, mask, params)))
     finite = new_adam.nonfinite_count == adam_state.nonfinite_count
-    guard = find_state(state, optax.ApplyIfFiniteState, required=False)
-    if guard is not None:  # the guard, not the inner state, counts a skipped step
-      new_adam = new_adam._replace(nonfinite_count=adam_state.nonfinite_count)
     state = _replace_state(state, ScaleByAdam4bitState, new_adam)
     if schedule_state is not None:
       count = jnp.where(finite, optax.safe_increment(schedule_state.count), schedule_state.count)
       state = _replace_state(state, optax.ScaleByScheduleState, schedule_state._replace(count=count))
-    if guard is not None:
-      guard = find_state(state, optax.ApplyIfFiniteState)
+    guard = find_state(state, optax.ApplyIfFiniteState, required=False)
+    if guard is not None:  # the alias's skip_nonfinite passes the 4-bit state through (it keeps itself)
       state = _replace_state(state, optax.ApplyIfFiniteState, guard._replace(
           notfinite_count=jnp.where(finite, 0, optax.safe_increment(guard.notfinite_count)),
           last_finite=finite,

@@ -1,13 +1,14 @@
-"""Memory accounting for optimizer states (any pytree, quantized or not)."""
+"""Memory accounting for optimizer states (any pytree, quantized or not), whole or per parameter."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
 
+from optax_shampoo4.config import ShampooConfig
 from optax_shampoo4.quantization import QuantizedArray
 
 
@@ -80,4 +81,78 @@ def format_memory_report(tree: Any, *, min_nbytes: int = 0) -> str:
   for r in shown:
     lines.append(f"{r.path:<{width}}  {str(r.shape):>18}  {r.kind:<28}  {r.nbytes:>14,}")
   lines.append(f"{'total':<{width}}  {'':>18}  {'':<28}  {total:>14,}")
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterShare:
+  """One row of :func:`parameter_memory`: the optimizer-state bytes that serve one parameter."""
+
+  path: str
+  shape: tuple
+  moment_bytes: int  # its entries in every params-shaped part of the state (Adam's or SOAP's moments)
+  preconditioner_bytes: int  # its blocks' slots in Shampoo's or SOAP's stacks
+
+  @property
+  def nbytes(self) -> int:
+    return self.moment_bytes + self.preconditioner_bytes
+
+
+def _params_shaped_parts(node: Any, treedef) -> Optional[list]:
+  if isinstance(node, (QuantizedArray, jax.Array, np.ndarray, jax.ShapeDtypeStruct)) and treedef.num_nodes > 1:
+    return None
+  try:
+    return treedef.flatten_up_to(node)
+  except (ValueError, TypeError):
+    return None
+
+
+def _stacks_of(state: Any) -> List[Dict[str, Any]]:
+  """The stack dicts of every Shampoo and SOAP state inside ``state``."""
+  from optax_shampoo4.shampoo import ShampooState  # memory accounting sits above the transformations
+  from optax_shampoo4.soap import SoapState
+  kinds = (ShampooState, SoapState)
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(s, kinds)]
+  return [s.preconditioners if isinstance(s, ShampooState) else s.bases for s in found]
+
+
+def parameter_memory(opt_state: Any, params: Any, config: ShampooConfig = ShampooConfig()) -> List[ParameterShare]:
+  """Each parameter's share of ``opt_state``'s bytes.
+
+  Moments: every part of the state shaped like ``params`` (Adam's ``mu``/``nu``, 4-bit or not; SOAP's).
+  Preconditioners: the two stack slots of each of the parameter's blocks (a stack's bytes split evenly over
+  its slots, padding slots left out), with the blocking of ``config`` (the one the optimizer was built
+  with). Counters, packed moments (``AdamConfig(packed=True)``) and padding are in no row; their bytes are
+  :func:`state_nbytes` minus the rows' sum.
+  """
+  from optax_shampoo4.shampoo import make_plan, stack_key
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  moments = [0] * len(leaves_with_paths)
+  is_params_shaped = lambda x: _params_shaped_parts(x, treedef) is not None
+  for node in jax.tree.leaves(opt_state, is_leaf=is_params_shaped):
+    parts = _params_shaped_parts(node, treedef)
+    for i, part in enumerate(parts or ()):
+      moments[i] += state_nbytes(part)
+  preconditioners = [0.0] * len(leaves_with_paths)
+  plan, _, _ = make_plan(config, params)
+  for stacks in _stacks_of(opt_state):
+    per_slot = {order: state_nbytes(stacks[stack_key(order)]) / plan.stack_length(order) for order in plan.orders}
+    for group in plan.groups:
+      for block in group.blocks:
+        preconditioners[block.leaf] += per_slot[group.rows] + per_slot[group.cols]
+  return [ParameterShare(jax.tree_util.keystr(path), tuple(np.shape(leaf)), moments[i], int(round(preconditioners[i])))
+          for i, (path, leaf) in enumerate(leaves_with_paths)]
+
+
+def format_parameter_memory(opt_state: Any, params: Any, config: ShampooConfig = ShampooConfig()) -> str:
+  """A printable table of :func:`parameter_memory`, largest first, with bytes per parameter entry."""
+  rows = sorted(parameter_memory(opt_state, params, config), key=lambda r: -r.nbytes)
+  width = max([len(r.path) for r in rows] + [9])
+  lines = [f"{'parameter':<{width}}  {'shape':>18}  {'moments':>12}  {'preconditioners':>15}  {'B/entry':>7}"]
+  for r in rows:
+    entries = max(int(np.prod(r.shape, dtype=np.int64)), 1)
+    lines.append(f"{r.path:<{width}}  {str(r.shape):>18}  {r.moment_bytes:>12,}  {r.preconditioner_bytes:>15,}  "
+                 f"{r.nbytes / entries:>7.2f}")
+  other = state_nbytes(opt_state) - sum(r.nbytes for r in rows)
+  lines.append(f"{'counters, packed moments, padding':<{width}}  {'':>18}  {other:>12,}")
   return "\n".join(lines)

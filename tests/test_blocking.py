@@ -157,3 +157,37 @@ def test_chunked_training_step_extra_temp_within_three_shampoo_states_on_cpu():
   whole_temp, _ = temp_bytes(shampoo(None))
   assert chunked_temp - adamw_temp <= 3.0 * state_bytes, (chunked_temp, adamw_temp, state_bytes)
   assert chunked_temp < whole_temp, (chunked_temp, whole_temp)
+
+
+def test_blocking_rules():
+  assert blocking.chunk_sizes(3072, 1200) == (1200, 1200, 672)
+  assert blocking.matrix_shape((3, 3, 16, 32)) == (144, 32)  # Flax conv (kh, kw, Cin, Cout)
+  assert blocking.matrix_shape((1, 5, 1, 7)) == (5, 7)
+  assert blocking.matrix_shape((7,)) is None and blocking.matrix_shape(()) is None
+  assert blocking.matrix_shape((1, 7)) is None and blocking.matrix_shape((0, 7)) is None
+  plan = blocking.make_plan(((3072, 768), (768,), (50, 2500)), 1200)
+  assert dict(plan.stack_sizes) == {1200: 4, 672: 1, 768: 3, 50: 3, 100: 1}
+  assert plan.preconditioned_leaves == (0, 2)
+
+
+def test_oriented_blocks_give_each_slot_its_statistic():
+  """The Grams of ``oriented_blocks`` (what sharded statistics steps take) are, slot by slot, the fp64
+  ``G Gᵀ`` / ``Gᵀ G`` of the block each slot's preconditioner belongs to; padding slots are zero."""
+  shapes = ((300, 96), (96,), (96, 250), (40, 96))
+  plan = blocking.make_plan(shapes, 128, 4)
+  rng = np.random.default_rng(0)
+  matrices = [rng.standard_normal(s).astype(np.float32) if len(s) == 2 else None for s in shapes]
+  group_blocks = blocking.gather_blocks(plan, [None if m is None else jnp.asarray(m)[None] for m in matrices])
+  for order, count in plan.stack_sizes:
+    grams = np.asarray(linalg.gram(blocking.oriented_blocks(plan, order, group_blocks)), np.float64)
+    assert grams.shape == (plan.stack_length(order), order, order)
+    expected = np.zeros_like(grams)
+    for group in plan.groups:
+      for k, b in enumerate(group.blocks):
+        block = matrices[b.leaf][b.row_start:b.row_start + b.rows, b.col_start:b.col_start + b.cols].astype(np.float64)
+        if group.rows == order:
+          expected[group.left_offset + k] = block @ block.T
+        if group.cols == order:
+          expected[group.right_offset + k] = block.T @ block
+    np.testing.assert_allclose(grams, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+    assert list(blocking.padding_slots(plan, order)) == [i >= count for i in range(plan.stack_length(order))]

@@ -221,15 +221,6 @@ def test_storage_bytes_of_a_1200_matrix():
   assert o4.quantize(jnp.ones((1200, 1200)), bits=8).nbytes == 1200 * 1200 + 1200 * 19 * 4
 
 
-def test_memory_report_lists_quantized_arrays_as_one_entry():
-  tree = {"q": o4.quantize(jnp.ones((100, 100))), "x": jnp.zeros((3, 4))}
-  rows = {r.path: r for r in o4.memory_report(tree)}
-  assert rows["['q']"].kind == "4-bit linear2/block" and rows["['q']"].nbytes == tree["q"].nbytes
-  assert rows["['x']"].nbytes == 48
-  text = o4.format_memory_report(tree)
-  assert "total" in text and f"{tree['q'].nbytes + 48:,}" in text
-
-
 # ------------------------------------------------------------------------------------------------ transforms
 def test_jit_vmap_and_eager_agree():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 130))
