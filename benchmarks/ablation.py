@@ -1,9 +1,12 @@
-"""Ablation of the preconditioner storages, printed as [S4]-style tables (writes docs-ready markdown + JSON).
+"""Ablation of the preconditioner storages, printed as [S4]-style tables (writes
+docs-ready markdown + JSON).
 
-Run: ``PYTHONPATH=. python benchmarks/ablation.py [--steps 300]`` (CPU is fine; about 5 minutes).
+Run: ``PYTHONPATH=. python benchmarks/ablation.py [--steps 300]`` (CPU is fine;
+  about 5 minutes).
 
-1. NRE / AE of A^{-1/4} from each storage at 4 and 8 bits, on [S4] Table 1's synthetic matrix and on a real
-   statistic collected from the example training run (the digits CNN's largest preconditioner).
+1. NRE / AE of A^{-1/4} from each storage at 4 and 8 bits, on [S4] Table 1's
+   synthetic matrix and on a real statistic collected from the example training
+   run (the digits CNN's largest preconditioner).
 2. The error-feedback sweep over β_e for the Cholesky storage.
 3. Final train loss / test accuracy of the example run for each storage.
 """
@@ -22,8 +25,12 @@ from optax_shampoo4 import diagnostics, shampoo_adamw
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import compare  # noqa: E402
 
-STORAGES = [("matrix", {}), ("cholesky", {}), ("eigenvectors", {"bjorck_steps": 0}),
-            ("eigenvectors", {"bjorck_steps": 1})]
+STORAGES = [("matrix", {}), ("cholesky", {}),
+            ("eigenvectors", {
+                "bjorck_steps": 0
+            }), ("eigenvectors", {
+                "bjorck_steps": 1
+            })]
 
 
 def label(storage, extra):
@@ -36,19 +43,23 @@ def error_rows(u, lam):
   rows = []
   for bits in (4, 8):
     for storage, extra in STORAGES:
-      nre, angle = diagnostics.inverse_root_error(u, lam, storage=storage, bits=bits, **extra)
+      nre, angle = diagnostics.inverse_root_error(u, lam, storage=storage,
+                                                  bits=bits, **extra)
       rows.append([f"{bits}-bit", label(storage, extra), nre, angle])
   return rows
 
 
 def real_statistic(args):
-  """The largest left statistic of the digits CNN after training with fp32 classic Shampoo."""
-  tx = shampoo_adamw(3e-3, statistics_every=10, inverse_root_every=50, shampoo=o4.ShampooConfig(bits=32, storage="matrix"))
+  """The largest left statistic of the digits CNN after training with fp32
+  classic Shampoo."""
+  tx = shampoo_adamw(3e-3, statistics_every=10, inverse_root_every=50,
+                     shampoo=o4.ShampooConfig(bits=32, storage="matrix"))
   data = compare.load_digits_split(0)
   model = compare.CNN()
   params = model.init(jax.random.PRNGKey(0), data[0][0][:1])["params"]
   from flax.training import train_state
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=tx)
   step = compare.make_step(model)
   rng = np.random.default_rng(0)
   for _ in range(args.steps):
@@ -80,38 +91,61 @@ def main():
   u, lam = diagnostics.synthetic_statistic()
   rows = error_rows(u, lam)
   payload["synthetic"] = rows
-  tables.append(common.print_table("A^{-1/4} error, synthetic order-1200 matrix ([S4] Table 1)",
-                                   ["bits", "storage", "NRE", "AE (deg)"], rows))
+  tables.append(
+      common.print_table(
+          "A^{-1/4} error, synthetic order-1200 matrix ([S4] Table 1)",
+          ["bits", "storage", "NRE", "AE (deg)"], rows))
   vectors, eigenvalues, order = real_statistic(args)
   rows = error_rows(vectors, eigenvalues)
   payload["real"] = {"order": order, "rows": rows}
-  tables.append(common.print_table(f"A^{{-1/4}} error, real statistic (digits CNN, order {order})",
-                                   ["bits", "storage", "NRE", "AE (deg)"], rows))
+  tables.append(
+      common.print_table(
+          f"A^{{-1/4}} error, real statistic (digits CNN, order {order})",
+          ["bits", "storage", "NRE", "AE (deg)"], rows))
   rng = np.random.default_rng(0)
-  grams = [(lambda g: g @ g.T / 64)(rng.standard_normal((256, 64)) * np.logspace(0, -2, 256)[:, None])
-           for _ in range(150)]
-  rows = [["off", "-", float(np.mean(diagnostics.error_feedback_errors(grams, error_feedback=False)[20:]))]]
+  grams = [(lambda g: g @ g.T / 64)(rng.standard_normal(
+      (256, 64)) * np.logspace(0, -2, 256)[:, None]) for _ in range(150)]
+  rows = [[
+      "off", "-",
+      float(
+          np.mean(
+              diagnostics.error_feedback_errors(grams,
+                                                error_feedback=False)[20:]))
+  ]]
   for beta_e in (0.0, 0.5, 0.9):
-    errors = diagnostics.error_feedback_errors(grams, error_feedback_beta=beta_e)
+    errors = diagnostics.error_feedback_errors(grams,
+                                               error_feedback_beta=beta_e)
     rows.append(["on", beta_e, float(np.mean(errors[20:]))])
   payload["error_feedback"] = rows
-  tables.append(common.print_table("Cholesky storage: error of the rebuilt statistic vs fp32 (n=256, 150 steps)",
-                                   ["error feedback", "beta_e", "mean relative error"], rows))
+  tables.append(
+      common.print_table(
+          "Cholesky storage: error of the rebuilt statistic vs fp32 (n=256, "
+          "150 steps)",
+          ["error feedback", "beta_e", "mean relative error"], rows))
   data = compare.load_digits_split(0)
-  run_args = argparse.Namespace(seed=0, steps=args.steps, batch_size=64, resume=False, checkpoint_dir=None)
+  run_args = argparse.Namespace(seed=0, steps=args.steps, batch_size=64,
+                                resume=False, checkpoint_dir=None)
   rows = []
   for bits in (4, 8, 32):
     for storage, extra in STORAGES:
       if bits == 32 and storage != "matrix":
         continue
       steps = extra.get("bjorck_steps", 1)
-      tx = shampoo_adamw(3e-3, weight_decay=1e-4, statistics_every=10, inverse_root_every=50, shampoo=o4.ShampooConfig(bits=bits, storage=storage, bjorck_steps=(steps, 4 * steps)))
+      tx = shampoo_adamw(
+          3e-3, weight_decay=1e-4, statistics_every=10, inverse_root_every=50,
+          shampoo=o4.ShampooConfig(bits=bits, storage=storage,
+                                   bjorck_steps=(steps, 4 * steps)))
       r = compare.train_one(label(storage, extra), tx, run_args, data, Quiet())
-      rows.append([f"{bits}-bit", label(storage, extra) if bits != 32 else "fp32 (classic)", r["train_loss"],
-                   r["test_accuracy"]])
+      rows.append([
+          f"{bits}-bit",
+          label(storage, extra) if bits != 32 else "fp32 (classic)",
+          r["train_loss"], r["test_accuracy"]
+      ])
   payload["training"] = rows
-  tables.append(common.print_table(f"Digits CNN, {args.steps} steps, AdamW base",
-                                   ["bits", "storage", "final train loss", "test accuracy"], rows))
+  tables.append(
+      common.print_table(
+          f"Digits CNN, {args.steps} steps, AdamW base",
+          ["bits", "storage", "final train loss", "test accuracy"], rows))
   common.write_json("ablation", {**payload, "tables": tables})
 
 

@@ -1,16 +1,22 @@
-"""Step time and state memory of optax.adamw vs 4-bit / 8-bit AdamW on GPT-2-medium shapes (355M params).
+"""Step time and state memory of optax.adamw vs 4-bit / 8-bit AdamW on
+GPT-2-medium shapes (355M params).
 
-Run: ``PYTHONPATH=. python benchmarks/adam_step.py [--profile]``. The step is update + apply_updates,
-jitted with the params and state donated, as in a training loop, timed two ways: blocking on every step
-(median), and 20 steps dispatched back to back (median of 3 such loops) (what a training loop sees: the host dispatches a
-step while the device runs the previous one; the host's work grows with the arrays passed in and out: a per-tensor 4-bit
-state has ~1.5× as many as optax.adamw's, a packed one a handful). Every 4-bit configuration the fused
-kernels cover is timed twice: through XLA (the default) and with the experimental Pallas kernels
-(``implementation="pallas"``). A second table checks that both paths compute the same
-step on these shapes (update difference, fraction of differing stored codes). ``--profile`` adds the device
-time per kernel of the default 4-bit step (jax.profiler trace). ``--trace`` adds, per optimizer, what bounds a
-loop of back-to-back steps (host time per call, garbage collections, device busy time and gaps);
-``--train-step TOKENS`` times whole training steps (gradient of a synthetic loss + optimizer) and each
+Run: ``PYTHONPATH=. python benchmarks/adam_step.py [--profile]``. The step is
+  update + apply_updates,
+jitted with the params and state donated, as in a training loop, timed two ways:
+blocking on every step (median), and 20 steps dispatched back to back (median of
+3 such loops) (what a training loop sees: the host dispatches a step while the
+device runs the previous one; the host's work grows with the arrays passed in
+and out: a per-tensor 4-bit state has ~1.5× as many as optax.adamw's, a packed
+one a handful). Every 4-bit configuration the fused kernels cover is timed
+twice: through XLA (the default) and with the experimental Pallas kernels
+  (``implementation="pallas"``). A second table checks that both paths compute
+  the same step on these shapes (update difference, fraction of differing stored
+  codes). ``--profile`` adds the device
+time per kernel of the default 4-bit step (jax.profiler trace). ``--trace``
+adds, per optimizer, what bounds a loop of back-to-back steps (host time per
+call, garbage collections, device busy time and gaps); ``--train-step TOKENS``
+times whole training steps (gradient of a synthetic loss + optimizer) and each
 optimizer's share of them; ``--only "name;name"`` times a subset.
 """
 
@@ -32,74 +38,110 @@ from benchmarks import common
 from benchmarks.shampoo_step import pipelined_step_time, time_step
 import optax_shampoo4 as o4
 from optax_shampoo4 import adamw_4bit
-from optax_shampoo4.adam import unpack_moments
+from optax_shampoo4.moments import unpack_moments
 from optax_shampoo4.quantization import unpack_nibbles
 
 
 def _run(tx, params, grads, steps):
   state, update = tx.init(params), None
   for step in range(steps):
-    update, state = jax.jit(tx.update)(jax.tree.map(lambda x: x * (1.0 + step), grads), state, params)
+    update, state = jax.jit(tx.update)(jax.tree.map(lambda x: x * (1.0 + step),
+                                                    grads), state, params)
   return update, state
 
 
 def _compare(a_tree, b_tree):
-  """Worst relative update difference (leaf, value, where, the two values) and differing state bytes."""
+  """Worst relative update difference (leaf, value, where, the two values) and
+  differing state bytes."""
   (a_update, a_state), (b_update, b_state) = a_tree, b_tree
   worst = (0.0, "-", "-", "-")
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(a_update), jax.tree.leaves(b_update)):
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(a_update), jax.tree.leaves(b_update)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    difference = np.where(np.isfinite(a) & np.isfinite(b), np.abs(a - b), np.inf)
+    difference = np.where(
+        np.isfinite(a) & np.isfinite(b), np.abs(a - b), np.inf)
     error = float(difference.max() / max(np.abs(b).max(), 1e-30))
     if error > worst[0]:
       at = np.unravel_index(np.argmax(difference), a.shape)
-      worst = (error, jax.tree_util.keystr(path), str(tuple(int(i) for i in at)), f"{a[at]:.3g} vs {b[at]:.3g}")
+      worst = (error, jax.tree_util.keystr(path),
+               str(tuple(int(i) for i in at)), f"{a[at]:.3g} vs {b[at]:.3g}")
   differing = total = largest_step = 0
   for a, b in zip(jax.tree.leaves(a_state), jax.tree.leaves(b_state)):
     a, b = np.asarray(a), np.asarray(b)
     differing += int(np.sum(a != b))
     total += a.size
-    if a.dtype == np.uint8:  # packed codes: how many code steps apart the two paths are
-      codes = [np.asarray(unpack_nibbles(x, 2 * x.shape[-1]), int) for x in (a, b)]
+    # packed codes: how many code steps apart the two paths are
+    if a.dtype == np.uint8:
+      codes = [
+          np.asarray(unpack_nibbles(x, 2 * x.shape[-1]), int) for x in (a, b)
+      ]
       largest_step = max(largest_step, int(np.abs(codes[0] - codes[1]).max()))
   return [*worst, differing / total, largest_step]
 
 
 def agreement(params, grads, second_moment, steps=3):
-  """Kernels (compiled, and through the Pallas interpreter) vs the XLA path after ``steps`` steps."""
+  """Kernels (compiled, and through the Pallas interpreter) vs the XLA path
+  after ``steps`` steps."""
   from optax_shampoo4 import adam_kernel
-  runs = {"xla": _run(adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment)), params, grads, steps),
-          "pallas": _run(adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas")), params, grads,
-                         steps)}
+  runs = {
+      "xla":
+          _run(
+              adamw_4bit(1e-3,
+                         config=o4.AdamConfig(second_moment=second_moment)),
+              params, grads, steps),
+      "pallas":
+          _run(
+              adamw_4bit(
+                  1e-3, config=o4.AdamConfig(second_moment=second_moment,
+                                             implementation="pallas")), params,
+              grads, steps)
+  }
   adam_kernel.FORCE_INTERPRET = True
   try:
-    runs["interpreted"] = _run(adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas")), params,
-                               grads, steps)
+    runs["interpreted"] = _run(
+        adamw_4bit(
+            1e-3, config=o4.AdamConfig(second_moment=second_moment,
+                                       implementation="pallas")), params, grads,
+        steps)
   finally:
     adam_kernel.FORCE_INTERPRET = False
   rows = [[second_moment, f"{a} vs {b}", *_compare(runs[a], runs[b])]
-          for a, b in (("pallas", "xla"), ("interpreted", "xla"), ("pallas", "interpreted"))]
-  return rows + [[second_moment, "fused step vs update + apply_updates (params)",
-                  *_compare_fused(params, grads, second_moment, steps)]]
+          for a, b in (("pallas", "xla"), ("interpreted", "xla"),
+                       ("pallas", "interpreted"))]
+  return rows + [[
+      second_moment, "fused step vs update + apply_updates (params)",
+      *_compare_fused(params, grads, second_moment, steps)
+  ]]
 
 
 def _compare_fused(params, grads, second_moment, steps):
-  """The params after ``steps`` fused steps vs after as many ``update`` + ``apply_updates`` steps."""
+  """The params after ``steps`` fused steps vs after as many ``update`` +
+  ``apply_updates`` steps."""
   from benchmarks.shampoo_step import step_program
   fused = common.fused_adamw_4bit(1e-3, second_moment)
-  plain = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
+  plain = adamw_4bit(
+      1e-3, config=o4.AdamConfig(second_moment=second_moment,
+                                 implementation="pallas"))
   results = []
   for tx in (fused, plain):
-    step, carry = step_program(tx), [jax.tree.map(jnp.copy, params), tx.init(params)]
+    step, carry = step_program(tx), [
+        jax.tree.map(jnp.copy, params),
+        tx.init(params)
+    ]
     for t in range(steps):
-      carry = list(step(carry[0], carry[1], jax.tree.map(lambda x: x * (1.0 + t), grads)))
+      carry = list(
+          step(carry[0], carry[1], jax.tree.map(lambda x: x * (1.0 + t),
+                                                grads)))
     results.append(carry)
-  moved = lambda p: jax.tree.map(lambda a, b: a - b, p, params)  # compare the steps taken, not the params
-  return _compare((moved(results[0][0]), unpack_moments(results[0][1])), (moved(results[1][0]), results[1][1]))
+  moved = lambda p: jax.tree.map(lambda a, b: a - b, p, params
+                                )  # compare the steps taken, not the params
+  return _compare((moved(results[0][0]), unpack_moments(results[0][1])),
+                  (moved(results[1][0]), results[1][1]))
 
 
 class _GcTimer:
-  """Counts the garbage collections (per generation) and the seconds they take while active."""
+  """Counts the garbage collections (per generation) and the seconds they take
+  while active."""
 
   def __init__(self):
     self.counts, self.seconds, self._start = [0, 0, 0], 0.0, 0.0
@@ -120,10 +162,11 @@ class _GcTimer:
 
 
 def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
-  """What bounds a training loop of ``steps`` back-to-back steps. Host: the time each step's call takes to
-  return (median, max) and Python's garbage collections during the loop, with the collector on and off.
-  Device (``jax.profiler`` trace, Python tracer off): busy time (union of kernel intervals) against the
-  loop's span, and the largest gaps."""
+  """What bounds a training loop of ``steps`` back-to-back steps. Host: the time
+  each step's call takes to return (median, max) and Python's garbage
+  collections during the loop, with the collector on and off. Device
+  (``jax.profiler`` trace, Python tracer off): busy time (union of kernel
+  intervals) against the loop's span, and the largest gaps."""
   from jax.profiler import ProfileData, ProfileOptions
   from benchmarks.shampoo_step import step_program
   step = step_program(tx)
@@ -141,10 +184,15 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
 
   loop(3)
   report = {"steps": steps}
-  # the host cost of passing the state alone: an identity step (donated) on the same params and state
+  # the host cost of passing the state alone: an identity step (donated) on the
+  # same params and state
   identity = jax.jit(lambda p, s, g: (p, s), donate_argnums=(0, 1))
-  for label, state_of in (("identity step", lambda s: s), ("identity step, leaves as a list", jax.tree.leaves)):
-    moved = [jax.tree.map(jnp.copy, carry[0]), jax.tree.map(jnp.copy, state_of(carry[1]))]
+  for label, state_of in (("identity step", lambda s: s),
+                          ("identity step, leaves as a list", jax.tree.leaves)):
+    moved = [
+        jax.tree.map(jnp.copy, carry[0]),
+        jax.tree.map(jnp.copy, state_of(carry[1]))
+    ]
     calls = []
     for _ in range(steps):
       t = time.perf_counter()
@@ -161,25 +209,36 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
         per_step, calls = loop(steps)
     finally:
       gc.enable()
-    report[collector] = {"ms_per_step": per_step * 1e3, "call_ms_median": calls[len(calls) // 2] * 1e3,
-                         "call_ms_max": calls[-1] * 1e3, "collections": timer.counts,
-                         "collection_ms_per_step": timer.seconds / steps * 1e3}
+    report[collector] = {
+        "ms_per_step": per_step * 1e3,
+        "call_ms_median": calls[len(calls) // 2] * 1e3,
+        "call_ms_max": calls[-1] * 1e3,
+        "collections": timer.counts,
+        "collection_ms_per_step": timer.seconds / steps * 1e3
+    }
   options = ProfileOptions()
   options.python_tracer_level = 0
   directory = tempfile.mkdtemp()
   with jax.profiler.trace(directory, profiler_options=options):
     traced, _ = loop(steps)
   intervals, host = [], collections.Counter()
-  for plane in ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]).planes:
+  for plane in ProfileData.from_file(
+      glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]).planes:
     for line in plane.lines:
-      if plane.name.startswith("/device:GPU") and line.name.startswith("Stream"):
-        intervals += [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events]
+      if plane.name.startswith("/device:GPU") and line.name.startswith(
+          "Stream"):
+        intervals += [(e.start_ns, e.start_ns + e.duration_ns, e.name)
+                      for e in line.events]
       elif plane.name.startswith("/host"):
-        for e in line.events:  # host events by name with the per-kernel suffixes cut off
+        # host events by name with the per-kernel suffixes cut off
+        for e in line.events:
           host[re.sub(r"[:#(].*", "", e.name)[:60]] += e.duration_ns / steps
   kernels = {re.sub(r"[:#(].*", "", name)[:60] for _, _, name in intervals}
-  host["(launching kernels, all)"] = sum(ns for name, ns in host.items() if name in kernels)
-  host = collections.Counter({k: v for k, v in host.items() if k not in kernels})
+  host["(launching kernels, all)"] = sum(
+      ns for name, ns in host.items() if name in kernels)
+  host = collections.Counter({
+      k: v for k, v in host.items() if k not in kernels
+  })
   intervals = sorted(intervals) or [(0, 0, "-")]  # no GPU in the trace
   busy, gaps, end = 0, [], intervals[0][0]
   for lo, hi, name in intervals:
@@ -189,16 +248,25 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
     end = max(end, hi)
   span = end - intervals[0][0]
   gaps.sort(reverse=True)
-  report["traced"] = {"ms_per_step": traced * 1e3, "device_span_ms_per_step": span / steps / 1e6,
-                      "device_busy_ms_per_step": busy / steps / 1e6,
-                      "largest_gaps_us": [[round(g / 1e3, 1), name[:40]] for g, name in gaps[:top]],
-                      "host_ms_per_step": [[name, round(ns / 1e6, 3)] for name, ns in host.most_common(3 * top)]}
+  report["traced"] = {
+      "ms_per_step":
+          traced * 1e3,
+      "device_span_ms_per_step":
+          span / steps / 1e6,
+      "device_busy_ms_per_step":
+          busy / steps / 1e6,
+      "largest_gaps_us":
+          [[round(g / 1e3, 1), name[:40]] for g, name in gaps[:top]],
+      "host_ms_per_step":
+          [[name, round(ns / 1e6, 3)] for name, ns in host.most_common(3 * top)]
+  }
   return report
 
 
 def synthetic_loss(params, inputs):
-  """A loss whose gradient costs about what a transformer's backward pass does per parameter: every matrix
-  ``(in, out)`` multiplies an activation ``(tokens, in)``; the loss is the mean square of the products."""
+  """A loss whose gradient costs about what a transformer's backward pass does
+  per parameter: every matrix ``(in, out)`` multiplies an activation ``(tokens,
+  in)``; the loss is the mean square of the products."""
   total = 0.0
   for w in params.values():
     if w.ndim == 2:
@@ -208,14 +276,19 @@ def synthetic_loss(params, inputs):
   return total
 
 
-def train_step_times(optimizers, params, tokens: int, steps: int = 20, repeats: int = 3):
-  """Seconds per training step (gradient of :func:`synthetic_loss` + optimizer, one jitted program, params
-  and state donated, ``steps`` steps back to back, median of ``repeats`` loops) for each optimizer, and for
-  ``optax.sgd`` (the cheapest update: its time minus sgd's is the optimizer's share of the step)."""
+def train_step_times(optimizers, params, tokens: int, steps: int = 20,
+                     repeats: int = 3):
+  """Seconds per training step (gradient of :func:`synthetic_loss` + optimizer,
+  one jitted program, params and state donated, ``steps`` steps back to back,
+  median of ``repeats`` loops) for each optimizer, and for ``optax.sgd`` (the
+  cheapest update: its time minus sgd's is the optimizer's share of the
+  step)."""
   sizes = sorted({w.shape[0] for w in params.values() if w.ndim == 2})
-  inputs = {n: jax.random.normal(jax.random.PRNGKey(n), (tokens, n), jnp.float32) / np.sqrt(n) for n in sizes}
+  normal = lambda n: jax.random.normal(jax.random.PRNGKey(n), (tokens, n))
+  inputs = {n: normal(n) / np.sqrt(n) for n in sizes}
   times = {}
   for name, tx in {"optax.sgd": optax.sgd(1e-3), **optimizers}.items():
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, state, batch, tx=tx):
       grads = jax.grad(synthetic_loss)(p, batch)
@@ -224,7 +297,8 @@ def train_step_times(optimizers, params, tokens: int, steps: int = 20, repeats: 
       updates, state = tx.update(grads, state, p)
       return optax.apply_updates(p, updates), state
 
-    times[name] = pipelined_step_time(tx, params, inputs, steps, repeats, step=step)
+    times[name] = pipelined_step_time(tx, params, inputs, steps, repeats,
+                                      step=step)
     print(f"train step with {name}: {times[name] * 1e3:.3f} ms", flush=True)
   return times
 
@@ -234,15 +308,28 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--profile", action="store_true")
   parser.add_argument("--skip-agreement", action="store_true")
-  parser.add_argument("--agreement-only", action="store_true", help="only the kernels-vs-XLA check")
-  parser.add_argument("--trace", action="store_true",
-                      help="also trace a loop of back-to-back steps per optimizer: host dispatch vs device busy time")
-  parser.add_argument("--train-step", type=int, default=0, metavar="TOKENS",
-                      help="also time whole training steps (gradient of a synthetic loss over TOKENS tokens + "
-                           "optimizer) per optimizer")
-  parser.add_argument("--only", default="", help="semicolon-separated optimizer names to time besides optax.adamw (default: all)")
-  parser.add_argument("--skip-slow-baselines", action="store_true",
-                      help="leave out factored and 8-bit (the 8-bit decode's gather takes minutes to compile)")
+  parser.add_argument("--agreement-only", action="store_true",
+                      help="only the kernels-vs-XLA check")
+  parser.add_argument(
+      "--trace", action="store_true",
+      help="also trace a loop of back-to-back steps per optimizer: host "
+          "dispatch vs device busy time"
+  )
+  parser.add_argument(
+      "--train-step", type=int, default=0, metavar="TOKENS",
+      help="also time whole training steps (gradient of a synthetic loss over "
+          "TOKENS tokens + "
+      "optimizer) per optimizer")
+  parser.add_argument(
+      "--only", default="",
+      help="semicolon-separated optimizer names to time besides optax.adamw "
+          "(default: all)"
+  )
+  parser.add_argument(
+      "--skip-slow-baselines", action="store_true",
+      help="leave out factored and 8-bit (the 8-bit decode's gather takes "
+          "minutes to compile)"
+  )
   args = parser.parse_args()
   shapes = common.gpt2_medium_shapes()
   n = common.parameter_count(shapes)
@@ -250,61 +337,118 @@ def main():
   grads = common.random_tree(shapes, seed=2)
   optimizers = {"optax.adamw": optax.adamw(1e-3)}
   for second_moment in ("rank1", "block"):
-    optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment))
-    optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment=second_moment, implementation="pallas"))
-    optimizers[f"fused_step(adamw_4bit {second_moment})"] = common.fused_adamw_4bit(1e-3, second_moment)
-  # the same step on the per-tensor state layout (block: packed by default; rank-1 has only this layout)
-  optimizers["fused_step(adamw_4bit block), per-tensor state"] = common.fused_adamw_4bit(1e-3, "block", packed=False)
+    optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(
+        1e-3, config=o4.AdamConfig(second_moment=second_moment))
+    optimizers[f"adamw_4bit {second_moment}, Pallas kernels"] = adamw_4bit(
+        1e-3, config=o4.AdamConfig(second_moment=second_moment,
+                                   implementation="pallas"))
+    optimizers[
+        f"fused_step(adamw_4bit {second_moment})"] = common.fused_adamw_4bit(
+            1e-3, second_moment)
+  # the same step on the per-tensor state layout (block: packed by default;
+  # rank-1 has only this layout)
+  optimizers[
+      "fused_step(adamw_4bit block), per-tensor "
+      "state"] = common.fused_adamw_4bit(
+          1e-3, "block", packed=False)
   if not args.skip_slow_baselines:
-    optimizers["adamw_4bit factored"] = adamw_4bit(1e-3, config=o4.AdamConfig(second_moment="factored"))
-    optimizers["adamw 8-bit (block 256)"] = adamw_4bit(1e-3, config=o4.AdamConfig(bits=8, second_moment="block"))
+    optimizers["adamw_4bit factored"] = adamw_4bit(
+        1e-3, config=o4.AdamConfig(second_moment="factored"))
+    optimizers["adamw 8-bit (block 256)"] = adamw_4bit(
+        1e-3, config=o4.AdamConfig(bits=8, second_moment="block"))
   if args.only:
-    optimizers = {k: v for k, v in optimizers.items() if k in args.only.split(";") or k == "optax.adamw"}
+    optimizers = {
+        k: v
+        for k, v in optimizers.items()
+        if k in args.only.split(";") or k == "optax.adamw"
+    }
   rows, results, tables = [], {}, []
   for name, tx in ({} if args.agreement_only else optimizers).items():
     seconds, nbytes = time_step(tx, params, grads, args.repeats)
     pipelined = pipelined_step_time(tx, params, grads)
-    results[name] = {"step_s": seconds, "pipelined_step_s": pipelined, "state_bytes": nbytes,
-                     "state_arrays": len(jax.tree.leaves(jax.eval_shape(tx.init, params)))}
+    results[name] = {
+        "step_s": seconds,
+        "pipelined_step_s": pipelined,
+        "state_bytes": nbytes,
+        "state_arrays": len(jax.tree.leaves(jax.eval_shape(tx.init, params)))
+    }
     if args.trace:
       results[name]["trace"] = pipeline_trace(tx, params, grads)
       print(name, results[name]["trace"], flush=True)
-    print(f"{name}: {seconds * 1e3:.3f} ms/step, {pipelined * 1e3:.3f} pipelined, {nbytes / 2**20:.1f} MiB",
-          flush=True)
+    print(
+        f"{name}: {seconds * 1e3:.3f} ms/step, {pipelined * 1e3:.3f} "
+        f"pipelined, {nbytes / 2**20:.1f} MiB",
+        flush=True)
   base = results.get("optax.adamw")
   for name, r in results.items():
-    rows.append([name, r["step_s"] * 1e3, r["step_s"] / base["step_s"], r["pipelined_step_s"] * 1e3,
-                 r["pipelined_step_s"] / base["pipelined_step_s"], r["state_bytes"] / 2**20, r["state_bytes"] / n,
-                 r["state_arrays"]])
-  tables += [] if args.agreement_only else [common.print_table(f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, {common.machine()})",
-                               ["optimizer", "ms/step (blocked)", "x optax.adamw", "ms/step (pipelined)",
-                                "x optax.adamw ", "state MiB", "state B/param", "state arrays"], rows)]
+    rows.append([
+        name, r["step_s"] * 1e3, r["step_s"] / base["step_s"],
+        r["pipelined_step_s"] * 1e3,
+        r["pipelined_step_s"] / base["pipelined_step_s"],
+        r["state_bytes"] / 2**20, r["state_bytes"] / n, r["state_arrays"]
+    ])
+  tables += [] if args.agreement_only else [
+      common.print_table(
+          f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, "
+          f"{common.machine()})",
+          [
+              "optimizer", "ms/step (blocked)", "x optax.adamw",
+              "ms/step (pipelined)", "x optax.adamw ", "state MiB",
+              "state B/param", "state arrays"
+          ], rows)
+  ]
   if args.train_step:
-    times = train_step_times({k: v for k, v in optimizers.items() if k in results}, params, args.train_step)
+    times = train_step_times(
+        {
+            k: v for k, v in optimizers.items() if k in results
+        }, params, args.train_step)
     payload_train = {"tokens": args.train_step, "step_s": times}
     base_share = times["optax.adamw"] - times["optax.sgd"]
-    tables.append(common.print_table(
-        f"Training step (gradient over {args.train_step} tokens + optimizer, pipelined), GPT-2 medium shapes",
-        ["optimizer", "train step ms", "x optax.adamw", "optimizer share ms (step - sgd step)", "x optax.adamw "],
-        [[name, t * 1e3, t / times["optax.adamw"], (t - times["optax.sgd"]) * 1e3,
-          (t - times["optax.sgd"]) / base_share] for name, t in times.items()]))
-  # the embedding and two blocks: every leaf shape of the model, at a fraction of the interpreter's cost
-  subset = lambda tree: {k: v for k, v in tree.items() if k.split(".")[0] in ("wte", "h0", "h1")}
+    tables.append(
+        common.print_table(
+            f"Training step (gradient over {args.train_step} tokens + "
+            "optimizer, pipelined), GPT-2 medium shapes",
+            [
+                "optimizer", "train step ms", "x optax.adamw",
+                "optimizer share ms (step - sgd step)", "x optax.adamw "
+            ], [[
+                name, t * 1e3, t / times["optax.adamw"],
+                (t - times["optax.sgd"]) * 1e3,
+                (t - times["optax.sgd"]) / base_share
+            ] for name, t in times.items()]))
+  # the embedding and two blocks: every leaf shape of the model, at a fraction
+  # of the interpreter's cost
+  subset = lambda tree: {
+      k: v for k, v in tree.items() if k.split(".")[0] in ("wte", "h0", "h1")
+  }
   rows = []
   for second_moment in () if args.skip_agreement else ("rank1", "block"):
     rows += agreement(subset(params), subset(grads), second_moment)
     print(rows[-3:], flush=True)
-  tables.append(common.print_table(
-      "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path after 3 steps (wte, h0, h1)",
-      ["second moment", "paths", "max |Δ update| / max |update|", "worst leaf", "at", "values",
-       "differing state bytes", "largest code step"], rows))
-  payload = {"results": results, "params": n, "agreement": rows,
-             **({"train_step": payload_train} if args.train_step else {})}
+  tables.append(
+      common.print_table(
+          "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path "
+          "after 3 steps (wte, h0, h1)",
+          [
+              "second moment", "paths", "max |Δ update| / max |update|",
+              "worst leaf", "at", "values", "differing state bytes",
+              "largest code step"
+          ], rows))
+  payload = {
+      "results": results,
+      "params": n,
+      "agreement": rows,
+      **({
+          "train_step": payload_train
+      } if args.train_step else {})
+  }
   if args.profile:
     from benchmarks.profile import device_times, summarize
     from benchmarks.shampoo_step import step_program
-    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels", "fused_step(adamw_4bit block)",
-                 "fused_step(adamw_4bit block), per-tensor state", "fused_step(adamw_4bit rank1)"):
+    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels",
+                 "fused_step(adamw_4bit block)",
+                 "fused_step(adamw_4bit block), per-tensor state",
+                 "fused_step(adamw_4bit rank1)"):
       if name not in optimizers:
         continue
       step = step_program(optimizers[name])
@@ -316,11 +460,17 @@ def main():
 
       launches = collections.Counter()
       per_op, _ = device_times(run, launches=launches)
-      new_tables, payload[f"profile {name}"] = summarize(name, per_op, 12, launches)
-      with open(common.output_path(common.file_name(f"hlo_adam_step_{name}.txt")), "w") as f:
+      new_tables, payload[f"profile {name}"] = summarize(
+          name, per_op, 12, launches)
+      with open(
+          common.output_path(common.file_name(f"hlo_adam_step_{name}.txt")),
+          "w") as f:
         f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
       tables += new_tables
-  common.write_json("adam_step_agreement" if args.agreement_only else "adam_step", {**payload, "tables": tables})
+  common.write_json(
+      "adam_step_agreement" if args.agreement_only else "adam_step", {
+          **payload, "tables": tables
+      })
 
 
 if __name__ == "__main__":

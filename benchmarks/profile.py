@@ -1,12 +1,16 @@
-"""Where the time of a Shampoo step goes: device time per kernel / HLO op, read from a JAX profiler trace.
+"""Where the time of a Shampoo step goes: device time per kernel / HLO op, read
+from a JAX profiler trace.
 
-Run: ``PYTHONPATH=. python benchmarks/profile.py [--model gpt2_small] [--bits 4] [--top 15]``.
+Run: ``PYTHONPATH=. python benchmarks/profile.py [--model gpt2_small] [--bits 4]
+  [--top 15]``.
 
-For the plain, statistics and inverse-root step programs of ``shampoo_adamw`` on a model's shapes, traces a
-few calls with ``jax.profiler`` and prints the device time of each op class (matrix products, Cholesky /
-triangular solves / eigh, fusions, copies) and the slowest ops. Then times the fp32 matrix-product
-algorithms XLA offers for the preconditioner algebra on an order-1200 stack (rate and error against
-``Precision.HIGHEST``), and the batched factorizations the statistics step uses.
+For the plain, statistics and inverse-root step programs of ``shampoo_adamw`` on
+a model's shapes, traces a few calls with ``jax.profiler`` and prints the device
+time of each op class (matrix products, Cholesky / triangular solves / eigh,
+fusions, copies) and the slowest ops. Then times the fp32 matrix-product
+algorithms XLA offers for the preconditioner algebra on an order-1200 stack
+(rate and error against ``Precision.HIGHEST``), and the batched factorizations
+the statistics step uses.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ from optax_shampoo4 import linalg, shampoo_adamw
 
 CLASSES = (  # (class, pattern on the kernel / op name), first match wins
     ("matmul", r"gemm|cutlass|cublas|xmma|dot|matmul|sm90|sm80"),
-    ("factorization", r"potrf|trsm|syevd|syevj|cholesky|triangular|eigh|solver|getrf|lapack|geqrf"),
-    ("copy/transpose", r"copy|transpose|memcpy|memset|concatenate|slice|dynamic"),
+    ("factorization",
+     r"potrf|trsm|syevd|syevj|cholesky|triangular|eigh|solver|getrf|lapack"
+     r"|geqrf"
+    ),
+    ("copy/transpose",
+     r"copy|transpose|memcpy|memset|concatenate|slice|dynamic"),
     ("fusion", r"fusion|reduce|convert|select|compare|add|multiply"),
 )
 
@@ -43,9 +51,11 @@ def classify(name: str) -> str:
   return "other"
 
 
-def device_times(fn, *args, calls: int = 3, launches: Optional[collections.Counter] = None):
-  """``{op name: device ns per call}`` from a profiler trace of ``calls`` calls (after one warm-up);
-  ``launches`` (if given) receives the number of kernel launches per call of each op."""
+def device_times(fn, *args, calls: int = 3,
+                 launches: Optional[collections.Counter] = None):
+  """``{op name: device ns per call}`` from a profiler trace of ``calls`` calls
+  (after one warm-up); ``launches`` (if given) receives the number of kernel
+  launches per call of each op."""
   from jax.profiler import ProfileData
   jax.block_until_ready(fn(*args))
   directory = tempfile.mkdtemp()
@@ -60,7 +70,8 @@ def device_times(fn, *args, calls: int = 3, launches: Optional[collections.Count
       continue
     for line in plane.lines:
       lines_seen.add(line.name)
-      # Kernel launches sit on the "Stream #…" lines; "XLA Ops"/"XLA Modules" summarize the same time.
+      # Kernel launches sit on the "Stream #…" lines; "XLA Ops"/"XLA Modules"
+      # summarize the same time.
       if not line.name.startswith("Stream"):
         continue
       for event in line.events:
@@ -75,34 +86,55 @@ def summarize(title, per_op, top, launches=None):
   by_class = collections.Counter()
   for name, ns in per_op.items():
     by_class[classify(name)] += ns
-  rows = [[label, ns / 1e6, 100 * ns / max(total, 1)] for label, ns in by_class.most_common()]
+  rows = [[label, ns / 1e6, 100 * ns / max(total, 1)]
+          for label, ns in by_class.most_common()]
   rows.append(["total device time", total / 1e6, 100.0])
   if launches:
-    rows.append(["kernel launches per step", round(sum(launches.values())), "-"])
-  tables = [common.print_table(f"{title}: device time by class", ["class", "ms", "%"], rows)]
-  rows = [[name[:90], classify(name), ns / 1e6, 100 * ns / max(total, 1)] for name, ns in per_op.most_common(top)]
-  tables.append(common.print_table(f"{title}: slowest kernels", ["kernel", "class", "ms", "%"], rows))
-  return tables, {"total_ms": total / 1e6, "by_class_ms": {k: v / 1e6 for k, v in by_class.items()},
-                  "top": [[n, ns / 1e6] for n, ns in per_op.most_common(top)]}
+    rows.append(
+        ["kernel launches per step",
+         round(sum(launches.values())), "-"])
+  tables = [
+      common.print_table(f"{title}: device time by class", ["class", "ms", "%"],
+                         rows)
+  ]
+  rows = [[name[:90],
+           classify(name), ns / 1e6, 100 * ns / max(total, 1)]
+          for name, ns in per_op.most_common(top)]
+  tables.append(
+      common.print_table(f"{title}: slowest kernels",
+                         ["kernel", "class", "ms", "%"], rows))
+  return tables, {
+      "total_ms": total / 1e6,
+      "by_class_ms": {
+          k: v / 1e6 for k, v in by_class.items()
+      },
+      "top": [[n, ns / 1e6] for n, ns in per_op.most_common(top)]
+  }
 
 
 def algorithms(order: int = 1200, count: int = 101):
-  """Rate and relative error (vs HIGHEST) of a batched fp32 product with each dot algorithm XLA offers."""
+  """Rate and relative error (vs HIGHEST) of a batched fp32 product with each
+  dot algorithm XLA offers."""
   key = jax.random.PRNGKey(0)
   a = jax.random.normal(key, (count, order, order), jnp.float32)
-  b = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(1), (order, order)))[0] * jnp.logspace(0, -6, order)
+  b = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(1),
+                                      (order, order)))[0] * jnp.logspace(
+                                          0, -6, order)
   reference = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
   flops = 2 * count * order**3
   rows = []
-  candidates = [("HIGHEST", jax.lax.Precision.HIGHEST), ("HIGH", jax.lax.Precision.HIGH),
+  candidates = [("HIGHEST", jax.lax.Precision.HIGHEST),
+                ("HIGH", jax.lax.Precision.HIGH),
                 ("DEFAULT", jax.lax.Precision.DEFAULT)]
-  for name in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6", "BF16_BF16_F32_X3", "BF16_BF16_F32_X9"):
+  for name in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6", "BF16_BF16_F32_X3",
+               "BF16_BF16_F32_X9"):
     candidates.append((name, getattr(jax.lax.DotAlgorithmPreset, name)))
   for name, precision in candidates:
     try:
       fn = jax.jit(lambda x, y, p=precision: jnp.matmul(x, y, precision=p))
       seconds = common.time_call(fn, a, b, repeats=5)
-      error = float(jnp.linalg.norm(fn(a, b) - reference) / jnp.linalg.norm(reference))
+      error = float(
+          jnp.linalg.norm(fn(a, b) - reference) / jnp.linalg.norm(reference))
       rows.append([name, seconds * 1e3, flops / seconds / 1e12, error])
     except Exception as e:  # an algorithm the backend does not offer
       rows.append([name, "unsupported", str(e)[:60], "-"])
@@ -110,68 +142,94 @@ def algorithms(order: int = 1200, count: int = 101):
 
 
 def factorizations(order: int = 1200, count: int = 101):
-  x = jax.random.normal(jax.random.PRNGKey(2), (count, order, order), jnp.float32)
-  spd = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=jax.lax.Precision.HIGHEST) / order + jnp.eye(order)
+  x = jax.random.normal(
+      jax.random.PRNGKey(2), (count, order, order), jnp.float32)
+  spd = jnp.matmul(x, jnp.swapaxes(x, -1, -2),
+                   precision=jax.lax.Precision.HIGHEST) / order + jnp.eye(order)
   lower = jnp.linalg.cholesky(spd)
   programs = {
       "cholesky": (jax.jit(jnp.linalg.cholesky), spd),
-      "triangular_solve (right, transposed)": (jax.jit(lambda l, b: jax.lax.linalg.triangular_solve(
-          l, b, left_side=False, lower=True, transpose_a=True)), lower, x),
+      "triangular_solve (right, transposed)":
+          (jax.jit(lambda l, b: jax.lax.linalg.triangular_solve(
+              l, b, left_side=False, lower=True, transpose_a=True)), lower, x),
       "eigh": (jax.jit(jnp.linalg.eigh), spd),
-      "matmul HIGHEST": (jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)), x, x),
+      "matmul HIGHEST": (jax.jit(
+          lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)),
+                         x, x),
   }
-  return [[name, common.time_call(fn, *args, repeats=3) * 1e3] for name, (fn, *args) in programs.items()]
+  return [[name, common.time_call(fn, *args, repeats=3) * 1e3]
+          for name, (fn, *args) in programs.items()]
 
 
 def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
-  """The eigenvector statistics update of an order-1200 stack under each dot algorithm and number of
-  Cholesky-QR passes: time (4-bit storage, ``count`` blocks), and the error of the inverse root after
-  ``updates`` updates (2 blocks, fp32 and 4-bit storage) against a float64 reference; for fp32 storage also
-  the difference from the HIGHEST, 3-pass pipeline."""
+  """The eigenvector statistics update of an order-1200 stack under each dot
+  algorithm and number of Cholesky-QR passes: time (4-bit storage, ``count``
+  blocks), and the error of the inverse root after ``updates`` updates (2
+  blocks, fp32 and 4-bit storage) against a float64 reference; for fp32 storage
+  also the difference from the HIGHEST, 3-pass pipeline."""
   import functools
   from optax_shampoo4 import linalg, preconditioners
   hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   rng = np.random.default_rng(0)
-  basis = np.linalg.qr(rng.standard_normal((order, order)))[0] * np.logspace(0, -3, order)
-  streams = [np.stack([basis @ rng.standard_normal((order, order)) / np.sqrt(order) for _ in range(2)])
-             for _ in range(updates)]
+  basis = np.linalg.qr(rng.standard_normal(
+      (order, order)))[0] * np.logspace(0, -3, order)
+  streams = [
+      np.stack([
+          basis @ rng.standard_normal((order, order)) / np.sqrt(order)
+          for _ in range(2)
+      ])
+      for _ in range(updates)
+  ]
   grams = [np.einsum("kij,klj->kil", g, g) for g in streams]
   statistic = np.broadcast_to(1e-6 * np.eye(order), (2, order, order))
   for g in grams:
     statistic = 0.95 * statistic + 0.05 * g
   values, vectors = np.linalg.eigh(statistic)
   damped = values + 1e-6 * values[:, -1:]
-  reference = np.einsum("kij,kj,klj->kil", vectors, damped ** -0.25, vectors)
-  timing_grams = linalg.gram(jax.random.normal(jax.random.PRNGKey(order), (count, order, 256)))
+  reference = np.einsum("kij,kj,klj->kil", vectors, damped**-0.25, vectors)
+  timing_grams = linalg.gram(
+      jax.random.normal(jax.random.PRNGKey(order), (count, order, 256)))
   original_orthonormalize = linalg.orthonormalize_columns
-  variants = [("HIGHEST", jax.lax.Precision.HIGHEST, 3), ("HIGHEST", jax.lax.Precision.HIGHEST, 2)]
+  variants = [("HIGHEST", jax.lax.Precision.HIGHEST, 3),
+              ("HIGHEST", jax.lax.Precision.HIGHEST, 2)]
   for name in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6", "BF16_BF16_F32_X3"):
     variants.append((name, getattr(jax.lax.DotAlgorithmPreset, name), 3))
 
   def final_root(bits):
-    storage = preconditioners.make_storage(o4.ShampooConfig(bits=bits, min_quantized_size=0), order)
+    storage = preconditioners.make_storage(
+        o4.ShampooConfig(bits=bits, min_quantized_size=0), order)
     update = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper))
     state, failures = storage.init(2, order, hyper), 0
     for g in grams:
       state, ok = update(state, jnp.asarray(g, jnp.float32))
       failures += int(np.sum(~np.asarray(ok)))
-    root = jax.jit(lambda s: storage.inverse_root(storage.update_inverse_root(s, hyper)[0]))(state)
+    root = jax.jit(lambda s: storage.inverse_root(
+        storage.update_inverse_root(s, hyper)[0]))(
+            state)
     return np.asarray(root, np.float64), failures
 
   relative = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
   rows, highest_root = [], None
   for name, precision, passes in variants:
-    linalg.orthonormalize_columns = functools.partial(original_orthonormalize, passes=passes)
+    linalg.orthonormalize_columns = functools.partial(original_orthonormalize,
+                                                      passes=passes)
     try:
       with linalg.precision(precision):
-        storage4 = preconditioners.make_storage(o4.ShampooConfig(bits=4, min_quantized_size=0), order)
-        update4 = jax.jit(lambda s, g: storage4.update_statistics(s, g, hyper)[0])
-        seconds = common.time_call(update4, storage4.init(count, order, hyper), timing_grams, repeats=3)
+        storage4 = preconditioners.make_storage(
+            o4.ShampooConfig(bits=4, min_quantized_size=0), order)
+        update4 = jax.jit(
+            lambda s, g: storage4.update_statistics(s, g, hyper)[0])
+        seconds = common.time_call(update4, storage4.init(count, order, hyper),
+                                   timing_grams, repeats=3)
         root32, failures32 = final_root(32)
         root4, failures4 = final_root(4)
       highest_root = root32 if highest_root is None else highest_root
-      rows.append([name, passes, seconds * 1e3, relative(root32, reference), relative(root32, highest_root),
-                   relative(root4, reference), failures32 + failures4])
+      rows.append([
+          name, passes, seconds * 1e3,
+          relative(root32, reference),
+          relative(root32, highest_root),
+          relative(root4, reference), failures32 + failures4
+      ])
     except Exception as e:  # an algorithm the backend does not offer
       rows.append([name, passes, "unsupported", str(e)[:50], "-", "-", "-"])
     finally:
@@ -186,26 +244,43 @@ def main():
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--skip-steps", action="store_true")
   parser.add_argument("--kinds", default="plain,statistics,inverse_root")
-  parser.add_argument("--cholesky-every-pass", action="store_true",
-                      help="also profile the statistics step with a Cholesky factorization in every Cholesky-QR "
-                           "pass (no first-order corrections)")
-  parser.add_argument("--dump-hlo", action="store_true", help="write each profiled program's optimized HLO")
-  parser.add_argument("--skip-extras", action="store_true",
-                      help="skip the dot-algorithm, statistics-variant and factorization timings")
+  parser.add_argument(
+      "--cholesky-every-pass", action="store_true",
+      help="also profile the statistics step with a Cholesky factorization in "
+          "every Cholesky-QR "
+      "pass (no first-order corrections)")
+  parser.add_argument("--dump-hlo", action="store_true",
+                      help="write each profiled program's optimized HLO")
+  parser.add_argument(
+      "--skip-extras", action="store_true",
+      help="skip the dot-algorithm, statistics-variant and factorization "
+          "timings"
+  )
   args = parser.parse_args()
-  shapes = {"gpt2_small": common.gpt2_small_shapes(), "vit_s16": common.vit_s16_shapes()}[args.model]
-  params, grads = common.random_tree(shapes, seed=1), common.random_tree(shapes, seed=2)
+  shapes = {
+      "gpt2_small": common.gpt2_small_shapes(),
+      "vit_s16": common.vit_s16_shapes()
+  }[args.model]
+  params, grads = common.random_tree(shapes, seed=1), common.random_tree(
+      shapes, seed=2)
   tables, payload = [], {}
-  schedules = {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}
+  schedules = {
+      "plain": (NEVER, NEVER),
+      "statistics": (1, NEVER),
+      "inverse_root": (NEVER, 1)
+  }
   default_tolerance = linalg.CHOLESKY_QR_CORRECTION_TOLERANCE
   # (step kind, label, Cholesky-QR correction tolerance while it is traced)
-  programs = [(kind, kind, default_tolerance) for kind in args.kinds.split(",")] if not args.skip_steps else []
+  programs = [(kind, kind, default_tolerance) for kind in args.kinds.split(",")
+             ] if not args.skip_steps else []
   if args.cholesky_every_pass:
     programs.append(("statistics", "statistics, Cholesky every pass", None))
   for kind, label, tolerance in programs:
     linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = tolerance
     try:
-      tx = shampoo_adamw(1e-3, statistics_every=schedules[kind][0], inverse_root_every=schedules[kind][1], shampoo=o4.ShampooConfig(bits=args.bits))
+      tx = shampoo_adamw(1e-3, statistics_every=schedules[kind][0],
+                         inverse_root_every=schedules[kind][1],
+                         shampoo=o4.ShampooConfig(bits=args.bits))
       step = step_program(tx)
       carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
 
@@ -216,30 +291,48 @@ def main():
       per_op, lines = device_times(run)
       if args.dump_hlo:
         text = step.lower(carry[0], carry[1], grads).compile().as_text()
-        with open(common.output_path(common.file_name(f"hlo_{args.model}_{args.bits}bit_{label}.txt")), "w") as f:
+        with open(
+            common.output_path(
+                common.file_name(
+                    f"hlo_{args.model}_{args.bits}bit_{label}.txt")), "w") as f:
           f.write(text)
     finally:
       linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = default_tolerance
-    new_tables, payload[label] = summarize(f"{args.model} {label} step, bits={args.bits}", per_op, args.top)
+    new_tables, payload[label] = summarize(
+        f"{args.model} {label} step, bits={args.bits}", per_op, args.top)
     payload[label]["trace_lines"] = lines
     tables += new_tables
   if args.skip_extras:
-    common.write_json(f"profile_{args.model}_{args.bits}bit", {**payload, "tables": tables})
+    common.write_json(f"profile_{args.model}_{args.bits}bit", {
+        **payload, "tables": tables
+    })
     return
   rows = algorithms()
-  tables.append(common.print_table(f"Dot algorithms, (101, 1200, 1200) fp32 products ({common.machine()})",
-                                   ["algorithm", "ms", "TFLOP/s", "rel. error vs HIGHEST"], rows))
+  tables.append(
+      common.print_table(
+          f"Dot algorithms, (101, 1200, 1200) fp32 products "
+          f"({common.machine()})",
+          ["algorithm", "ms", "TFLOP/s", "rel. error vs HIGHEST"], rows))
   payload["algorithms"] = rows
   rows = statistics_variants()
-  tables.append(common.print_table(
-      "Eigenvector statistics update of a (101, 1200, 1200) stack by dot algorithm and Cholesky-QR passes",
-      ["algorithm", "passes", "4-bit update ms", "fp32 root err vs fp64", "fp32 root diff vs HIGHEST/3",
-       "4-bit root err vs fp64", "rejected"], rows))
+  tables.append(
+      common.print_table(
+          "Eigenvector statistics update of a (101, 1200, 1200) stack by dot "
+          "algorithm and Cholesky-QR passes",
+          [
+              "algorithm", "passes", "4-bit update ms", "fp32 root err vs fp64",
+              "fp32 root diff vs HIGHEST/3", "4-bit root err vs fp64",
+              "rejected"
+          ], rows))
   payload["statistics_variants"] = rows
   rows = factorizations()
-  tables.append(common.print_table("Batched factorizations, (101, 1200, 1200) fp32", ["op", "ms"], rows))
+  tables.append(
+      common.print_table("Batched factorizations, (101, 1200, 1200) fp32",
+                         ["op", "ms"], rows))
   payload["factorizations"] = rows
-  common.write_json(f"profile_{args.model}_{args.bits}bit", {**payload, "tables": tables})
+  common.write_json(f"profile_{args.model}_{args.bits}bit", {
+      **payload, "tables": tables
+  })
 
 
 if __name__ == "__main__":

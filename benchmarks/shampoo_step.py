@@ -1,13 +1,17 @@
-"""Step times and state memory of optax.adamw vs shampoo_adamw (32-bit and 4-bit) on real model shapes.
+"""Step times and state memory of optax.adamw vs shampoo_adamw (32-bit and
+4-bit) on real model shapes.
 
-Run: ``PYTHONPATH=. python benchmarks/shampoo_step.py [--models gpt2_small,vit_s16]``.
+Run: ``PYTHONPATH=. python benchmarks/shampoo_step.py [--models
+  gpt2_small,vit_s16]``.
 
-Each step kind is timed on its own jitted program (same state shapes): *plain* (precondition with the stored
-roots), *statistics* (plain + statistics update) and *inverse root* (plain + inverse-root update). The
-amortized step at T1/T2 is ``plain + (stats − plain)/T1 + (root − plain)/T2``. The plain step is also
-timed pipelined (20 steps dispatched back to back, as in a training loop). Also printed: the time of
-each order class's statistics / inverse-root work (where the time goes), the floor of the per-step
-preconditioning products at the measured matmul rates, and the error of TF32 preconditioning.
+Each step kind is timed on its own jitted program (same state shapes): *plain*
+(precondition with the stored roots), *statistics* (plain + statistics update)
+and *inverse root* (plain + inverse-root update). The amortized step at T1/T2 is
+``plain + (stats − plain)/T1 + (root − plain)/T2``. The plain step is also timed
+pipelined (20 steps dispatched back to back, as in a training loop). Also
+printed: the time of each order class's statistics / inverse-root work (where
+  the time goes), the floor of the per-step preconditioning products at the
+  measured matmul rates, and the error of TF32 preconditioning.
 """
 
 import argparse
@@ -22,20 +26,23 @@ import optax
 
 from benchmarks import common
 import optax_shampoo4 as o4
-from optax_shampoo4 import blocking, linalg, preconditioners, shampoo_adamw, state_nbytes
+from optax_shampoo4 import (
+    blocking, linalg, preconditioners, shampoo_adamw, state_nbytes)
 
 NEVER = 2**30
 
 
 def step_program(tx):
-  """The jitted training step ``update`` + ``apply_updates`` (a ``common.FusedRow``: its fused ``step``),
-  params and state donated."""
+  """The jitted training step ``update`` + ``apply_updates`` (a
+  ``common.FusedRow``: its fused ``step``), params and state donated."""
+
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
     if isinstance(tx, common.FusedRow):
       return tx.step(grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
@@ -52,12 +59,16 @@ def time_step(tx, params, grads, repeats):
   return common.time_call(run, repeats=repeats), state_nbytes(carry[1])
 
 
-def pipelined_step_time(tx, params, grads, steps: int = 20, repeats: int = 3, step=None) -> float:
-  """Seconds per step of ``steps`` steps dispatched back to back and blocked on once, as in a training
-  loop: the host's dispatch of a step overlaps the device's work on the previous one (median of
-  ``repeats`` such loops). (``time_step`` blocks on every step, so it also counts the dispatch of every
-  state leaf.) ``step(params, state, grads) -> (params, state)`` defaults to :func:`step_program`; another
-  program (e.g. one computing its own gradients from a batch passed as ``grads``) may be given."""
+def pipelined_step_time(tx, params, grads, steps: int = 20, repeats: int = 3,
+                        step=None) -> float:
+  """Seconds per step of ``steps`` steps dispatched back to back and blocked on
+  once, as in a training
+  loop: the host's dispatch of a step overlaps the device's work on the previous
+    one (median of
+  ``repeats`` such loops). (``time_step`` blocks on every step, so it also
+  counts the dispatch of every state leaf.) ``step(params, state, grads) ->
+  (params, state)`` defaults to :func:`step_program`; another program (e.g. one
+  computing its own gradients from a batch passed as ``grads``) may be given."""
   step = step_program(tx) if step is None else step
   carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
   for _ in range(2):
@@ -76,8 +87,8 @@ def pipelined_step_time(tx, params, grads, steps: int = 20, repeats: int = 3, st
 def matmul_rates():
   a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.float32)
   rates = {}
-  for name, precision in (("fp32", jax.lax.Precision.HIGHEST), ("tf32", jax.lax.Precision.HIGH),
-                          ("bf16", None)):
+  for name, precision in (("fp32", jax.lax.Precision.HIGHEST),
+                          ("tf32", jax.lax.Precision.HIGH), ("bf16", None)):
     operand = a.astype(jnp.bfloat16) if precision is None else a
     fn = jax.jit(lambda x, p=precision: jnp.matmul(x, x, precision=p))
     rates[name] = 2 * 8192**3 / common.time_call(fn, operand, repeats=5)
@@ -86,18 +97,22 @@ def matmul_rates():
 
 def preconditioning_flops(shapes, max_order):
   plan = blocking.make_plan(tuple(shapes.values()), max_order)
-  return sum(len(g.blocks) * 2 * (g.rows * g.rows * g.cols + g.rows * g.cols * g.cols) for g in plan.groups)
+  return sum(
+      len(g.blocks) * 2 * (g.rows * g.rows * g.cols + g.rows * g.cols * g.cols)
+      for g in plan.groups)
 
 
 def order_breakdown(shapes, bits, repeats):
-  """Seconds of the statistics and inverse-root update of each order class (4-bit eigenvector storage)."""
+  """Seconds of the statistics and inverse-root update of each order class
+  (4-bit eigenvector storage)."""
   plan = blocking.make_plan(tuple(shapes.values()), 1200)
   hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
   rows = []
   for order, count in plan.stack_sizes:
     storage = preconditioners.make_storage(o4.ShampooConfig(bits=bits), order)
     state = storage.init(count, order, hyper)
-    grams = linalg.gram(jax.random.normal(jax.random.PRNGKey(order), (count, order, 256)))
+    grams = linalg.gram(
+        jax.random.normal(jax.random.PRNGKey(order), (count, order, 256)))
     stats = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper)[0])
     root = jax.jit(lambda s: storage.update_inverse_root(s, hyper)[0])
     orth = jax.jit(linalg.orthonormalize_columns)
@@ -109,7 +124,8 @@ def order_breakdown(shapes, bits, repeats):
 
 
 def tf32_error():
-  """Relative error of L̂ G R̂ at TF32 vs HIGHEST, beside the 4-bit vs 32-bit error of the roots."""
+  """Relative error of L̂ G R̂ at TF32 vs HIGHEST, beside the 4-bit vs 32-bit
+  error of the roots."""
   rng = np.random.default_rng(0)
   m, n = 768, 768
   g = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
@@ -117,8 +133,11 @@ def tf32_error():
   root = linalg.inverse_root_eigh(a)[0]
   from optax_shampoo4.quantization import fake_quantize
   root4 = fake_quantize(root, keep_diagonal=True)
+
   def product(l, precision):
-    return jnp.matmul(jnp.matmul(l, g, precision=precision), l, precision=precision)
+    return jnp.matmul(
+        jnp.matmul(l, g, precision=precision), l, precision=precision)
+
   hi = product(root, jax.lax.Precision.HIGHEST)
   tf = product(root, jax.lax.Precision.HIGH)
   q4 = product(root4, jax.lax.Precision.HIGHEST)
@@ -132,73 +151,129 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--t1", type=int, default=100)
   parser.add_argument("--t2", type=int, default=500)
-  parser.add_argument("--bits", default="32,4", help="comma-separated; 4/32 ratios need both")
-  parser.add_argument("--no-breakdown", action="store_true", help="skip the per-order-class timings")
+  parser.add_argument("--bits", default="32,4",
+                      help="comma-separated; 4/32 ratios need both")
+  parser.add_argument("--no-breakdown", action="store_true",
+                      help="skip the per-order-class timings")
   args = parser.parse_args()
   bit_widths = [int(b) for b in args.bits.split(",")]
-  models = {"gpt2_small": common.gpt2_small_shapes(), "vit_s16": common.vit_s16_shapes()}
+  models = {
+      "gpt2_small": common.gpt2_small_shapes(),
+      "vit_s16": common.vit_s16_shapes()
+  }
   payload, tables = {}, []
   rates = matmul_rates()
-  tables.append(common.print_table(f"Matmul rates, 8192^3 ({common.machine()})", ["precision", "TFLOP/s"],
-                                   [[k, v / 1e12] for k, v in rates.items()]))
+  tables.append(
+      common.print_table(f"Matmul rates, 8192^3 ({common.machine()})",
+                         ["precision", "TFLOP/s"],
+                         [[k, v / 1e12] for k, v in rates.items()]))
   payload["matmul_tflops"] = {k: v / 1e12 for k, v in rates.items()}
   payload["preconditioning_error"] = tf32_error()
-  tables.append(common.print_table("Error of the per-step preconditioning product L̂ G R̂ (order 768)",
-                                   ["comparison", "relative error"],
-                                   [[k, v] for k, v in payload["preconditioning_error"].items()]))
+  tables.append(
+      common.print_table(
+          "Error of the per-step preconditioning product L̂ G R̂ (order 768)",
+          ["comparison", "relative error"],
+          [[k, v] for k, v in payload["preconditioning_error"].items()]))
   for model in args.models.split(","):
     shapes = models[model]
     params = common.random_tree(shapes, seed=1)
     grads = common.random_tree(shapes, seed=2)
     rows = []
-    adam_time, adam_bytes = time_step(optax.adamw(1e-3), params, grads, args.repeats)
+    adam_time, adam_bytes = time_step(
+        optax.adamw(1e-3), params, grads, args.repeats)
     adam_pipelined = pipelined_step_time(optax.adamw(1e-3), params, grads)
-    rows.append(["optax.adamw", adam_time * 1e3, adam_pipelined * 1e3, "-", "-", adam_time * 1e3,
-                 adam_bytes / 2**20])
-    results = {"adamw": {"step_s": adam_time, "pipelined_step_s": adam_pipelined, "state_bytes": adam_bytes}}
+    rows.append([
+        "optax.adamw", adam_time * 1e3, adam_pipelined * 1e3, "-", "-",
+        adam_time * 1e3, adam_bytes / 2**20
+    ])
+    results = {
+        "adamw": {
+            "step_s": adam_time,
+            "pipelined_step_s": adam_pipelined,
+            "state_bytes": adam_bytes
+        }
+    }
     for bits in bit_widths:
       kinds = {}
-      for kind, (t1, t2) in {"plain": (NEVER, NEVER), "statistics": (1, NEVER), "inverse_root": (NEVER, 1)}.items():
-        tx = shampoo_adamw(1e-3, statistics_every=t1, inverse_root_every=t2, shampoo=o4.ShampooConfig(bits=bits))
+      for kind, (t1, t2) in {
+          "plain": (NEVER, NEVER),
+          "statistics": (1, NEVER),
+          "inverse_root": (NEVER, 1)
+      }.items():
+        tx = shampoo_adamw(1e-3, statistics_every=t1, inverse_root_every=t2,
+                           shampoo=o4.ShampooConfig(bits=bits))
         kinds[kind], state_bytes = time_step(tx, params, grads, args.repeats)
       plain = kinds["plain"]
       kinds["plain_pipelined"] = pipelined_step_time(
-          shampoo_adamw(1e-3, statistics_every=NEVER, inverse_root_every=NEVER, shampoo=o4.ShampooConfig(bits=bits)), params, grads)
-      amortized = plain + (kinds["statistics"] - plain) / args.t1 + (kinds["inverse_root"] - plain) / args.t2
-      precond_bytes = state_nbytes(jax.eval_shape(o4.scale_by_shampoo(o4.ShampooConfig(bits=bits)).init, params))
-      rows.append([f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={bits}))", plain * 1e3, kinds["plain_pipelined"] * 1e3,
-                   kinds["statistics"] * 1e3,
-                   kinds["inverse_root"] * 1e3, amortized * 1e3, state_bytes / 2**20])
-      results[f"shampoo{bits}"] = {**{f"{k}_s": v for k, v in kinds.items()}, "amortized_s": amortized,
-                                   "state_bytes": state_bytes, "preconditioner_bytes": precond_bytes}
+          shampoo_adamw(1e-3, statistics_every=NEVER, inverse_root_every=NEVER,
+                        shampoo=o4.ShampooConfig(bits=bits)), params, grads)
+      amortized = plain + (kinds["statistics"] - plain) / args.t1 + (
+          kinds["inverse_root"] - plain) / args.t2
+      precond_bytes = state_nbytes(
+          jax.eval_shape(
+              o4.scale_by_shampoo(o4.ShampooConfig(bits=bits)).init, params))
+      rows.append([
+          f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={bits}))", plain * 1e3,
+          kinds["plain_pipelined"] * 1e3, kinds["statistics"] * 1e3,
+          kinds["inverse_root"] * 1e3, amortized * 1e3, state_bytes / 2**20
+      ])
+      results[f"shampoo{bits}"] = {
+          **{
+              f"{k}_s": v for k, v in kinds.items()
+          }, "amortized_s": amortized,
+          "state_bytes": state_bytes,
+          "preconditioner_bytes": precond_bytes
+      }
     flops = preconditioning_flops(shapes, 1200)
     results["preconditioning_gflop"] = flops / 1e9
-    results["preconditioning_floor_ms"] = {k: flops / v * 1e3 for k, v in rates.items()}
+    results["preconditioning_floor_ms"] = {
+        k: flops / v * 1e3 for k, v in rates.items()
+    }
     ratio_rows = []
     if {4, 32} <= set(bit_widths):
       results["ratios"] = {
-          "amortized_4bit_over_32bit": results["shampoo4"]["amortized_s"] / results["shampoo32"]["amortized_s"],
+          "amortized_4bit_over_32bit":
+              results["shampoo4"]["amortized_s"] /
+              results["shampoo32"]["amortized_s"],
           "preconditioner_state_32bit_over_4bit":
-              results["shampoo32"]["preconditioner_bytes"] / results["shampoo4"]["preconditioner_bytes"]}
-      ratio_rows = [["amortized 4-bit / 32-bit", results["ratios"]["amortized_4bit_over_32bit"]],
-                    ["preconditioner state 32-bit / 4-bit", results["ratios"]["preconditioner_state_32bit_over_4bit"]]]
+              results["shampoo32"]["preconditioner_bytes"] /
+              results["shampoo4"]["preconditioner_bytes"]
+      }
+      ratio_rows = [
+          [
+              "amortized 4-bit / 32-bit",
+              results["ratios"]["amortized_4bit_over_32bit"]
+          ],
+          [
+              "preconditioner state 32-bit / 4-bit",
+              results["ratios"]["preconditioner_state_32bit_over_4bit"]
+          ]
+      ]
     n = common.parameter_count(shapes)
-    tables.append(common.print_table(
-        f"{model} ({n / 1e6:.1f}M params), T1/T2 = {args.t1}/{args.t2}",
-        ["optimizer", "plain ms", "plain ms (pipelined)", "statistics ms", "inverse-root ms", "amortized ms",
-         "state MiB"], rows))
-    tables.append(common.print_table(
-        f"{model}: ratios and floor", ["quantity", "value"],
-        ratio_rows + [["preconditioning GFLOP per step", flops / 1e9]] +
-        [[f"floor of L̂GR̂ at {k} (ms)", v] for k, v in results["preconditioning_floor_ms"].items()]))
+    tables.append(
+        common.print_table(
+            f"{model} ({n / 1e6:.1f}M params), T1/T2 = {args.t1}/{args.t2}", [
+                "optimizer", "plain ms", "plain ms (pipelined)",
+                "statistics ms", "inverse-root ms", "amortized ms", "state MiB"
+            ], rows))
+    tables.append(
+        common.print_table(
+            f"{model}: ratios and floor", ["quantity", "value"],
+            ratio_rows + [["preconditioning GFLOP per step", flops / 1e9]] +
+            [[f"floor of L̂GR̂ at {k} (ms)", v]
+             for k, v in results["preconditioning_floor_ms"].items()]))
     if not args.no_breakdown:
       breakdown = order_breakdown(shapes, 4, max(3, args.repeats // 2))
       results["order_breakdown"] = breakdown
-      tables.append(common.print_table(f"{model}: 4-bit work per order class",
-                                       ["order", "count", "statistics ms", "of which orth. ms", "inverse root ms"],
-                                       breakdown))
+      tables.append(
+          common.print_table(f"{model}: 4-bit work per order class", [
+              "order", "count", "statistics ms", "of which orth. ms",
+              "inverse root ms"
+          ], breakdown))
     payload[model] = results
-    common.write_json("shampoo_step", {**payload, "tables": tables})  # after each model: runs can be long
+    common.write_json("shampoo_step", {
+        **payload, "tables": tables
+    })  # after each model: runs can be long
 
 
 if __name__ == "__main__":

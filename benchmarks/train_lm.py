@@ -1,18 +1,24 @@
-"""Whole training runs of a Flax byte-level GPT: AdamW against Shampoo, all-4-bit and SOAP, side by side (GPU).
+"""Whole training runs of a Flax byte-level GPT: AdamW against Shampoo,
+all-4-bit and SOAP, side by side (GPU).
 
-    python benchmarks/train_lm.py [--steps 1200] [--size base] [--out benchmarks/results/train_lm]
+    python benchmarks/train_lm.py [--steps 1200] [--size base] [--out
+    benchmarks/results/train_lm]
 
-The model is ``examples/lm.py``'s transformer (Flax ``MultiHeadDotProductAttention``, bf16 compute, fp32
-params; ``--size base``: 85.6 M parameters, 12 layers, width 768, 12 heads, context 256, batch 32) trained
-on the Python standard library's sources with a warmup-cosine learning rate, b2 0.95, weight decay 0.1.
-Every optimizer runs in its own process, so that ``memory_stats()["peak_bytes_in_use"]`` is its own. Per
-optimizer: final train loss (mean of the last 50 steps), held-out loss, median and mean ms per step
-(each step waited for), wall-clock to reach the best AdamW final loss (50-step running mean of the
-train loss, compile excluded), optimizer-state bytes, peak GPU bytes, the compiled step's temp bytes
-(``memory_analysis()``) and its compile time. Prints a table, writes ``results.json`` and
-``loss_vs_time.png`` (with matplotlib). ``--devices 4``: data-parallel over 4 GPUs with params and optimizer
-state FSDP-sharded and Shampoo's / SOAP's stacks spread over the devices; peak memory is the largest
-device's.
+The model is ``examples/lm.py``'s transformer (Flax
+``MultiHeadDotProductAttention``, bf16 compute, fp32 params; ``--size base``:
+85.6 M parameters, 12 layers, width 768, 12 heads, context 256, batch 32)
+trained on the Python standard library's sources with a warmup-cosine learning
+rate, b2 0.95, weight decay 0.1. Every optimizer runs in its own process, so
+that ``memory_stats()["peak_bytes_in_use"]`` is its own. Per
+optimizer: final train loss (mean of the last 50 steps), held-out loss, median
+  and mean ms per step
+(each step waited for), wall-clock to reach the best AdamW final loss (50-step
+running mean of the train loss, compile excluded), optimizer-state bytes, peak
+GPU bytes, the compiled step's temp bytes (``memory_analysis()``) and its
+compile time. Prints a table, writes ``results.json`` and ``loss_vs_time.png``
+(with matplotlib). ``--devices 4``: data-parallel over 4 GPUs with params and
+optimizer state FSDP-sharded and Shampoo's / SOAP's stacks spread over the
+devices; peak memory is the largest device's.
 """
 
 from __future__ import annotations
@@ -35,44 +41,62 @@ SMOOTH = 50
 
 
 def optimizers(args, base=None):
-  """name -> (peak lr, factory of the optimizer given a schedule), built in the child process; ``base``:
-  the ShampooConfig the Shampoo and SOAP variants start from (its sharding, with ``--devices``)."""
+  """name -> (peak lr, factory of the optimizer given a schedule), built in the
+  child process; ``base``: the ShampooConfig the Shampoo and SOAP variants start
+  from (its sharding, with ``--devices``)."""
   import dataclasses
   import optax
   import optax_shampoo4 as o4
   base = base or o4.ShampooConfig()
   fp32 = dataclasses.replace(base, bits=32)
-  intervals = dict(statistics_every=args.statistics_every, inverse_root_every=args.inverse_root_every)
+  intervals = dict(statistics_every=args.statistics_every,
+                   inverse_root_every=args.inverse_root_every)
   adamw = lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1)
-  shampoo = lambda config=base, **kw: (lambda s: o4.shampoo_adamw(s, b2=0.95, weight_decay=0.1, shampoo=config,
-                                                                  **{**intervals, **kw}))
-  soap = lambda config=base, **kw: (lambda s: o4.soap(s, b2=0.95, weight_decay=0.1, config=config,
-                                                      precondition_every=args.precondition_every, **kw))
-  return {"adamw lr 1e-3": (1e-3, adamw), "adamw lr 2e-3": (2e-3, adamw),
-          "shampoo 4-bit": (args.lr, shampoo()),
-          "shampoo 32-bit": (args.lr, shampoo(fp32)),
-          "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
-          "shampoo 4-bit, 100/500": (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
-          "soap 4-bit lr 3e-3": (3e-3, soap()),
-          "soap 4-bit lr 1e-3": (1e-3, soap()),
-          "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
-          "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
-          "soap 4-bit, 8-bit moments lr 1e-3": (1e-3, soap(moments=o4.AdamConfig(bits=8))),
-          "soap 4-bit, fp32 moments lr 1e-3": (1e-3, soap(moments=o4.AdamConfig(bits=32)))}
+  shampoo = lambda config=base, **kw: (lambda s: o4.shampoo_adamw(
+      s, b2=0.95, weight_decay=0.1, shampoo=config, **{
+          **intervals,
+          **kw
+      }))
+  soap = lambda config=base, **kw: (lambda s: o4.soap(
+      s, b2=0.95, weight_decay=0.1, config=config, precondition_every=args.
+      precondition_every, **kw))
+  return {
+      "adamw lr 1e-3": (1e-3, adamw),
+      "adamw lr 2e-3": (2e-3, adamw),
+      "shampoo 4-bit": (args.lr, shampoo()),
+      "shampoo 32-bit": (args.lr, shampoo(fp32)),
+      "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
+      "shampoo 4-bit, 100/500":
+          (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
+      "soap 4-bit lr 3e-3": (3e-3, soap()),
+      "soap 4-bit lr 1e-3": (1e-3, soap()),
+      "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+      "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+      "soap 4-bit, 8-bit moments lr 1e-3":
+          (1e-3, soap(moments=o4.AdamConfig(bits=8))),
+      "soap 4-bit, fp32 moments lr 1e-3": (1e-3,
+                                           soap(moments=o4.AdamConfig(bits=32)))
+  }
 
 
 def data_parallel(state, devices):
-  """``(mesh, state sharding, batch sharding)`` over the first ``devices`` GPUs: the batch split over a
-  ``"data"`` axis, params and optimizer state FSDP-sharded along it (first axis, where it divides)."""
+  """``(mesh, state sharding, batch sharding)`` over the first ``devices`` GPUs:
+  the batch split over a ``"data"`` axis, params and optimizer state
+  FSDP-sharded along it (first axis, where it divides)."""
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from optax_shampoo4.sharding import optimizer_state_sharding
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
   replicated = NamedSharding(mesh, P())
-  rows = lambda p: NamedSharding(mesh, P("data") if p.ndim and p.shape[0] % devices == 0 else P())
+  rows = lambda p: NamedSharding(
+      mesh,
+      P("data") if p.ndim and p.shape[0] % devices == 0 else P())
   params_sharding = jax.tree.map(rows, state.params)
-  opt_sharding = optimizer_state_sharding(state.opt_state, mesh, "data", params_sharding)
-  return mesh, state.replace(step=replicated, params=params_sharding, opt_state=opt_sharding), NamedSharding(mesh, P("data"))
+  opt_sharding = optimizer_state_sharding(state.opt_state, mesh, "data",
+                                          params_sharding)
+  return mesh, state.replace(step=replicated, params=params_sharding,
+                             opt_state=opt_sharding), NamedSharding(
+                                 mesh, P("data"))
 
 
 def run_one(name, args):
@@ -85,23 +109,32 @@ def run_one(name, args):
 
   size = lm.SIZES[args.size]
   train, held_out = lm.load_corpus(args.max_bytes)
-  model = lm.ByteTransformer(size["width"], size["layers"], size["heads"], size["context"], jnp.bfloat16)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size["context"]), jnp.int32))["params"]
+  model = lm.ByteTransformer(size["width"], size["layers"], size["heads"],
+                             size["context"], jnp.bfloat16)
+  params = model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size["context"]),
+                                       jnp.int32))["params"]
   base = None
-  if args.devices > 1:  # the stacks spread over the data axis, each device updating its share
+  # the stacks spread over the data axis, each device updating its share
+  if args.devices > 1:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    base = o4.ShampooConfig(shard_blocks=NamedSharding(Mesh(np.array(jax.devices()[:args.devices]), ("data",)),
-                                                       P("data")))
+    base = o4.ShampooConfig(
+        shard_blocks=NamedSharding(
+            Mesh(np.array(jax.devices()[:args.devices]), ("data",)), P("data")))
   peak, factory = optimizers(args, base)[name]
-  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, args.steps // 10, args.steps, peak / 10)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=factory(schedule))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, args.steps // 10,
+                                                args.steps, peak / 10)
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=factory(schedule))
   jit = lambda f: jax.jit(f, donate_argnums=0)
   place = lambda x, y: (x, y)
   if args.devices > 1:
     _, state_sharding, batch_sharding = data_parallel(state, args.devices)
     state = jax.device_put(state, state_sharding)
-    jit = lambda f: jax.jit(f, donate_argnums=0, out_shardings=(state_sharding, None))
-    place = lambda x, y: (jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding))
+    jit = lambda f: jax.jit(f, donate_argnums=0, out_shardings=(state_sharding,
+                                                                None))
+    place = lambda x, y: (jax.device_put(x, batch_sharding),
+                          jax.device_put(y, batch_sharding))
 
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
@@ -122,15 +155,22 @@ def run_one(name, args):
     x, y = place(*lm.batches(train, size["context"], size["batch"], rng))
     start = time.perf_counter()
     state, loss = compiled(state, x, y)
-    dispatch.append(time.perf_counter() - start)  # the call returns once the step is enqueued
+    dispatch.append(time.perf_counter() -
+                    start)  # the call returns once the step is enqueued
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   evaluate = jax.jit(loss_fn)
   eval_rng = np.random.default_rng(1234)
-  held = [float(evaluate(state.params, *lm.batches(held_out, size["context"], size["batch"], eval_rng)))
-          for _ in range(16)]
+  held = [
+      float(
+          evaluate(
+              state.params,
+              *lm.batches(held_out, size["context"], size["batch"], eval_rng)))
+      for _ in range(16)
+  ]
   profile = None
-  if args.profile_steps:  # plain steps after the run: where each millisecond goes
+  # plain steps after the run: where each millisecond goes
+  if args.profile_steps:
     from benchmarks import step_trace
     carry = [state]
 
@@ -138,50 +178,99 @@ def run_one(name, args):
       carry[0], loss = compiled(carry[0], x, y)
       return loss
 
-    kernels = step_trace.kernel_events(one_step, args.profile_steps, raw_path=os.path.join(
-        args.out, re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_trace.json.gz"))
-    profile = step_trace.breakdown(kernels, compiled.as_text(), args.profile_steps)
-    with gzip.open(os.path.join(args.out, re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_hlo.txt.gz"), "wt") as f:
+    kernels = step_trace.kernel_events(
+        one_step, args.profile_steps, raw_path=os.path.join(
+            args.out,
+            re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_trace.json.gz"))
+    profile = step_trace.breakdown(kernels, compiled.as_text(),
+                                   args.profile_steps)
+    with gzip.open(
+        os.path.join(args.out,
+                     re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_hlo.txt.gz"),
+        "wt") as f:
       f.write(compiled.as_text())
     state = carry[0]
-  peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:args.devices])
-  return {"name": name, "devices": args.devices,
-          "state_bytes_per_device": int(o4.state_nbytes(state.opt_state, per_device=True)), "params": int(sum(p.size for p in jax.tree.leaves(params))),
-          "final_loss": float(np.mean(losses[-SMOOTH:])), "held_out_loss": float(np.mean(held)),
-          "ms_median": 1e3 * float(np.median(times[5:])), "ms_mean": 1e3 * float(np.mean(times[5:])),
-          "dispatch_ms_median": 1e3 * float(np.median(dispatch[5:])),
-          "state_bytes": int(o4.state_nbytes(state.opt_state)), "peak_bytes": int(peak_bytes),
-          "temp_bytes": int(temp_bytes), "compile_s": compile_s, "losses": losses, "step_s": times,
-          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "profile": profile}
+  peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+                   for d in jax.devices()[:args.devices])
+  return {
+      "name":
+          name,
+      "devices":
+          args.devices,
+      "state_bytes_per_device":
+          int(o4.state_nbytes(state.opt_state, per_device=True)),
+      "params":
+          int(sum(p.size for p in jax.tree.leaves(params))),
+      "final_loss":
+          float(np.mean(losses[-SMOOTH:])),
+      "held_out_loss":
+          float(np.mean(held)),
+      "ms_median":
+          1e3 * float(np.median(times[5:])),
+      "ms_mean":
+          1e3 * float(np.mean(times[5:])),
+      "dispatch_ms_median":
+          1e3 * float(np.median(dispatch[5:])),
+      "state_bytes":
+          int(o4.state_nbytes(state.opt_state)),
+      "peak_bytes":
+          int(peak_bytes),
+      "temp_bytes":
+          int(temp_bytes),
+      "compile_s":
+          compile_s,
+      "losses":
+          losses,
+      "step_s":
+          times,
+      "device":
+          str(jax.devices()[0].device_kind),
+      "jax":
+          jax.__version__,
+      "profile":
+          profile
+  }
 
 
 def time_to_target(result, target):
   smooth = np.convolve(result["losses"], np.ones(SMOOTH) / SMOOTH, mode="valid")
   elapsed = np.cumsum(result["step_s"])[SMOOTH - 1:]
   hit = np.nonzero(smooth <= target)[0]
-  return (float(elapsed[hit[0]]), int(hit[0] + SMOOTH)) if len(hit) else (None, None)
+  return (float(elapsed[hit[0]]), int(hit[0] + SMOOTH)) if len(hit) else (None,
+                                                                          None)
 
 
 def summarize(results, out):
   adamw = [r for r in results if r["name"].startswith("adamw")]
   best = min(adamw, key=lambda r: r["final_loss"])
-  target, (base_time, _) = best["final_loss"], time_to_target(best, best["final_loss"])
+  target, (base_time,
+           _) = best["final_loss"], time_to_target(best, best["final_loss"])
   rows = []
-  print(f"\n{results[0]['params'] / 1e6:.1f} M params on {results[0]['device']}, jax {results[0]['jax']}; "
-        f"target = {best['name']}'s final loss {target:.4f}")
-  header = ("optimizer", "final loss", "held-out", "ms/step med / mean", "time to target (× best adamw)",
-            "state MiB", "peak GiB (× adamw)", "temp GiB", "compile s (× adamw)")
+  print(
+      f"\n{results[0]['params'] / 1e6:.1f} M params on {results[0]['device']}, "
+      f"jax {results[0]['jax']}; "
+      f"target = {best['name']}'s final loss {target:.4f}")
+  header = ("optimizer", "final loss", "held-out", "ms/step med / mean",
+            "time to target (× best adamw)", "state MiB", "peak GiB (× adamw)",
+            "temp GiB", "compile s (× adamw)")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   ratio = lambda a, b: f"{a / b:.2f}×" if b else "n/a"
   for r in results:
     seconds, at_step = time_to_target(r, target)
-    r["time_to_target_s"], r["time_to_target_ratio"] = seconds, (seconds / base_time if seconds and base_time else None)
-    reach = "not reached" if seconds is None else f"{seconds:.1f} s ({ratio(seconds, base_time)}, step {at_step})"
-    cells = (r["name"], f"{r['final_loss']:.4f}", f"{r['held_out_loss']:.4f}",
-             f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}", reach, f"{r['state_bytes'] / 2**20:.0f}" + (
-                 f" ({r['state_bytes_per_device'] / 2**20:.0f} per device)" if r.get("devices", 1) > 1 else ""),
-             f"{r['peak_bytes'] / 2**30:.2f} ({ratio(r['peak_bytes'], best['peak_bytes'])})",
-             f"{r['temp_bytes'] / 2**30:.2f}", f"{r['compile_s']:.1f} ({ratio(r['compile_s'], best['compile_s'])})")
+    r["time_to_target_s"], r["time_to_target_ratio"] = seconds, (
+        seconds / base_time if seconds and base_time else None)
+    reach = ("not reached" if seconds is None else
+             f"{seconds:.1f} s ({ratio(seconds, base_time)}, step {at_step})")
+    cells = (
+        r["name"], f"{r['final_loss']:.4f}", f"{r['held_out_loss']:.4f}",
+        f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}", reach,
+        f"{r['state_bytes'] / 2**20:.0f}" +
+        (f" ({r['state_bytes_per_device'] / 2**20:.0f} per device)" if r.get(
+            "devices", 1) > 1 else ""),
+        f"{r['peak_bytes'] / 2**30:.2f} "
+        f"({ratio(r['peak_bytes'], best['peak_bytes'])})",
+        f"{r['temp_bytes'] / 2**30:.2f}",
+        f"{r['compile_s']:.1f} ({ratio(r['compile_s'], best['compile_s'])})")
     rows.append(cells)
     print("| " + " | ".join(cells) + " |")
   print_profiles(results)
@@ -194,13 +283,21 @@ def print_profiles(results):
   profiled = [r for r in results if r.get("profile")]
   if not profiled:
     return
-  parts = sorted({p for r in profiled for p in r["profile"]["device_ms_by_part"]})
-  header = ("optimizer", "span ms", "GPU idle ms", "kernels") + tuple(f"{p} ms" for p in parts)
-  print("\nPlain steps, from a profiler trace (ms per step; device time by part of the program)")
+  parts = sorted(
+      {p for r in profiled for p in r["profile"]["device_ms_by_part"]})
+  header = ("optimizer", "span ms", "GPU idle ms", "kernels") + tuple(
+      f"{p} ms" for p in parts)
+  print(
+      "\nPlain steps, from a profiler trace (ms per step; device time by part "
+      "of the program)"
+  )
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   for r in profiled:
     p = r["profile"]
-    cells = [r["name"], f"{p['span_ms']:.2f}", f"{p['idle_ms']:.2f}", f"{p['kernels_per_call']:.0f}"]
+    cells = [
+        r["name"], f"{p['span_ms']:.2f}", f"{p['idle_ms']:.2f}",
+        f"{p['kernels_per_call']:.0f}"
+    ]
     cells += [f"{p['device_ms_by_part'].get(part, 0.0):.2f}" for part in parts]
     print("| " + " | ".join(cells) + " |")
   for r in profiled:
@@ -220,9 +317,11 @@ def plot(results, out):
   for r in results:
     smooth = np.convolve(r["losses"], np.ones(SMOOTH) / SMOOTH, mode="valid")
     ax.plot(np.cumsum(r["step_s"])[SMOOTH - 1:], smooth, label=r["name"])
-  ax.set(xlabel="wall-clock s (compile excluded)", ylabel=f"train loss ({SMOOTH}-step mean)", ylim=(None, 2.0))
+  ax.set(xlabel="wall-clock s (compile excluded)",
+         ylabel=f"train loss ({SMOOTH}-step mean)", ylim=(None, 2.0))
   ax.legend()
-  fig.savefig(os.path.join(out, "loss_vs_time.png"), dpi=120, bbox_inches="tight")
+  fig.savefig(
+      os.path.join(out, "loss_vs_time.png"), dpi=120, bbox_inches="tight")
 
 
 def main(argv=None):
@@ -230,16 +329,28 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=1200)
   parser.add_argument("--size", default="base")
   parser.add_argument("--max-bytes", type=int, default=8_000_000)
-  parser.add_argument("--lr", type=float, default=1e-3, help="Shampoo's peak learning rate")
+  parser.add_argument("--lr", type=float, default=1e-3,
+                      help="Shampoo's peak learning rate")
   parser.add_argument("--statistics-every", type=int, default=20)
   parser.add_argument("--inverse-root-every", type=int, default=100)
-  parser.add_argument("--devices", type=int, default=1, help="data-parallel over this many GPUs, params and "
-                      "optimizer state FSDP-sharded, Shampoo's and SOAP's stacks spread over them")
-  parser.add_argument("--precondition-every", type=int, default=10, help="SOAP's basis interval")
-  parser.add_argument("--only", default=None, help="';'-separated optimizer names (default: all); "
-                      "results already in OUT/parts are reused")
-  parser.add_argument("--profile-steps", type=int, default=0, help="after the run, trace this many plain "
-                      "steps and split their wall-clock by part of the program (benchmarks/step_trace.py)")
+  parser.add_argument(
+      "--devices", type=int, default=1,
+      help="data-parallel over this many GPUs, params and "
+      "optimizer state FSDP-sharded, Shampoo's and SOAP's stacks spread over "
+      "them"
+  )
+  parser.add_argument("--precondition-every", type=int, default=10,
+                      help="SOAP's basis interval")
+  parser.add_argument(
+      "--only", default=None,
+      help="';'-separated optimizer names (default: all); "
+      "results already in OUT/parts are reused")
+  parser.add_argument(
+      "--profile-steps", type=int, default=0,
+      help="after the run, trace this many plain "
+      "steps and split their wall-clock by part of the program "
+      "(benchmarks/step_trace.py)"
+  )
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default="benchmarks/results/train_lm")
   args = parser.parse_args(argv)
@@ -251,13 +362,15 @@ def main(argv=None):
   results = []
   os.makedirs(os.path.join(args.out, "parts"), exist_ok=True)
   for name in names:
-    part = os.path.join(args.out, "parts", re.sub(r"[^A-Za-z0-9.-]+", "_", name) + ".json")
+    part = os.path.join(args.out, "parts",
+                        re.sub(r"[^A-Za-z0-9.-]+", "_", name) + ".json")
     if os.path.exists(part):  # measured by an earlier call on this machine
       with open(part) as f:
         results.append(json.load(f))
       continue
-    child = [sys.executable, os.path.abspath(__file__), "--child", name] + [
-        a for a in (argv if argv is not None else sys.argv[1:])]
+    child = [sys.executable,
+             os.path.abspath(__file__), "--child", name
+            ] + [a for a in (argv if argv is not None else sys.argv[1:])]
     done = subprocess.run(child, capture_output=True, text=True)
     if done.returncode:
       print(f"{name} failed:\n{done.stderr[-3000:]}", flush=True)
@@ -266,8 +379,10 @@ def main(argv=None):
     r = results[-1]
     with open(part, "w") as f:
       json.dump(r, f)
-    print(f"{name}: loss {r['final_loss']:.4f}, {r['ms_median']:.1f} ms/step, compile {r['compile_s']:.0f} s, "
-          f"peak {r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    print(
+        f"{name}: loss {r['final_loss']:.4f}, {r['ms_median']:.1f} ms/step, "
+        f"compile {r['compile_s']:.0f} s, "
+        f"peak {r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
   summarize(results, args.out)
 
 

@@ -1,4 +1,5 @@
-"""Writes docs/api.md from the docstrings of the public API: ``python docs/gen_api.py``."""
+"""Writes docs/api.md from the docstrings of the public API: ``python
+docs/gen_api.py``."""
 
 import inspect
 import os
@@ -10,7 +11,12 @@ import optax_shampoo4  # noqa: E402
 
 
 def render() -> str:
-  lines = ["# API", "", "Generated from the docstrings by `python docs/gen_api.py` (checked by `tests/test_docs.py`).", ""]
+  lines = [
+      "# API", "",
+      "Generated from the docstrings by `python docs/gen_api.py` "
+      "(checked by `tests/test_docs.py`).",
+      ""
+  ]
   for name in optax_shampoo4.__all__:
     obj = getattr(optax_shampoo4, name)
     if not (inspect.isfunction(obj) or inspect.isclass(obj)):
@@ -20,7 +26,10 @@ def render() -> str:
       signature = str(inspect.signature(obj))
     except (TypeError, ValueError):
       signature = "(...)"
-    lines += [f"## `{name}{signature}`", "", inspect.cleandoc(obj.__doc__ or "").strip(), ""]
+    lines += [
+        f"## `{name}{signature}`", "",
+        inspect.cleandoc(obj.__doc__ or "").strip(), ""
+    ]
   return "\n".join(lines)
 
 

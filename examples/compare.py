@@ -1,11 +1,15 @@
-"""Train a small Flax CNN on scikit-learn's digits with several optimizers and compare them.
+"""Train a small Flax CNN on scikit-learn's digits with several optimizers and
+compare them.
 
-    python examples/compare.py [--steps 400] [--optimizers adamw,shampoo4,...] [--seed 0] [--out runs/compare]
+    python examples/compare.py [--steps 400] [--optimizers adamw,shampoo4,...]
+    [--seed 0] [--out runs/compare]
 
-Prints one table (final train loss, held-out loss and accuracy on the test split, optimizer state bytes and
-bytes per parameter, ms per step), and writes ``results.json``, ``loss_curves.png`` and ``state_memory.png`` into ``--out``. With
-``--checkpoint-dir`` each optimizer's final train state is saved with Orbax; ``--resume`` restores it
-and continues training for ``--steps`` more steps.
+Prints one table (final train loss, held-out loss and accuracy on the test
+split, optimizer state bytes and bytes per parameter, ms per step), and writes
+``results.json``, ``loss_curves.png`` and ``state_memory.png`` into ``--out``.
+With ``--checkpoint-dir`` each optimizer's final train state is saved with
+Orbax; ``--resume`` restores it and continues training for ``--steps`` more
+steps.
 """
 
 from __future__ import annotations
@@ -28,17 +32,35 @@ SHAMPOO = dict(statistics_every=10, inverse_root_every=50)
 
 
 def optimizers(learning_rate: float):
-  """The compared optimizers, by name (the same learning rate for all: grafting makes it transfer)."""
+  """The compared optimizers, by name (the same learning rate for all: grafting
+  makes it transfer)."""
   return {
-      "adamw": lambda: optax.adamw(learning_rate, weight_decay=1e-4),
-      "adamw_4bit": lambda: o4.adamw_4bit(learning_rate, weight_decay=1e-4),
-      "shampoo32": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=32)),
-      "shampoo4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4)),
-      "cholesky4": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4, storage="cholesky")),
-      "all_4bit": lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.ShampooConfig(bits=4), adam=o4.AdamConfig(bits=4)),
-      # SOAP has no grafting; it takes the same learning rate here for a like-for-like run
-      "soap4": lambda: o4.soap(learning_rate, weight_decay=1e-4),
-      "soap32": lambda: o4.soap(learning_rate, weight_decay=1e-4, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)),
+      "adamw":
+          lambda: optax.adamw(learning_rate, weight_decay=1e-4),
+      "adamw_4bit":
+          lambda: o4.adamw_4bit(learning_rate, weight_decay=1e-4),
+      "shampoo32":
+          lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO,
+                                   shampoo=o4.ShampooConfig(bits=32)),
+      "shampoo4":
+          lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO,
+                                   shampoo=o4.ShampooConfig(bits=4)),
+      "cholesky4":
+          lambda: o4.shampoo_adamw(
+              learning_rate, weight_decay=1e-4, **SHAMPOO, shampoo=o4.
+              ShampooConfig(bits=4, storage="cholesky")),
+      "all_4bit":
+          lambda: o4.shampoo_adamw(learning_rate, weight_decay=1e-4, **SHAMPOO,
+                                   shampoo=o4.ShampooConfig(
+                                       bits=4), adam=o4.AdamConfig(bits=4)),
+      # SOAP has no grafting; it takes the same learning rate here for a
+      # like-for-like run
+      "soap4":
+          lambda: o4.soap(learning_rate, weight_decay=1e-4),
+      "soap32":
+          lambda: o4.soap(learning_rate, weight_decay=1e-4, config=o4.
+                          ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32
+                                                                       )),
   }
 
 
@@ -64,13 +86,18 @@ def load_digits_split(seed: int):
 
 
 def make_step(model):
+
   @jax.jit
   def step(state, images, labels):
+
     def loss_fn(params):
       logits = model.apply({"params": params}, images)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                             labels).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads=grads), loss
+
   return step
 
 
@@ -81,26 +108,32 @@ def evaluate(model, params, images, labels):
 
 
 def maybe_restore(args, name, state):
-  """With ``--resume --checkpoint-dir``: the train state saved for optimizer ``name``, else ``state``."""
+  """With ``--resume --checkpoint-dir``: the train state saved for optimizer
+  ``name``, else ``state``."""
   if not (args.resume and args.checkpoint_dir):
     return state
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state)
+  return ocp.StandardCheckpointer().restore(
+      os.path.abspath(os.path.join(args.checkpoint_dir, name)), state)
 
 
 def maybe_save(args, name, state):
-  """With ``--checkpoint-dir``: saves optimizer ``name``'s train state (Orbax, overwriting)."""
+  """With ``--checkpoint-dir``: saves optimizer ``name``'s train state (Orbax,
+  overwriting)."""
   if not args.checkpoint_dir:
     return
   import orbax.checkpoint as ocp
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(args.checkpoint_dir, name)), state, force=True)
+  checkpointer.save(
+      os.path.abspath(os.path.join(args.checkpoint_dir, name)), state,
+      force=True)
   checkpointer.wait_until_finished()
 
 
 def timed_steps(state, steps, run_step, name, progress):
-  """Calls ``run_step(state) -> (state, loss)`` ``steps`` times; returns the state, the losses and the
-  seconds of each call (the loss is read back, so each time covers the whole step)."""
+  """Calls ``run_step(state) -> (state, loss)`` ``steps`` times; returns the
+  state, the losses and the seconds of each call (the loss is read back, so each
+  time covers the whole step)."""
   curve, times = [], []
   for _ in range(steps):
     start = time.perf_counter()
@@ -117,7 +150,8 @@ def train_one(name, tx, args, data, progress):
   (train_x, train_y), (test_x, test_y) = data
   model = CNN()
   params = model.init(jax.random.PRNGKey(args.seed), train_x[:1])["params"]
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=tx)
   state = maybe_restore(args, name, state)
   first_step = int(state.step)
   step_fn = make_step(model)
@@ -134,9 +168,17 @@ def train_one(name, tx, args, data, progress):
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
   state_bytes = o4.state_nbytes(state.opt_state)
   steady = times[min(len(times) - 1, 5):]  # skip compilation
-  return {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy, "state_bytes": state_bytes,
-          "state_bytes_per_param": state_bytes / n_params, "ms_per_step": 1e3 * float(np.median(steady)),
-          "curve": curve, "params": n_params, "steps_done": first_step + args.steps}
+  return {
+      "train_loss": train_loss,
+      "test_loss": test_loss,
+      "test_accuracy": test_accuracy,
+      "state_bytes": state_bytes,
+      "state_bytes_per_param": state_bytes / n_params,
+      "ms_per_step": 1e3 * float(np.median(steady)),
+      "curve": curve,
+      "params": n_params,
+      "steps_done": first_step + args.steps
+  }
 
 
 def plot(results, out, title="digits CNN"):
@@ -149,7 +191,8 @@ def plot(results, out, title="digits CNN"):
     window = max(1, len(curve) // 40)
     smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
     ax.plot(smooth, label=name)
-  ax.set(xlabel="step", ylabel="train loss (moving average)", yscale="log", title=title)
+  ax.set(xlabel="step", ylabel="train loss (moving average)", yscale="log",
+         title=title)
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "loss_curves.png"), dpi=120)
@@ -176,17 +219,21 @@ def comparison_parser(description, steps, out, default_optimizers):
   return parser
 
 
-def run_comparison(parser, args, train_fn, data, metrics, extra_json=None, available=None, title="digits CNN"):
-  """Trains every optimizer of ``args.optimizers`` with ``train_fn``, prints the table, writes JSON + PNGs.
+def run_comparison(parser, args, train_fn, data, metrics, extra_json=None,
+                   available=None, title="digits CNN"):
+  """Trains every optimizer of ``args.optimizers`` with ``train_fn``, prints the
+  table, writes JSON + PNGs.
 
-  ``metrics`` are ``(result key, column title)`` pairs of the quality columns beside the train loss; ``available``
-  maps optimizer names to factories (default: :func:`optimizers` at ``args.learning_rate``).
+  ``metrics`` are ``(result key, column title)`` pairs of the quality columns
+  beside the train loss; ``available`` maps optimizer names to factories
+  (default: :func:`optimizers` at ``args.learning_rate``).
   """
   available = available or optimizers(args.learning_rate)
   names = args.optimizers.split(",")
   unknown = [n for n in names if n not in available]
   if unknown:
-    parser.error(f"unknown optimizers {unknown}; choose from {sorted(available)}")
+    parser.error(
+        f"unknown optimizers {unknown}; choose from {sorted(available)}")
   os.makedirs(args.out, exist_ok=True)
   from tqdm import tqdm
   results = {}
@@ -194,25 +241,35 @@ def run_comparison(parser, args, train_fn, data, metrics, extra_json=None, avail
     for name in names:
       results[name] = train_fn(name, available[name](), args, data, progress)
   columns = "".join(f" {column:>12}" for _, column in metrics)
-  print(f"{'optimizer':<12} {'train loss':>10}{columns} {'state bytes':>12} {'B/param':>8} {'ms/step':>8}")
+  print(
+      f"{'optimizer':<12} {'train loss':>10}{columns} {'state bytes':>12} "
+      f"{'B/param':>8} {'ms/step':>8}"
+  )
   for name, r in results.items():
     values = "".join(f" {r[key]:>12.4f}" for key, _ in metrics)
-    print(f"{name:<12} {r['train_loss']:>10.4f}{values} {r['state_bytes']:>12,} "
-          f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
+    print(
+        f"{name:<12} {r['train_loss']:>10.4f}{values} {r['state_bytes']:>12,} "
+        f"{r['state_bytes_per_param']:>8.3f} {r['ms_per_step']:>8.2f}")
   with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "machine": str(jax.devices()[0]), **(extra_json or {}), "results": results},
-              f, indent=1)
+    json.dump(
+        {
+            "args": vars(args),
+            "machine": str(jax.devices()[0]),
+            **(extra_json or {}), "results": results
+        }, f, indent=1)
   plot(results, args.out, title)
   return results
 
 
 def main(argv=None):
-  parser = comparison_parser(__doc__.splitlines()[0], 400, "runs/compare",
-                             "adamw,adamw_4bit,shampoo32,shampoo4,cholesky4,all_4bit")
+  parser = comparison_parser(
+      __doc__.splitlines()[0], 400, "runs/compare",
+      "adamw,adamw_4bit,shampoo32,shampoo4,cholesky4,all_4bit")
   parser.add_argument("--batch-size", type=int, default=64)
   args = parser.parse_args(argv)
   return run_comparison(parser, args, train_one, load_digits_split(args.seed),
-                        (("test_loss", "held-out loss"), ("test_accuracy", "test acc")))
+                        (("test_loss", "held-out loss"),
+                         ("test_accuracy", "test acc")))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Byte-level language model on the Python standard library's source files, several optimizers compared.
+"""Byte-level language model on the Python standard library's source files,
+several optimizers compared.
 
-    python examples/lm.py [--steps 300] [--size tiny|small|base] [--optimizers adamw,shampoo4,...] [--out runs/lm]
+    python examples/lm.py [--steps 300] [--size tiny|small|base] [--optimizers
+    adamw,shampoo4,...] [--out runs/lm]
 
-The corpus is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (present on every Python
-installation, no download), concatenated in sorted order; the last 10 % is held out. Prints the same table
-as ``compare.py`` with held-out bits per byte instead of accuracy, and writes ``results.json``,
-``loss_curves.png`` and ``state_memory.png``. ``--size base`` is meant for a GPU.
+The corpus is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``
+(present on every Python installation, no download), concatenated in sorted
+order; the last 10 % is held out. Prints the same table as ``compare.py`` with
+held-out bits per byte instead of accuracy, and writes ``results.json``,
+``loss_curves.png`` and ``state_memory.png``. ``--size base`` is meant for a
+GPU.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import comparison_parser, maybe_restore, maybe_save, run_comparison, timed_steps
+from compare import (
+    comparison_parser, maybe_restore, maybe_save, run_comparison, timed_steps)
 
-SIZES = {"tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
-         "small": dict(width=256, layers=4, heads=8, context=128, batch=32),
-         "base": dict(width=768, layers=12, heads=12, context=256, batch=32)}
+SIZES = {
+    "tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
+    "small": dict(width=256, layers=4, heads=8, context=128, batch=32),
+    "base": dict(width=768, layers=12, heads=12, context=256, batch=32)
+}
 
 
 def load_corpus(max_bytes: int = 4_000_000):
-  """Bytes of the standard library's .py files (sorted paths), split 90 % / 10 %."""
+  """Bytes of the standard library's .py files (sorted paths), split 90 % / 10
+  %."""
   root = sysconfig.get_paths()["stdlib"]
   chunks, total = [], 0
   for directory, _, files in sorted(os.walk(root)):
@@ -61,9 +69,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    attention = nn.MultiHeadDotProductAttention(self.heads, qkv_features=self.width, dtype=self.dtype)
+    attention = nn.MultiHeadDotProductAttention(self.heads,
+                                                qkv_features=self.width,
+                                                dtype=self.dtype)
     x = x + attention(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
-    h = nn.Dense(4 * self.width, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
+    h = nn.Dense(4 * self.width, dtype=self.dtype)(
+        nn.LayerNorm(dtype=self.dtype)(x))
     return x + nn.Dense(self.width, dtype=self.dtype)(nn.gelu(h))
 
 
@@ -77,7 +88,8 @@ class ByteTransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(256, self.width)(tokens) + self.param(
-        "position", nn.initializers.normal(0.02), (self.context, self.width))[: tokens.shape[1]]
+        "position", nn.initializers.normal(0.02),
+        (self.context, self.width))[:tokens.shape[1]]
     x = x.astype(self.dtype)
     for _ in range(self.layers):
       x = Block(self.width, self.heads, self.dtype)(x)
@@ -93,9 +105,13 @@ def batches(data, context, batch, rng):
 def train_one(name, tx, args, corpus, progress):
   size = SIZES[args.size]
   train, held_out = corpus
-  model = ByteTransformer(size["width"], size["layers"], size["heads"], size["context"])
-  params = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, size["context"]), jnp.int32))["params"]
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  model = ByteTransformer(size["width"], size["layers"], size["heads"],
+                          size["context"])
+  params = model.init(
+      jax.random.PRNGKey(args.seed), jnp.zeros((1, size["context"]),
+                                               jnp.int32))["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=tx)
   state = maybe_restore(args, name, state)
 
   def loss_fn(params, x, y):
@@ -116,24 +132,37 @@ def train_one(name, tx, args, corpus, progress):
   state, curve, times = timed_steps(state, args.steps, run_step, name, progress)
   maybe_save(args, name, state)
   eval_rng = np.random.default_rng(1234)
-  held = [float(evaluate(state.params, *batches(held_out, size["context"], size["batch"], eval_rng)))
-          for _ in range(8)]
+  held = [
+      float(
+          evaluate(state.params,
+                   *batches(held_out, size["context"], size["batch"],
+                            eval_rng))) for _ in range(8)
+  ]
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
   state_bytes = o4.state_nbytes(state.opt_state)
-  return {"train_loss": float(np.mean(curve[-10:])), "held_out_bits_per_byte": float(np.mean(held) / np.log(2)),
-          "state_bytes": state_bytes, "state_bytes_per_param": state_bytes / n_params,
-          "ms_per_step": 1e3 * float(np.median(times[min(len(times) - 1, 5):])), "curve": curve,
-          "params": n_params, "steps_done": int(state.step)}
+  return {
+      "train_loss": float(np.mean(curve[-10:])),
+      "held_out_bits_per_byte": float(np.mean(held) / np.log(2)),
+      "state_bytes": state_bytes,
+      "state_bytes_per_param": state_bytes / n_params,
+      "ms_per_step": 1e3 * float(np.median(times[min(len(times) - 1, 5):])),
+      "curve": curve,
+      "params": n_params,
+      "steps_done": int(state.step)
+  }
 
 
 def main(argv=None):
-  parser = comparison_parser(__doc__.splitlines()[0], 300, "runs/lm", "adamw,adamw_4bit,shampoo32,shampoo4,all_4bit")
+  parser = comparison_parser(__doc__.splitlines()[0], 300, "runs/lm",
+                             "adamw,adamw_4bit,shampoo32,shampoo4,all_4bit")
   parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
   parser.add_argument("--max-bytes", type=int, default=4_000_000)
   args = parser.parse_args(argv)
   corpus = load_corpus(args.max_bytes)
-  return run_comparison(parser, args, train_one, corpus, (("held_out_bits_per_byte", "held-out bpb"),),
-                        extra_json={"corpus_bytes": [len(c) for c in corpus]}, title="byte transformer")
+  return run_comparison(parser, args, train_one, corpus,
+                        (("held_out_bits_per_byte", "held-out bpb"),),
+                        extra_json={"corpus_bytes": [len(c) for c in corpus]},
+                        title="byte transformer")
 
 
 if __name__ == "__main__":

@@ -1,47 +1,44 @@
-"""Adam with 4-bit (or 8-bit) moments, and 4-bit Factor, as Optax transformations [A4].
+"""Adam with 4-bit (or 8-bit) moments, and 4-bit Factor, as Optax
+transformations [A4].
 
-The update is Adam's, computed in fp32 from the dequantized moments; only what is stored between steps is
-quantized:
+The update is Adam's, computed in fp32 from the dequantized moments; only what
+is stored between steps is quantized:
 
 * first moment ``m``: blocks of 128, signed dynamic-tree codebook;
-* second moment ``v``: rank-1 normalization and the linear codebook *without zero* (``(i + 1) / 16``) —
-  a zero code makes ``1 / (√v + ε)`` explode [A4, §4.1]; or blocks of 128 with the same codebook
-  (``second_moment="block"``); or Adafactor's fp32 row/column factorization for tensors of rank ≥ 2
+* second moment ``v``: rank-1 normalization and the linear codebook *without
+  zero* (``(i + 1) / 16``) — a zero code makes ``1 / (√v + ε)`` explode [A4,
+  §4.1]; or blocks of 128 with the same codebook (``second_moment="block"``); or
+  Adafactor's fp32 row/column factorization for tensors of rank ≥ 2
   (``second_moment="factored"``, "4-bit Factor").
 
 Tensors with at most ``min_quantized_size`` elements keep fp32 moments.
 
-Reference: Li, Chen, Zhu. *Memory Efficient Optimizers with 4-bit States.* NeurIPS 2023.
+Reference: Li, Chen, Zhu. *Memory Efficient Optimizers with 4-bit States.*
+  NeurIPS 2023.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_shampoo4 import _checks, adam_kernel
+from optax_shampoo4 import _checks, adam_kernel, adam_update_kernel
 from optax_shampoo4.config import AdamConfig
-from optax_shampoo4.quantization import HALVES_SPAN, QuantizationSpec, QuantizedArray, dequantize, quantize
-
-
-
-class FactoredMoment(NamedTuple):
-  """Adafactor factors of a second moment over the last two axes (fp32)."""
-
-  row: jax.Array  # EMA of mean(g², axis=-1), shape[:-1]
-  col: jax.Array  # EMA of mean(g², axis=-2), shape[:-2] + shape[-1:]
+from optax_shampoo4.moments import (FactoredMoment, MomentLayout, PackedMoment,
+                                    factored_estimate, pack_moment)
+from optax_shampoo4.quantization import QuantizedArray
 
 
 class ScaleByAdam4bitState(NamedTuple):
-  """State of :func:`scale_by_adam_4bit`: ``mu``/``nu`` are pytrees like the params whose leaves are
-  fp32 arrays, :class:`~optax_shampoo4.QuantizedArray` s or :class:`FactoredMoment` s — or, with
-  ``packed=True``, one :class:`PackedMoment` each."""
+  """State of :func:`scale_by_adam_4bit`: ``mu``/``nu`` are pytrees like the
+  params whose leaves are fp32 arrays, :class:`~optax_shampoo4.QuantizedArray` s
+  or :class:`FactoredMoment` s — or, with ``packed=True``, one
+  :class:`PackedMoment` each."""
 
   count: jax.Array
   mu: Any
@@ -49,179 +46,18 @@ class ScaleByAdam4bitState(NamedTuple):
   nonfinite_count: jax.Array
 
 
-class PackedSlot(NamedTuple):
-  """Where one tensor's moment lives in a :class:`PackedMoment`."""
-
-  kind: str  # "codes" (rows of codes and scales), "dense" (entries of dense) or "other" (an entry of others)
-  start: int  # its first row of codes and scales (a multiple of 8), first entry of dense, or index in others
-  shape: Tuple[int, ...]  # the tensor's shape
-  spec: Optional[QuantizationSpec] = None  # "codes": the spec of the tensor's QuantizedArray
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("codes", "scales", "dense", "others"),
-                   meta_fields=("slots", "treedef"))
-@dataclasses.dataclass(frozen=True)
-class PackedMoment:
-  """One moment of every tensor of a model in a few arrays (``scale_by_adam_4bit(packed=True)``).
-
-  A jitted step costs the host time per array passed in and out, and a per-tensor state has four arrays per
-  quantized tensor; packed, the state of any model is a handful of arrays. Each tensor's bytes are those of
-  its :class:`~optax_shampoo4.QuantizedArray` in the per-tensor layout (:meth:`unpack` slices them out):
-
-  * ``codes`` (uint8, ``(rows, 64)``) and ``scales`` (fp32, ``(rows, 1)``): the 4-bit codes and block scales
-    of the tensors the fused kernels cover, 128 elements per row, each tensor's rows starting at a multiple
-    of 8 (a kernel row tile) and padded to one;
-  * ``dense``: the fp32 moments of the tensors below the quantization threshold, flattened and concatenated;
-  * ``others``: the stored moments of any other tensor (a tuple, per-tensor layout).
-  """
-
-  codes: jax.Array
-  scales: jax.Array
-  dense: jax.Array
-  others: Tuple[Any, ...]
-  slots: Tuple[PackedSlot, ...]
-  treedef: Any  # of the params
-
-  def leaves(self) -> list:
-    """The stored moment of every tensor, in the per-tensor layout, in the params' leaf order."""
-    out = []
-    for slot in self.slots:
-      size = int(np.prod(slot.shape, dtype=np.int64))
-      if slot.kind == "codes":
-        rows = slice(slot.start, slot.start + size // adam_kernel.COLUMNS)
-        out.append(QuantizedArray(self.codes[rows].reshape(-1), (self.scales[rows].reshape(-1),), None, slot.spec))
-      elif slot.kind == "dense":
-        out.append(self.dense[slot.start:slot.start + size].reshape(slot.shape))
-      else:
-        out.append(self.others[slot.start])
-    return out
-
-  def unpack(self) -> Any:
-    """This moment as a pytree like the params (the per-tensor layout of ``packed=False``)."""
-    return self.treedef.unflatten(self.leaves())
-
-
-def unpack_moments(state: Any) -> Any:
-  """``state`` (any optimizer state) with every :class:`PackedMoment` replaced by its per-tensor pytree:
-  the state ``packed=False`` would hold, e.g. to compare the two layouts or inspect one tensor's moments."""
-  is_packed = lambda x: isinstance(x, PackedMoment)
-  return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, state, is_leaf=is_packed)
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def _pack(stored, covered, shapes, treedef, tile_rows: int) -> PackedMoment:
-  """The :class:`PackedMoment` holding ``stored`` (per-tensor stored moments in leaf order; ``covered``:
-  whether the fused kernels take each tensor)."""
-  slots, codes, scales, dense, others = [], [], [], [], []
-  rows = dense_size = 0
-  for x, kernel, shape in zip(stored, covered, shapes):
-    if kernel:
-      n = x.codes.size // adam_kernel.HALF
-      padded = _round_up(n, tile_rows)
-      codes.append(jnp.pad(x.codes.reshape(n, adam_kernel.HALF), [(0, padded - n), (0, 0)]))
-      scales.append(jnp.pad(x.scales[0].reshape(n, 1), [(0, padded - n), (0, 0)]))
-      slots.append(PackedSlot("codes", rows, tuple(shape), x.spec))
-      rows += padded
-    elif isinstance(x, (QuantizedArray, FactoredMoment)):
-      slots.append(PackedSlot("other", len(others), tuple(shape)))
-      others.append(x)
-    else:  # an fp32 moment
-      dense.append(x.reshape(-1))
-      slots.append(PackedSlot("dense", dense_size, tuple(shape)))
-      dense_size += x.size
-  join = lambda parts, empty: jnp.concatenate(parts) if parts else empty
-  return PackedMoment(join(codes, jnp.zeros((0, adam_kernel.HALF), jnp.uint8)),
-                      join(scales, jnp.zeros((0, 1), jnp.float32)), join(dense, jnp.zeros((0,), jnp.float32)),
-                      tuple(others), tuple(slots), treedef)
-
-
-@dataclasses.dataclass(frozen=True)
-class MomentLayout:
-  """How the two moments of one tensor are stored (``store_*`` / ``load_*`` per tensor shape)."""
-
-  bits: int
-  block_size: int
-  second_moment: str
-  min_quantized_size: int
-  second_moment_codebook_override: Optional[str] = None
-
-  @classmethod
-  def from_config(cls, config: AdamConfig) -> "MomentLayout":
-    return cls(config.bits, config.block_size, config.second_moment, config.min_quantized_size,
-               config.second_moment_codebook)
-
-  def quantized(self, shape) -> bool:
-    size = 1
-    for d in shape:
-      size *= d
-    return self.bits != 32 and size > self.min_quantized_size
-
-  def factored(self, shape) -> bool:
-    return self.second_moment == "factored" and len(shape) >= 2 and self.quantized(shape)
-
-  @property
-  def first_codebook(self) -> str:
-    return "dynamic_tree"
-
-  @property
-  def second_codebook(self) -> str:
-    if self.second_moment_codebook_override is not None:
-      return self.second_moment_codebook_override
-    return "linear_nozero" if self.bits == 4 else "dynamic_tree_unsigned"
-
-  def pairing(self, length: int) -> str:
-    """Contiguous halves (the fused kernels' format) wherever a row is a multiple of 128 codes."""
-    return "halves" if self.bits == 4 and length % HALVES_SPAN == 0 else "interleaved"
-
-  def store_first(self, m, shape):
-    if not self.quantized(shape):
-      return m
-    flat = m.reshape(-1)
-    return quantize(flat, codebook=self.first_codebook, bits=self.bits, block_size=self.block_size,
-                    pairing=self.pairing(flat.shape[0]))
-
-  def load_first(self, stored, shape):
-    return dequantize(stored).reshape(shape) if isinstance(stored, QuantizedArray) else stored
-
-  def store_second(self, v, shape):
-    if not self.quantized(shape):
-      return v
-    if self.factored(shape):
-      raise AssertionError("factored moments are updated in place")
-    if self.second_moment == "rank1":
-      return quantize(v, codebook=self.second_codebook, bits=self.bits, block_size=self.block_size,
-                      normalization="rank1", pairing=self.pairing(v.shape[-1]))
-    flat = v.reshape(-1)
-    return quantize(flat, codebook=self.second_codebook, bits=self.bits, block_size=self.block_size,
-                    pairing=self.pairing(flat.shape[0]))
-
-  def load_second(self, stored, shape):
-    return dequantize(stored).reshape(shape) if isinstance(stored, QuantizedArray) else stored
-
-  def kernel_view(self, shape, config):
-    """The ``(rows, cols)`` view of the fused kernels for this tensor, or ``None`` (XLA path)."""
-    if not self.quantized(shape) or self.bits != 4 or self.block_size != adam_kernel.COLUMNS:
-      return None
-    return adam_kernel.covers(tuple(shape), config)
-
-
-def _factored_estimate(factors: FactoredMoment) -> jax.Array:
-  row_mean = jnp.mean(factors.row, axis=-1, keepdims=True)
-  safe_mean = jnp.where(row_mean > 0, row_mean, 1.0)
-  return (factors.row / safe_mean)[..., :, None] * factors.col[..., None, :]
-
-
 def _all_finite(leaves) -> jax.Array:
-  """Whether every element of every leaf is finite, in one reduction per group of same-shaped leaves (their
-  elementwise AND fuses into it) instead of one or two per leaf: a 24-layer model has 24 tensors of each
-  shape, and the per-leaf reductions were a third of the fused step's kernel launches."""
+  """Whether every element of every leaf is finite, in one reduction per group
+  of same-shaped leaves (their elementwise AND fuses into it) instead of one or
+  two per leaf: a 24-layer model has 24 tensors of each shape, and the per-leaf
+  reductions were a third of the fused step's kernel launches."""
   groups = {}
   for x in leaves:
     groups.setdefault(tuple(x.shape), []).append(jnp.isfinite(x))
-  flags = [jnp.all(functools.reduce(jnp.logical_and, group)) for group in groups.values()]
+  flags = [
+      jnp.all(functools.reduce(jnp.logical_and, group))
+      for group in groups.values()
+  ]
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
@@ -230,206 +66,274 @@ def _keep_if(finite, new, old):
 
 
 class ApplyStep(NamedTuple):
-  """What a fused step needs to apply its updates itself (see :func:`adam_4bit_functions`)."""
+  """What a fused step needs to apply its updates itself (see
+  :func:`adam_4bit_functions`)."""
 
   params: Any  # the params tree
   step_size: jax.Array  # −learning rate (fp32 scalar)
-  weight_decay: Any  # a tree like the params of per-leaf decoupled weight decays (0 where masked off)
+  # a tree like the params of per-leaf decoupled weight decays (0 where masked
+  # off)
+  weight_decay: Any
 
 
 def _apply_update(update, param, step_size, weight_decay, finite):
-  """``param + step_size · (update + weight_decay · param)`` — optax.add_decayed_weights,
-  scale_by_learning_rate and apply_updates in their order — or ``param`` unless ``finite``."""
+  """``param + step_size · (update + weight_decay · param)`` —
+  optax.add_decayed_weights, scale_by_learning_rate and apply_updates in their
+  order — or ``param`` unless ``finite``."""
   new = param + step_size * (update + weight_decay * param)
   return jnp.where(finite, new.astype(param.dtype), param)
 
 
-def _xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v, corrections, finite):
-  """One leaf's Adam step with XLA ops: ``(update, new stored m, new stored v)``; the stored moments are
-  the old ones unless ``finite``."""
+def xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v,
+                  corrections, finite):
+  """One leaf's Adam step with XLA ops: ``(update, new stored m, new stored
+  v)``; the stored moments are the old ones unless ``finite``."""
   shape = g.shape
   g32 = g.astype(jnp.float32)
   m = b1 * layout.load_first(stored_m, shape) + (1.0 - b1) * g32
   if isinstance(stored_v, FactoredMoment):
     squared = g32 * g32
-    factors = FactoredMoment(b2 * stored_v.row + (1.0 - b2) * jnp.mean(squared, axis=-1),
-                             b2 * stored_v.col + (1.0 - b2) * jnp.mean(squared, axis=-2))
-    v = _factored_estimate(factors)
+    factors = FactoredMoment(
+        b2 * stored_v.row + (1.0 - b2) * jnp.mean(squared, axis=-1),
+        b2 * stored_v.col + (1.0 - b2) * jnp.mean(squared, axis=-2))
+    v = factored_estimate(factors)
     stored_v_new = factors
   else:
     v = b2 * layout.load_second(stored_v, shape) + (1.0 - b2) * g32 * g32
     stored_v_new = layout.store_second(v, shape)
-  update = (m / corrections[0]) / (jnp.sqrt(v / corrections[1] + eps_root) + eps)
-  return (update.astype(g.dtype), _keep_if(finite, layout.store_first(m, shape), stored_m),
-          _keep_if(finite, stored_v_new, stored_v))
+  update = (m / corrections[0]) / (
+      jnp.sqrt(v / corrections[1] + eps_root) + eps)
+  return (update.astype(g.dtype),
+          _keep_if(finite, layout.store_first(m, shape),
+                   stored_m), _keep_if(finite, stored_v_new, stored_v))
 
 
 def _kernel_operands(config, view, g, stored_m, stored_v):
   rows, cols = view
   blocks = cols // adam_kernel.COLUMNS
-  second_scales = stored_v.scales if config.second_moment == "rank1" else (stored_v.scales[0].reshape(rows, blocks),)
-  return (g.reshape(rows, cols), stored_m.codes.reshape(rows, cols // 2), stored_m.scales[0].reshape(rows, blocks),
+  second_scales = stored_v.scales if config.second_moment == "rank1" else (
+      stored_v.scales[0].reshape(rows, blocks),)
+  return (g.reshape(rows, cols), stored_m.codes.reshape(rows, cols // 2),
+          stored_m.scales[0].reshape(rows, blocks),
           stored_v.codes.reshape(rows, cols // 2), second_scales)
 
 
-def _fused_leaf_maxima(config, view, constants, g, stored_v, *, interpret):
-  """Phase 1 of the fused path: the new rank-1 scales (old scales for blocks) and whether ``g`` is finite
-  (``None`` for blocks: no kernel reads ``g`` before the update, see :func:`_all_finite`)."""
+def fused_leaf_maxima(config, view, constants, g, stored_v, *, interpret):
+  """Phase 1 of the fused path: the new rank-1 scales (old scales for blocks)
+  and whether ``g`` is finite (``None`` for blocks: no kernel reads ``g`` before
+  the update, see :func:`_all_finite`)."""
   if config.second_moment != "rank1":
     return stored_v.scales, None
   rows, cols = view
   row_max, col_max, nonfinite = adam_kernel.rank1_maxima(
-      constants[2:4], g.reshape(rows, cols), stored_v.codes.reshape(rows, cols // 2), *stored_v.scales, config=config,
+      constants[2:4], g.reshape(rows, cols),
+      stored_v.codes.reshape(rows, cols // 2), *stored_v.scales, config=config,
       interpret=interpret)
   return (row_max, col_max), nonfinite == 0
 
 
 def _kernel_flags(corrections, constants, finite, apply):
-  """``(flags, param)`` of :func:`adam_kernel.fused_update` for a leaf (``apply``: see _fused_leaf_step)."""
-  param, step_size, weight_decay = apply if apply is not None else (None, 0.0, 0.0)
-  flags = jnp.concatenate([corrections, constants, finite.astype(jnp.float32)[None],
-                           jnp.asarray([step_size, weight_decay], jnp.float32), jnp.zeros([5], jnp.float32)])
+  """``(flags, param)`` of :func:`adam_update_kernel.fused_update` for a leaf
+  (``apply``: see fused_leaf_step)."""
+  param, step_size, weight_decay = apply if apply is not None else (None, 0.0,
+                                                                    0.0)
+  flags = jnp.concatenate([
+      corrections, constants,
+      finite.astype(jnp.float32)[None],
+      jnp.asarray([step_size, weight_decay], jnp.float32),
+      jnp.zeros([5], jnp.float32)
+  ])
   return flags, param
 
 
-def _fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections, finite, new_second_scales, *,
-                     interpret, apply=None):
-  """Phase 2 of the fused path: the step of the ``(rows, cols)`` view of the leaf in one kernel; with
-  ``apply = (param, step_size, weight_decay)`` the kernel returns the new param instead of the update."""
-  grad, first_codes, first_scale, second_codes, second_scales = _kernel_operands(config, view, g, stored_m, stored_v)
+def fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections,
+                    finite, new_second_scales, *, interpret, apply=None):
+  """Phase 2 of the fused path: the step of the ``(rows, cols)`` view of the
+  leaf in one kernel; with ``apply = (param, step_size, weight_decay)`` the
+  kernel returns the new param instead of the update."""
+  operands = _kernel_operands(config, view, g, stored_m, stored_v)
+  grad, first_codes, first_scale, second_codes, second_scales = operands
   if config.second_moment == "rank1":
     new_second_scales = _keep_if(finite, new_second_scales, stored_v.scales)
   else:
     new_second_scales = None
   flags, param = _kernel_flags(corrections, constants, finite, apply)
-  update, first_codes, first_scale, second_codes, second_scales = adam_kernel.fused_update(
-      flags, grad, first_codes, first_scale, second_codes, second_scales, new_second_scales,
-      None if param is None else param.reshape(grad.shape), config=config, interpret=interpret)
-  new_m = QuantizedArray(first_codes.reshape(stored_m.codes.shape), (first_scale.reshape(stored_m.scales[0].shape),),
-                         None, stored_m.spec)
-  new_v = QuantizedArray(second_codes.reshape(stored_v.codes.shape),
-                         tuple(s.reshape(old.shape) for s, old in zip(second_scales, stored_v.scales)), None,
-                         stored_v.spec)
+  outputs = adam_update_kernel.fused_update(
+      flags, grad, first_codes, first_scale, second_codes, second_scales,
+      new_second_scales, None if param is None else param.reshape(grad.shape),
+      config=config, interpret=interpret)
+  update, first_codes, first_scale, second_codes, second_scales = outputs
+  new_m = QuantizedArray(
+      first_codes.reshape(stored_m.codes.shape),
+      (first_scale.reshape(stored_m.scales[0].shape),), None, stored_m.spec)
+  new_v = QuantizedArray(
+      second_codes.reshape(stored_v.codes.shape),
+      tuple(
+          s.reshape(old.shape)
+          for s, old in zip(second_scales, stored_v.scales)), None,
+      stored_v.spec)
   return update.reshape(g.shape), new_m, new_v
 
 
-def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections, constants, finite, applied, *,
-                 interpret):
-  """The step of every leaf on packed moments: ``(updates or new params, new mu, new nu)``. The kernels
-  rewrite their tensors' rows of the code and scale buffers in place, one tensor after another; the dense
-  moments take one elementwise XLA step over all small tensors at once."""
+def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections,
+                 constants, finite, applied, *, interpret):
+  """The step of every leaf on packed moments: ``(updates or new params, new mu,
+  new nu)``. The kernels rewrite their tensors' rows of the code and scale
+  buffers in place, one tensor after another; the dense moments take one
+  elementwise XLA step over all small tensors at once."""
   b1, b2, eps, eps_root = adam_constants
   out = [None] * len(leaves)
   buffers = (mu.codes, mu.scales, nu.codes, nu.scales)
-  view = lambda x: x.reshape(-1, adam_kernel.COLUMNS)  # the kernels' (size / 128, 128) view
+  view = lambda x: x.reshape(-1, adam_kernel.COLUMNS
+                            )  # the kernels' (size / 128, 128) view
   dense, others = [], []
   for k, (g, slot) in enumerate(zip(leaves, mu.slots)):
     if slot.kind == "codes":
       flags, param = _kernel_flags(corrections, constants, finite, applied[k])
-      update, first_codes, first_scale, second_codes, (second_scale,) = adam_kernel.fused_update(
-          flags, view(g), buffers[0], buffers[1], buffers[2], (buffers[3],), None,
-          None if param is None else view(param), config=config, interpret=interpret, row_offset=slot.start)
+      update, first_codes, first_scale, second_codes, (
+          second_scale,) = adam_update_kernel.fused_update(
+              flags, view(g), buffers[0], buffers[1], buffers[2], (buffers[3],),
+              None, None if param is None else view(param), config=config,
+              interpret=interpret, row_offset=slot.start)
       buffers = (first_codes, first_scale, second_codes, second_scale)
       out[k] = update.reshape(g.shape)
     else:
       (dense if slot.kind == "dense" else others).append(k)
   new_dense = (mu.dense, nu.dense)
   if dense:
-    grads = jnp.concatenate([leaves[k].astype(jnp.float32).reshape(-1) for k in dense])
-    update, *new_dense = _xla_leaf_step(dataclasses.replace(layout, bits=32), b1, b2, eps, eps_root, grads,
-                                        mu.dense, nu.dense, corrections, finite)
+    grads = jnp.concatenate(
+        [leaves[k].astype(jnp.float32).reshape(-1) for k in dense])
+    update, *new_dense = xla_leaf_step(
+        dataclasses.replace(layout, bits=32), b1, b2, eps, eps_root, grads,
+        mu.dense, nu.dense, corrections, finite)
     for k in dense:
       slot = mu.slots[k]
-      leaf_update = update[slot.start:slot.start + leaves[k].size].reshape(slot.shape).astype(leaves[k].dtype)
-      out[k] = leaf_update if applied[k] is None else _apply_update(leaf_update, *applied[k], finite)
+      leaf_update = update[slot.start:slot.start + leaves[k].size].reshape(
+          slot.shape).astype(leaves[k].dtype)
+      out[k] = leaf_update if applied[k] is None else _apply_update(
+          leaf_update, *applied[k], finite)
   new_others = [list(mu.others), list(nu.others)]
   for k in others:
     index = mu.slots[k].start
-    update, new_others[0][index], new_others[1][index] = _xla_leaf_step(
-        layout, b1, b2, eps, eps_root, leaves[k], mu.others[index], nu.others[index], corrections, finite)
-    out[k] = update if applied[k] is None else _apply_update(update, *applied[k], finite)
-  new_mu = dataclasses.replace(mu, codes=buffers[0], scales=buffers[1], dense=new_dense[0],
-                               others=tuple(new_others[0]))
-  new_nu = dataclasses.replace(nu, codes=buffers[2], scales=buffers[3], dense=new_dense[1],
-                               others=tuple(new_others[1]))
+    update, new_others[0][index], new_others[1][index] = xla_leaf_step(
+        layout, b1, b2, eps, eps_root, leaves[k], mu.others[index],
+        nu.others[index], corrections, finite)
+    out[k] = update if applied[k] is None else _apply_update(
+        update, *applied[k], finite)
+  new_mu = dataclasses.replace(mu, codes=buffers[0], scales=buffers[1],
+                               dense=new_dense[0], others=tuple(new_others[0]))
+  new_nu = dataclasses.replace(nu, codes=buffers[2], scales=buffers[3],
+                               dense=new_dense[1], others=tuple(new_others[1]))
   return out, new_mu, new_nu
 
 
-def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamConfig = AdamConfig()):
-  """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments): ``step_fn(updates, state,
-  apply=None)`` is its update; with an :class:`ApplyStep` it returns the new params instead of the updates —
-  the fused kernels then write the params themselves (:func:`optax_shampoo4.fused_step`), and a step
-  with a non-finite gradient leaves the params unchanged too."""
+def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
+                        config: AdamConfig = AdamConfig()):
+  """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments):
+  ``step_fn(updates, state, apply=None)`` is its update; with an
+  :class:`ApplyStep` it returns the new params instead of the updates — the
+  fused kernels then write the params themselves
+  (:func:`optax_shampoo4.fused_step`), and a step with a non-finite gradient
+  leaves the params unchanged too."""
   _checks.check_type("config", config, AdamConfig)
   _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
   _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_number("eps", eps, 0.0)
   _checks.check_number("eps_root", eps_root, 0.0)
-  second_moment, implementation, packed = config.second_moment, config.implementation, config.packed
+  second_moment = config.second_moment
+  implementation, packed = config.implementation, config.packed
   layout = MomentLayout.from_config(config)
-  kernel_config = adam_kernel.MomentConfig(layout.first_codebook, layout.second_codebook, second_moment)
+  kernel_config = adam_kernel.MomentConfig(layout.first_codebook,
+                                           layout.second_codebook,
+                                           second_moment)
 
   def init_leaf_second(p):
     shape = p.shape
     if layout.factored(shape):
-      return FactoredMoment(jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
+      return FactoredMoment(
+          jnp.zeros(shape[:-1], jnp.float32),
+          jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
     return layout.store_second(jnp.zeros(shape, jnp.float32), shape)
 
   def init_fn(params):
-    mu = jax.tree.map(lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape), params)
+    mu = jax.tree.map(
+        lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape),
+        params)
     nu = jax.tree.map(init_leaf_second, params)
     if packed:
       leaves, treedef = jax.tree.flatten(params)
       shapes = [p.shape for p in leaves]
-      covered = [layout.kernel_view(shape, kernel_config) is not None for shape in shapes]
-      mu, nu = (_pack(treedef.flatten_up_to(moment), covered, shapes, treedef, kernel_config.rows_per_program)
-                for moment in (mu, nu))
-    return ScaleByAdam4bitState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+      covered = [
+          layout.kernel_view(shape, kernel_config) is not None
+          for shape in shapes
+      ]
+      mu, nu = (
+          pack_moment(
+              treedef.flatten_up_to(moment), covered, shapes, treedef,
+              kernel_config.rows_per_program) for moment in (mu, nu))
+    return ScaleByAdam4bitState(
+        jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
 
   def step_fn(updates, state, apply: Optional[ApplyStep] = None):
     leaves, treedef = jax.tree.flatten(updates)
     count = state.count + 1
-    corrections = jnp.stack([1.0 - b1 ** count.astype(jnp.float32), 1.0 - b2 ** count.astype(jnp.float32)])
-    # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float arithmetic does)
-    constants = jnp.stack([jnp.asarray(c, jnp.float32) for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)])
-    applied = ([None] * len(leaves) if apply is None else
-               [(p, apply.step_size, wd) for p, wd in zip(treedef.flatten_up_to(apply.params),
-                                                           treedef.flatten_up_to(apply.weight_decay))])
+    corrections = jnp.stack([
+        1.0 - b1**count.astype(jnp.float32), 1.0 - b2**count.astype(jnp.float32)
+    ])
+    # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float
+    # arithmetic does)
+    constants = jnp.stack([
+        jnp.asarray(c, jnp.float32)
+        for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)
+    ])
+    applied = ([None] * len(leaves)
+               if apply is None else [(p, apply.step_size, wd) for p, wd in zip(
+                   treedef.flatten_up_to(apply.params),
+                   treedef.flatten_up_to(apply.weight_decay))])
     # off GPU the kernels run in the Pallas interpreter
     interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
 
     def outputs(out):
-      # Updates keep the gradient's dtype (the Optax contract; optax.apply_if_finite's two branches must
-      # agree); with ``apply`` they are the params, already in the params' dtypes.
+      # Updates keep the gradient's dtype (the Optax contract;
+      # optax.apply_if_finite's two branches must agree); with ``apply`` they
+      # are the params, already in the params' dtypes.
       if apply is None:
         out = [u.astype(g.dtype) for u, g in zip(out, leaves)]
       return treedef.unflatten(out)
 
     def new_state(finite, mu, nu):
-      return ScaleByAdam4bitState(jnp.where(finite, count, state.count).astype(jnp.int32), mu, nu,
-                                  state.nonfinite_count + (~finite).astype(jnp.int32))
+      return ScaleByAdam4bitState(
+          jnp.where(finite, count, state.count).astype(jnp.int32), mu, nu,
+          state.nonfinite_count + (~finite).astype(jnp.int32))
 
     if packed:
       if not isinstance(state.mu, PackedMoment) or state.mu.treedef != treedef:
-        raise ValueError("packed=True: the state must come from this transformation's init on params with the "
-                         "structure of the updates")
+        raise ValueError(
+            "packed=True: the state must come from this transformation's init "
+            "on params with the "
+            "structure of the updates")
       finite = _all_finite(leaves)
-      out, mu, nu = _packed_step(layout, kernel_config, (b1, b2, eps, eps_root), leaves, state.mu, state.nu,
-                                 corrections, constants, finite, applied, interpret=interpret)
+      out, mu, nu = _packed_step(layout, kernel_config, (b1, b2, eps, eps_root),
+                                 leaves, state.mu, state.nu, corrections,
+                                 constants, finite, applied,
+                                 interpret=interpret)
       return outputs(out), new_state(finite, mu, nu)
 
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
     use_kernels = implementation == "pallas"
-    # Phase 1: whether every gradient is finite (a non-finite step keeps the old moments) and, for the fused
-    # rank-1 path, the new second-moment maxima, which the encoding of every element needs.
+    # Phase 1: whether every gradient is finite (a non-finite step keeps the old
+    # moments) and, for the fused rank-1 path, the new second-moment maxima,
+    # which the encoding of every element needs.
     views, maxima, finite_leaves, unchecked = [], [], [], []
     for g, stored_v in zip(leaves, nu_leaves):
       view = layout.kernel_view(g.shape, kernel_config) if use_kernels else None
       if view is None:
         scales, leaf_finite = None, None
       else:
-        scales, leaf_finite = _fused_leaf_maxima(kernel_config, view, constants, g, stored_v, interpret=interpret)
+        scales, leaf_finite = fused_leaf_maxima(kernel_config, view, constants,
+                                                g, stored_v,
+                                                interpret=interpret)
       views.append(view)
       maxima.append(scales)
       if leaf_finite is None:
@@ -440,19 +344,24 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, config: AdamCo
 
     # Phase 2: the step of every leaf.
     out, new_mu, new_nu = [], [], []
-    for g, stored_m, stored_v, view, scales, leaf_apply in zip(leaves, mu_leaves, nu_leaves, views, maxima, applied):
+    for g, stored_m, stored_v, view, scales, leaf_apply in zip(
+        leaves, mu_leaves, nu_leaves, views, maxima, applied):
       if view is None:
-        update, m, v = _xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v, corrections, finite)
+        update, m, v = xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m,
+                                     stored_v, corrections, finite)
         if leaf_apply is not None:
           update = _apply_update(update, *leaf_apply, finite)
       else:
-        update, m, v = _fused_leaf_step(kernel_config, view, constants, g, stored_m, stored_v, corrections, finite,
-                                        scales, interpret=interpret, apply=leaf_apply)
+        update, m, v = fused_leaf_step(kernel_config, view, constants, g,
+                                       stored_m, stored_v, corrections, finite,
+                                       scales, interpret=interpret,
+                                       apply=leaf_apply)
       out.append(update)
       new_mu.append(m)
       new_nu.append(v)
 
-    return outputs(out), new_state(finite, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
+    return outputs(out), new_state(finite, treedef.unflatten(new_mu),
+                                   treedef.unflatten(new_nu))
 
   return init_fn, step_fn
 
@@ -465,24 +374,28 @@ def scale_by_adam_4bit(
     *,
     config: AdamConfig = AdamConfig(),
 ) -> optax.GradientTransformationExtraArgs:
-  """Rescales updates by Adam's rule, storing both moments in 4 (or 8) bits [A4].
+  """Rescales updates by Adam's rule, storing both moments in 4 (or 8) bits
+  [A4].
 
   Args:
     b1: decay of the first moment (default 0.9).
     b2: decay of the second moment (default 0.999).
     eps: added to ``√v̂`` in the denominator (default 1e-8).
     eps_root: added to ``v̂`` inside the square root (default 0).
-    config: how the moments are stored (bits, second-moment layout, kernels); see
-      :class:`~optax_shampoo4.config.AdamConfig`. The Pallas kernels (``implementation="pallas"``) are
-      for one GPU or replicated params (GSPMD cannot split a kernel); they cover 4-bit moments with
-      128-element blocks, and other tensors take the XLA path, which stores the same format.
+    config: how the moments are stored (bits, second-moment layout, kernels);
+      see :class:`~optax_shampoo4.config.AdamConfig`. The Pallas kernels
+      (``implementation="pallas"``) are for one GPU or replicated params (GSPMD
+      cannot split a kernel); they cover 4-bit moments with 128-element blocks,
+      and other tensors take the XLA path, which stores the same format.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByAdam4bitState`. Moments cost
-    about 1.03–1.06 bytes per parameter at 4 bits (0.53 with ``"factored"``) instead of 8.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAdam4bitState`. Moments cost about 1.03–1.06 bytes per
+    parameter at 4 bits (0.53 with ``"factored"``) instead of 8.
 
-  A step whose gradient holds a NaN/Inf leaves the moments and ``count`` untouched (``nonfinite_count`` is
-  incremented) and returns the non-finite update, so ``optax.apply_if_finite`` can skip it.
+  A step whose gradient holds a NaN/Inf leaves the moments and ``count``
+  untouched (``nonfinite_count`` is incremented) and returns the non-finite
+  update, so ``optax.apply_if_finite`` can skip it.
   """
   init_fn, step_fn = adam_4bit_functions(b1, b2, eps, eps_root, config)
 

@@ -1,9 +1,13 @@
-"""Ready-made optimizers, composed like ``optax.adamw``: a scaling, weight decay, the learning rate.
+"""Ready-made optimizers, composed like ``optax.adamw``: a scaling, weight
+decay, the learning rate.
 
-Structure goes in the config objects (:class:`~optax_shampoo4.config.ShampooConfig`,
-:class:`~optax_shampoo4.config.AdamConfig`); every numeric argument may be scheduled or logged with plain
-``optax.inject_hyperparams(alias)(...)``. Under the default ``skip_nonfinite=True`` a step whose gradient
-holds a NaN/Inf changes neither the params nor any state but the counters (:mod:`~optax_shampoo4.nonfinite`).
+Structure goes in the config objects
+(:class:`~optax_shampoo4.config.ShampooConfig`,
+:class:`~optax_shampoo4.config.AdamConfig`); every numeric argument may be
+scheduled or logged with plain ``optax.inject_hyperparams(alias)(...)``. Under
+the default ``skip_nonfinite=True`` a step whose gradient holds a NaN/Inf
+changes neither the params nor any state but the counters
+(:mod:`~optax_shampoo4.nonfinite`).
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ def _check_alias(learning_rate, weight_decay, skip_nonfinite):
 
 
 def _keep_update_dtypes(tx):
-  """``tx`` whose updates keep the gradients' dtypes. Under ``inject_hyperparams`` the learning rate and
-  weight decay are float32 arrays, which promote bf16 updates to float32."""
+  """``tx`` whose updates keep the gradients' dtypes. Under
+  ``inject_hyperparams`` the learning rate and weight decay are float32 arrays,
+  which promote bf16 updates to float32."""
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, state = tx.update(updates, state, params, **extra_args)
-    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates), state
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates,
+                        updates), state
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
@@ -51,12 +57,14 @@ def _keep_update_dtypes(tx):
 def _finalize(tx, skip_nonfinite: bool):
   if not skip_nonfinite:
     return tx
-  # These states keep themselves on a NaN/Inf gradient: Shampoo's and SOAP's come first in their chains,
-  # and 4-bit Adam sees either the gradient or Shampoo's output of it, non-finite with it. A select on
-  # them would add kernels to every step (on the GPU, the host then spends longer updating the step's
-  # command buffers than the kernels take).
-  return nonfinite.skip_nonfinite(_keep_update_dtypes(tx),
-                                  keeps_own_state=(ShampooState, SoapState, ScaleByAdam4bitState))
+  # These states keep themselves on a NaN/Inf gradient: Shampoo's and SOAP's
+  # come first in their chains, and 4-bit Adam sees either the gradient or
+  # Shampoo's output of it, non-finite with it. A select on them would add
+  # kernels to every step (on the GPU, the host then spends longer updating the
+  # step's command buffers than the kernels take).
+  return nonfinite.skip_nonfinite(
+      _keep_update_dtypes(tx),
+      keeps_own_state=(ShampooState, SoapState, ScaleByAdam4bitState))
 
 
 def adamw_4bit(
@@ -70,20 +78,26 @@ def adamw_4bit(
     config: AdamConfig = AdamConfig(),
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdamW with 4-bit moments [A4]: ``scale_by_adam_4bit`` + decoupled weight decay + learning rate.
+  """AdamW with 4-bit moments [A4]: ``scale_by_adam_4bit`` + decoupled weight
+  decay + learning rate.
 
   Args:
     learning_rate: a float or an Optax schedule.
     b1, b2, eps: Adam's constants.
     weight_decay: decoupled weight decay (``p ← p − lr·wd·p``), default 1e-4.
-    mask: which params get weight decay (a pytree of bools or a function of the params), as in optax.
-    config: the moments' storage: ``AdamConfig(bits=4|8|32, second_moment="rank1"|"block"|"factored",
-      ...)``; ``"factored"`` is 4-bit Factor [A4]. With ``implementation="pallas"`` (GPU kernels) the
-      result also has a fused step that applies the update inside the kernels:
-      :func:`~optax_shampoo4.fused_step`, :func:`~optax_shampoo4.apply_gradients`.
-    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
+    mask: which params get weight decay (a pytree of bools or a function of the
+      params), as in optax.
+    config: the moments' storage: ``AdamConfig(bits=4|8|32,
+      second_moment="rank1"|"block"|"factored", ...)``; ``"factored"`` is 4-bit
+      Factor [A4]. With ``implementation="pallas"`` (GPU kernels) the result
+      also has a fused step that applies the update inside the kernels:
+      :func:`~optax_shampoo4.fused_step`,
+      :func:`~optax_shampoo4.apply_gradients`.
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default;
+      :mod:`~optax_shampoo4.nonfinite`).
 
-  Optimizer state: about 1.03–1.06 bytes per parameter (0.53 for ``"factored"``) instead of 8.
+  Optimizer state: about 1.03–1.06 bytes per parameter (0.53 for ``"factored"``)
+  instead of 8.
 
   Examples:
     >>> import optax, optax_shampoo4 as o4, jax.numpy as jnp
@@ -91,15 +105,18 @@ def adamw_4bit(
     >>> state = tx.init({"w": jnp.ones((64, 128))})
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
-  tx = _finalize(optax.chain(
-      scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, config=config),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  ), skip_nonfinite)
+  tx = _finalize(
+      optax.chain(
+          scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, config=config),
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.scale_by_learning_rate(learning_rate),
+      ), skip_nonfinite)
   if config.implementation != "pallas" or config.second_moment == "factored":
     return tx
-  return fused.with_fused_step(tx, fused.adamw_4bit_step(learning_rate, b1, b2, eps, weight_decay, mask,
-                                                          config))
+  return fused.with_fused_step(
+      tx,
+      fused.adamw_4bit_step(learning_rate, b1, b2, eps, weight_decay, mask,
+                            config))
 
 
 def shampoo_adamw(
@@ -120,35 +137,42 @@ def shampoo_adamw(
     error_feedback_beta: float = 0.0,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """Shampoo-preconditioned AdamW [S4]: grafted Shampoo direction → Adam → decoupled weight decay → lr.
+  """Shampoo-preconditioned AdamW [S4]: grafted Shampoo direction → Adam →
+  decoupled weight decay → lr.
 
   Args:
-    learning_rate: a float or an Optax schedule (Adam's learning rates transfer through grafting).
+    learning_rate: a float or an Optax schedule (Adam's learning rates transfer
+      through grafting).
     b1, b2, eps: Adam's constants.
     weight_decay: decoupled weight decay (default 0.05, [S4]).
     mask: weight-decay mask, as in ``optax.adamw``.
-    shampoo: the preconditioners' structure, :class:`ShampooConfig` (default: 4-bit eigenvectors).
-    adam: Adam's moments, :class:`AdamConfig` (default fp32, i.e. ``optax.scale_by_adam``; ``AdamConfig()``
-      makes the whole state 4-bit).
-    statistics_every, inverse_root_every, beta, epsilon, start_step, error_feedback_beta: see
-      :func:`scale_by_shampoo`.
-    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
+    shampoo: the preconditioners' structure, :class:`ShampooConfig` (default:
+      4-bit eigenvectors).
+    adam: Adam's moments, :class:`AdamConfig` (default fp32, i.e.
+      ``optax.scale_by_adam``; ``AdamConfig()`` makes the whole state 4-bit).
+    statistics_every, inverse_root_every, beta, epsilon, start_step,
+      error_feedback_beta: see :func:`scale_by_shampoo`.
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default;
+      :mod:`~optax_shampoo4.nonfinite`).
 
   Examples:
     >>> import optax, optax_shampoo4 as o4
-    >>> tx = o4.shampoo_adamw(1e-3, adam=o4.AdamConfig(bits=4))  # everything 4-bit
+    >>> tx = o4.shampoo_adamw(1e-3, adam=o4.AdamConfig(bits=4))  # everything
+    4-bit
     >>> tx = optax.inject_hyperparams(o4.shampoo_adamw)(learning_rate=1e-3)
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
   _checks.check_type("adam", adam, AdamConfig)
-  return _finalize(optax.chain(
-      scale_by_shampoo(shampoo, statistics_every=statistics_every, inverse_root_every=inverse_root_every,
-                       beta=beta, epsilon=epsilon, start_step=start_step,
-                       error_feedback_beta=error_feedback_beta),
-      _adam(b1, b2, eps, adam),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  ), skip_nonfinite)
+  return _finalize(
+      optax.chain(
+          scale_by_shampoo(shampoo, statistics_every=statistics_every,
+                           inverse_root_every=inverse_root_every, beta=beta,
+                           epsilon=epsilon, start_step=start_step,
+                           error_feedback_beta=error_feedback_beta),
+          _adam(b1, b2, eps, adam),
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.scale_by_learning_rate(learning_rate),
+      ), skip_nonfinite)
 
 
 def shampoo_sgdm(
@@ -167,7 +191,8 @@ def shampoo_sgdm(
     error_feedback_beta: float = 0.0,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """Shampoo-preconditioned SGD with momentum [S4]: grafted direction + L2 decay → momentum → lr.
+  """Shampoo-preconditioned SGD with momentum [S4]: grafted direction + L2 decay
+  → momentum → lr.
 
   The L2 term ``wd·p`` is added after grafting and before momentum, as in [S4].
 
@@ -178,20 +203,23 @@ def shampoo_sgdm(
     weight_decay: L2 coefficient (default 5e-4).
     mask: weight-decay mask.
     shampoo: the preconditioners' structure, :class:`ShampooConfig`.
-    statistics_every, inverse_root_every, beta, epsilon, start_step, error_feedback_beta: see
-      :func:`scale_by_shampoo`.
-    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
+    statistics_every, inverse_root_every, beta, epsilon, start_step,
+      error_feedback_beta: see :func:`scale_by_shampoo`.
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default;
+      :mod:`~optax_shampoo4.nonfinite`).
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
   _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
-  return _finalize(optax.chain(
-      scale_by_shampoo(shampoo, statistics_every=statistics_every, inverse_root_every=inverse_root_every,
-                       beta=beta, epsilon=epsilon, start_step=start_step,
-                       error_feedback_beta=error_feedback_beta),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  ), skip_nonfinite)
+  return _finalize(
+      optax.chain(
+          scale_by_shampoo(shampoo, statistics_every=statistics_every,
+                           inverse_root_every=inverse_root_every, beta=beta,
+                           epsilon=epsilon, start_step=start_step,
+                           error_feedback_beta=error_feedback_beta),
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.trace(decay=momentum, nesterov=nesterov),
+          optax.scale_by_learning_rate(learning_rate),
+      ), skip_nonfinite)
 
 
 def soap(
@@ -209,30 +237,40 @@ def soap(
     moment_on_refresh: str = "project",
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """SOAP (Adam in Shampoo's eigenbasis) with 4-bit bases and 8-bit moments by default, composed like
-  ``optax.adamw``: :func:`~optax_shampoo4.soap.scale_by_soap` → decoupled weight decay → lr. No grafting:
-  Adam's hyperparameters apply unchanged.
+  """SOAP (Adam in Shampoo's eigenbasis) with 4-bit bases and 8-bit moments by
+  default, composed like
+  ``optax.adamw``: :func:`~optax_shampoo4.soap.scale_by_soap` → decoupled weight
+  decay → lr. No grafting: Adam's hyperparameters apply unchanged.
 
   Args:
-    learning_rate: a float or an Optax schedule (default 3e-3, the SOAP paper's).
+    learning_rate: a float or an Optax schedule (default 3e-3, the SOAP
+      paper's).
     b1, b2, eps: Adam's constants (defaults 0.95, 0.95, 1e-8).
     weight_decay: decoupled weight decay (default 0.01).
     mask: weight-decay mask, as in ``optax.adamw``.
-    config: the bases, :class:`ShampooConfig` (default 4-bit eigenvectors; ``bits=32`` is fp32 SOAP).
-    moments: the moments, :class:`AdamConfig` (default 8-bit; ``AdamConfig(bits=4)`` for the smallest
-      state, which on the byte-level LM gives back most of SOAP's gain; ``AdamConfig(bits=32)`` for fp32).
-    precondition_every, shampoo_beta, moment_on_refresh: see :func:`~optax_shampoo4.soap.scale_by_soap`.
-    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default; :mod:`~optax_shampoo4.nonfinite`).
+    config: the bases, :class:`ShampooConfig` (default 4-bit eigenvectors;
+      ``bits=32`` is fp32 SOAP).
+    moments: the moments, :class:`AdamConfig` (default 8-bit;
+      ``AdamConfig(bits=4)`` for the smallest state, which on the byte-level LM
+      gives back most of SOAP's gain; ``AdamConfig(bits=32)`` for fp32).
+    precondition_every, shampoo_beta, moment_on_refresh: see
+      :func:`~optax_shampoo4.soap.scale_by_soap`.
+    skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default;
+      :mod:`~optax_shampoo4.nonfinite`).
 
   Examples:
     >>> import optax, optax_shampoo4 as o4
     >>> tx = o4.soap(1e-3)  # 4-bit bases, 8-bit moments
-    >>> tx = o4.soap(3e-3, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32))  # fp32 SOAP
+    >>> tx = o4.soap(3e-3, config=o4.ShampooConfig(bits=32),
+    moments=o4.AdamConfig(bits=32))  # fp32 SOAP
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
-  return _finalize(optax.chain(
-      scale_by_soap(b1, b2, eps, config=config, moments=moments, precondition_every=precondition_every,
-                    shampoo_beta=shampoo_beta, moment_on_refresh=moment_on_refresh),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  ), skip_nonfinite)
+  return _finalize(
+      optax.chain(
+          scale_by_soap(b1, b2, eps, config=config, moments=moments,
+                        precondition_every=precondition_every,
+                        shampoo_beta=shampoo_beta,
+                        moment_on_refresh=moment_on_refresh),
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.scale_by_learning_rate(learning_rate),
+      ), skip_nonfinite)

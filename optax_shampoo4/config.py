@@ -1,8 +1,9 @@
 """Frozen, self-validating configs for the structural choices of the optimizers.
 
-Structure (bit widths, storages, codebooks, block sizes, orders, layouts, sharding) lives here, in objects
-that ``optax.inject_hyperparams`` leaves alone; the numbers users schedule or log (learning rate, betas,
-epsilons, the update intervals) stay plain arguments of the factories, so they can be traced. See
+Structure (bit widths, storages, codebooks, block sizes, orders, layouts,
+sharding) lives here, in objects that ``optax.inject_hyperparams`` leaves alone;
+the numbers users schedule or log (learning rate, betas, epsilons, the update
+intervals) stay plain arguments of the factories, so they can be traced. See
 ``docs/algorithms.md`` for what each choice means.
 """
 
@@ -28,12 +29,15 @@ MIB = 2**20
 
 @dataclasses.dataclass(frozen=True)
 class DimensionNumbers:
-  """Which axes of one tensor are a preconditioned matrix's rows and which its columns.
+  """Which axes of one tensor are a preconditioned matrix's rows and which its
+  columns.
 
-  Axes in neither group are batch axes: each index along them is preconditioned as its own matrix (as
-  ``optax.contrib.MuonDimensionNumbers`` does). Negative axes count from the end.
+  Axes in neither group are batch axes: each index along them is preconditioned
+  as its own matrix (as ``optax.contrib.MuonDimensionNumbers`` does). Negative
+  axes count from the end.
 
-  Example: ``DimensionNumbers(rows=(0,), cols=(2,))`` on a ``(d_model, heads, head_dim)`` kernel gives
+  Example: ``DimensionNumbers(rows=(0,), cols=(2,))`` on a ``(d_model, heads,
+    head_dim)`` kernel gives
   every head its own ``(d_model, head_dim)`` matrix.
   """
 
@@ -45,63 +49,99 @@ class DimensionNumbers:
       axes = getattr(self, name)
       if isinstance(axes, int):
         object.__setattr__(self, name, (axes,))
-      elif not isinstance(axes, tuple) or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-        raise TypeError(f"DimensionNumbers.{name} must be an int or a tuple of ints, got {axes!r}")
+      elif not isinstance(axes, tuple) or not all(
+          isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise TypeError(
+            f"DimensionNumbers.{name} must be an int or a tuple of ints, got "
+            f"{axes!r}"
+        )
     if not self.rows or not self.cols:
-      raise ValueError(f"DimensionNumbers needs at least one row axis and one column axis, got {self}")
+      raise ValueError(
+          f"DimensionNumbers needs at least one row axis and one column axis, "
+          f"got {self}"
+      )
 
-  def resolve(self, ndim: int) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
-    """``(batch, rows, cols)`` as non-negative axes of a rank-``ndim`` tensor."""
-    norm = lambda axes: tuple(a % ndim if -ndim <= a < ndim else _bad_axis(a, ndim) for a in axes)
+  def resolve(
+      self,
+      ndim: int) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+    """``(batch, rows, cols)`` as non-negative axes of a rank-``ndim``
+    tensor."""
+    norm = lambda axes: tuple(a % ndim
+                              if -ndim <= a < ndim else _bad_axis(a, ndim)
+                              for a in axes)
     rows, cols = norm(self.rows), norm(self.cols)
     if len(set(rows + cols)) != len(rows) + len(cols):
-      raise ValueError(f"DimensionNumbers rows {self.rows} and cols {self.cols} overlap or repeat an axis")
+      raise ValueError(
+          f"DimensionNumbers rows {self.rows} and cols {self.cols} overlap or "
+          "repeat an axis"
+      )
     batch = tuple(a for a in range(ndim) if a not in rows + cols)
     return batch, rows, cols
 
 
 def _bad_axis(axis: int, ndim: int):
-  raise ValueError(f"DimensionNumbers axis {axis} is out of range for a tensor of rank {ndim}")
+  raise ValueError(
+      f"DimensionNumbers axis {axis} is out of range for a tensor of rank "
+      f"{ndim}"
+  )
 
 
-# A pytree of DimensionNumbers / None shaped like the params (None: the default rule), or a function of
-# the params that returns one.
+# A pytree of DimensionNumbers / None shaped like the params (None: the default
+# rule), or a function of the params that returns one.
 DimensionNumbersSpec = Union[None, Any, Callable[[Any], Any]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ShampooConfig:
-  """Structure of Shampoo's preconditioners (and of SOAP's bases): how they are stored and laid out.
+  """Structure of Shampoo's preconditioners (and of SOAP's bases): how they are
+  stored and laid out.
 
   Attributes:
-    bits: 4 or 8 (quantized) or 32 (fp32: the full-precision baseline, same code path).
-    storage: ``"eigenvectors"`` (4-bit Shampoo), ``"matrix"`` (the statistic itself: the naive 4-bit
-      baseline, or classic Shampoo at 32 bits) or ``"cholesky"`` (Cholesky factor with error feedback).
+    bits: 4 or 8 (quantized) or 32 (fp32: the full-precision baseline, same code
+      path).
+    storage: ``"eigenvectors"`` (4-bit Shampoo), ``"matrix"`` (the statistic
+      itself: the naive 4-bit baseline, or classic Shampoo at 32 bits) or
+        ``"cholesky"`` (Cholesky factor with error feedback).
     codebook: 4/8-bit codebook of the stored matrices (default ``"linear2"``).
-    block_size: elements per quantization block along each stored row (default 64).
-    max_order: largest preconditioner order; longer sides are cut into chunks of this size (default 1200).
-    min_quantized_size: matrices with fewer elements (``order²``) stay fp32 (default 4096).
-    bjorck_steps: Björck steps applied to a loaded 4-bit basis ``(statistics update, inverse root)``.
-    inverse_root_method: ``"eigh"`` or ``"newton"`` for the ``"matrix"``/``"cholesky"`` storages; default
-      ``"newton"`` at 32 bits, ``"eigh"`` otherwise.
-    error_feedback: ``"cholesky"`` only: quantize ``C + E`` and carry the quantization error.
-    preconditioning_precision: precision of the per-step products, Shampoo's ``L̂ G R̂`` and SOAP's
-      rotations: ``"bf16"`` (operands rounded to bf16, fp32 accumulation), ``"high"`` (TF32 on GPUs, 3
-      bf16 passes on TPUs), ``"highest"`` or ``"default"``. Default (``None``): ``"bf16"`` for Shampoo's
-      quantized roots, whose 4 or 8 bits bf16's 8-bit significand holds, on GPUs and TPUs; ``"high"``
-      otherwise and for SOAP, whose rotations must round-trip.
-    linalg_precision: precision of the statistics and root updates: ``"highest"`` (fp32) or ``"bf16_3x"``
-      (three bf16 passes, relative error ≈1e-5; CPUs use fp32 either way). Default: ``"highest"`` at 32
-      bits, ``"bf16_3x"`` for quantized storage.
-    dimension_numbers: per-leaf :class:`DimensionNumbers` overriding the default blocking rule (a pytree
-      like the params with ``None`` for "default", or a function of the params returning one).
-    working_set_bytes: fp32 bytes the statistics, root and preconditioning work may hold at once per
-      order class; stacks are processed chunk by chunk within it. ``None``: whole stacks at once (fastest
-      compile on small models, largest memory). Default 256 MiB.
-    shard_blocks: an int pads every stack to a multiple of it; a ``NamedSharding`` such as
-      ``NamedSharding(mesh, P("blocks"))`` also keeps the updates' stacks sharded along that mesh axis
-      (each device does the work of its share of blocks). Other than 1, either form turns chunking off.
-    replicate_roots: with a ``NamedSharding``: keep the stored inverse roots whole on every device.
+    block_size: elements per quantization block along each stored row (default
+      64).
+    max_order: largest preconditioner order; longer sides are cut into chunks of
+      this size (default 1200).
+    min_quantized_size: matrices with fewer elements (``order²``) stay fp32
+      (default 4096).
+    bjorck_steps: Björck steps applied to a loaded 4-bit basis ``(statistics
+      update, inverse root)``.
+    inverse_root_method: ``"eigh"`` or ``"newton"`` for the
+      ``"matrix"``/``"cholesky"`` storages; default ``"newton"`` at 32 bits,
+      ``"eigh"`` otherwise.
+    error_feedback: ``"cholesky"`` only: quantize ``C + E`` and carry the
+      quantization error.
+    preconditioning_precision: precision of the per-step products, Shampoo's
+      ``L̂ G R̂`` and SOAP's
+      rotations: ``"bf16"`` (operands rounded to bf16, fp32 accumulation),
+        ``"high"`` (TF32 on GPUs, 3
+      bf16 passes on TPUs), ``"highest"`` or ``"default"``. Default (``None``):
+      ``"bf16"`` for Shampoo's quantized roots, whose 4 or 8 bits bf16's 8-bit
+      significand holds, on GPUs and TPUs; ``"high"`` otherwise and for SOAP,
+      whose rotations must round-trip.
+    linalg_precision: precision of the statistics and root updates:
+      ``"highest"`` (fp32) or ``"bf16_3x"`` (three bf16 passes, relative error
+      ≈1e-5; CPUs use fp32 either way). Default: ``"highest"`` at 32 bits,
+      ``"bf16_3x"`` for quantized storage.
+    dimension_numbers: per-leaf :class:`DimensionNumbers` overriding the default
+      blocking rule (a pytree like the params with ``None`` for "default", or a
+      function of the params returning one).
+    working_set_bytes: fp32 bytes the statistics, root and preconditioning work
+      may hold at once per order class; stacks are processed chunk by chunk
+      within it. ``None``: whole stacks at once (fastest compile on small
+      models, largest memory). Default 256 MiB.
+    shard_blocks: an int pads every stack to a multiple of it; a
+      ``NamedSharding`` such as ``NamedSharding(mesh, P("blocks"))`` also keeps
+      the updates' stacks sharded along that mesh axis (each device does the
+      work of its share of blocks). Other than 1, either form turns chunking
+      off.
+    replicate_roots: with a ``NamedSharding``: keep the stored inverse roots
+      whole on every device.
   """
 
   bits: int = 4
@@ -124,33 +164,48 @@ class ShampooConfig:
     _checks.check_choice("bits", self.bits, (4, 8, 32))
     _checks.check_choice("storage", self.storage, STORAGES)
     if self.bits != 32:
-      validate_quantization_args(codebook=self.codebook, bits=self.bits, block_size=self.block_size)
+      validate_quantization_args(codebook=self.codebook, bits=self.bits,
+                                 block_size=self.block_size)
     _checks.check_int("max_order", self.max_order, 2)
     _checks.check_int("min_quantized_size", self.min_quantized_size, 0)
-    if (not isinstance(self.bjorck_steps, (tuple, list)) or len(self.bjorck_steps) != 2 or
-        any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in self.bjorck_steps)):
-      raise ValueError(f"bjorck_steps must be a pair of non-negative ints, got {self.bjorck_steps!r}")
-    object.__setattr__(self, "bjorck_steps", tuple(int(s) for s in self.bjorck_steps))
+    if (not isinstance(self.bjorck_steps, (tuple, list)) or
+        len(self.bjorck_steps) != 2 or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+            for s in self.bjorck_steps)):
+      raise ValueError(
+          f"bjorck_steps must be a pair of non-negative ints, got "
+          f"{self.bjorck_steps!r}"
+      )
+    object.__setattr__(self, "bjorck_steps",
+                       tuple(int(s) for s in self.bjorck_steps))
     if self.inverse_root_method is not None:
-      _checks.check_choice("inverse_root_method", self.inverse_root_method, INVERSE_ROOT_METHODS)
+      _checks.check_choice("inverse_root_method", self.inverse_root_method,
+                           INVERSE_ROOT_METHODS)
     _checks.check_bool("error_feedback", self.error_feedback)
     if self.preconditioning_precision is not None:
-      _checks.check_choice("preconditioning_precision", self.preconditioning_precision,
+      _checks.check_choice("preconditioning_precision",
+                           self.preconditioning_precision,
                            PRECONDITIONING_PRECISIONS)
     if self.linalg_precision is not None:
-      _checks.check_choice("linalg_precision", self.linalg_precision, LINALG_PRECISIONS)
+      _checks.check_choice("linalg_precision", self.linalg_precision,
+                           LINALG_PRECISIONS)
     if self.working_set_bytes is not None:
       _checks.check_int("working_set_bytes", self.working_set_bytes, 1)
     if isinstance(self.shard_blocks, jax.sharding.NamedSharding):
       spec = self.shard_blocks.spec
       if not len(spec) or spec[0] is None:
-        raise ValueError("shard_blocks: the NamedSharding's spec must name a mesh axis for the stacks' "
-                         f"leading axis, got {spec}")
+        raise ValueError(
+            "shard_blocks: the NamedSharding's spec must name a mesh axis for "
+            "the stacks' "
+            f"leading axis, got {spec}")
     else:
       _checks.check_int("shard_blocks", self.shard_blocks, 1)
     _checks.check_bool("replicate_roots", self.replicate_roots)
     if self.replicate_roots and self.block_sharding is None:
-      raise ValueError("replicate_roots needs shard_blocks to be a NamedSharding (the mesh to replicate over)")
+      raise ValueError(
+          "replicate_roots needs shard_blocks to be a NamedSharding (the mesh "
+          "to replicate over)"
+      )
 
   @property
   def root_method(self) -> str:
@@ -166,7 +221,8 @@ class ShampooConfig:
 
   @property
   def block_sharding(self) -> Optional[jax.sharding.NamedSharding]:
-    return self.shard_blocks if isinstance(self.shard_blocks, jax.sharding.NamedSharding) else None
+    return self.shard_blocks if isinstance(self.shard_blocks,
+                                           jax.sharding.NamedSharding) else None
 
   @property
   def block_axes(self) -> Optional[Tuple[str, ...]]:
@@ -177,13 +233,15 @@ class ShampooConfig:
 
   @property
   def stacks_spread(self) -> bool:
-    """Whether the stacks may be split over devices (``shard_blocks`` other than 1): then no loop may run
-    over their leading axis, which would gather them whole onto every device."""
+    """Whether the stacks may be split over devices (``shard_blocks`` other than
+    1): then no loop may run over their leading axis, which would gather them
+      whole onto every device."""
     return self.block_sharding is not None or self.shard_blocks > 1
 
   @property
   def stack_multiple(self) -> int:
-    """Every stack's length is padded to a multiple of this (the devices sharing the stacks)."""
+    """Every stack's length is padded to a multiple of this (the devices sharing
+    the stacks)."""
     if self.block_sharding is None:
       return self.shard_blocks
     mesh = self.block_sharding.mesh
@@ -192,16 +250,24 @@ class ShampooConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdamConfig:
-  """How Adam's moments are stored and computed (4-bit AdamW, and the base of Shampoo).
+  """How Adam's moments are stored and computed (4-bit AdamW, and the base of
+  Shampoo).
 
   Attributes:
-    bits: 4 (default), 8 (dynamic-tree codes, blocks of 256) or 32 (fp32 moments).
-    second_moment: ``"rank1"`` (default), ``"block"`` or ``"factored"`` (4-bit Factor).
-    block_size: block of the block-wise quantizer; default 128 at 4 bits, 256 at 8.
-    min_quantized_size: tensors with at most this many elements keep fp32 moments (default 4096).
-    second_moment_codebook: override of the second moment's codebook (ablations).
-    implementation: ``"xla"`` or ``"pallas"`` (fused GPU kernels; one GPU or replicated params).
-    packed: both moments of the whole model in a few arrays (``"pallas"``, 4 bits, ``"block"``, 128).
+    bits: 4 (default), 8 (dynamic-tree codes, blocks of 256) or 32 (fp32
+      moments).
+    second_moment: ``"rank1"`` (default), ``"block"`` or ``"factored"`` (4-bit
+      Factor).
+    block_size: block of the block-wise quantizer; default 128 at 4 bits, 256 at
+      8.
+    min_quantized_size: tensors with at most this many elements keep fp32
+      moments (default 4096).
+    second_moment_codebook: override of the second moment's codebook
+      (ablations).
+    implementation: ``"xla"`` or ``"pallas"`` (fused GPU kernels; one GPU or
+      replicated params).
+    packed: both moments of the whole model in a few arrays (``"pallas"``, 4
+      bits, ``"block"``, 128).
   """
 
   bits: int = 4
@@ -218,18 +284,23 @@ class AdamConfig:
     if self.block_size is None:
       object.__setattr__(self, "block_size", 256 if self.bits == 8 else 128)
     if self.bits != 32:
-      validate_quantization_args(codebook="dynamic_tree", bits=self.bits, block_size=self.block_size)
+      validate_quantization_args(codebook="dynamic_tree", bits=self.bits,
+                                 block_size=self.block_size)
       if self.second_moment_codebook is not None:
-        validate_quantization_args(codebook=self.second_moment_codebook, bits=self.bits,
-                                   block_size=self.block_size, argument_prefix="second_moment_")
+        validate_quantization_args(codebook=self.second_moment_codebook,
+                                   bits=self.bits, block_size=self.block_size,
+                                   argument_prefix="second_moment_")
     _checks.check_int("min_quantized_size", self.min_quantized_size, 0)
     _checks.check_choice("implementation", self.implementation, IMPLEMENTATIONS)
     _checks.check_bool("packed", self.packed)
-    if self.packed and (self.implementation, self.bits, self.second_moment, self.block_size) != (
-        "pallas", 4, "block", 128):
-      raise ValueError("packed=True needs implementation='pallas', bits=4, second_moment='block' and "
-                       f"block_size=128, got {self.implementation!r}, {self.bits}, {self.second_moment!r}, "
-                       f"{self.block_size}")
+    if self.packed and (self.implementation, self.bits, self.second_moment,
+                        self.block_size) != ("pallas", 4, "block", 128):
+      raise ValueError(
+          "packed=True needs implementation='pallas', bits=4, "
+          "second_moment='block' and "
+          f"block_size=128, got {self.implementation!r}, {self.bits}, "
+          f"{self.second_moment!r}, "
+          f"{self.block_size}")
 
   @property
   def is_plain_adam(self) -> bool:

@@ -1,11 +1,13 @@
 """Skipping a step whose gradient holds a NaN or an Inf, without a conditional.
 
-``optax.apply_if_finite`` runs the inner update inside ``lax.cond``. XLA:GPU copies a conditional's
-predicate to the host and waits for it, and this predicate depends on the whole gradient: the host stops
-launching kernels until the backward pass is done, and then the GPU waits while the host launches the
-optimizer's kernels (``benchmarks/train_lm.py --profile-steps`` shows the gap). :func:`skip_nonfinite`
-always computes the update and keeps the old state by an element-wise select, which XLA fuses into the
-kernels that compute the new state. Its state is ``optax.ApplyIfFiniteState``, so code that reads its
+``optax.apply_if_finite`` runs the inner update inside ``lax.cond``. XLA:GPU
+copies a conditional's predicate to the host and waits for it, and this
+predicate depends on the whole gradient: the host stops launching kernels until
+the backward pass is done, and then the GPU waits while the host launches the
+optimizer's kernels (``benchmarks/train_lm.py --profile-steps`` shows the gap).
+:func:`skip_nonfinite` always computes the update and keeps the old state by an
+element-wise select, which XLA fuses into the kernels that compute the new
+state. Its state is ``optax.ApplyIfFiniteState``, so code that reads its
 counters and checkpoints written under ``optax.apply_if_finite`` work unchanged.
 """
 
@@ -19,43 +21,53 @@ import optax
 
 
 def all_finite(tree) -> jax.Array:
-  """Whether every element of every array in ``tree`` is finite (a scalar bool)."""
+  """Whether every element of every array in ``tree`` is finite (a scalar
+  bool)."""
   leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
+                           ])) if leaves else jnp.array(True)
 
 
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     keeps_own_state: Tuple[type, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
-  """``inner``, except that a step whose gradient holds a NaN or Inf returns zero updates and leaves
-  ``inner``'s state unchanged; the counters of ``optax.ApplyIfFiniteState`` record it. Unlike
-  ``optax.apply_if_finite`` it never gives up and accepts such a step.
+  """``inner``, except that a step whose gradient holds a NaN or Inf returns
+  zero updates and leaves ``inner``'s state unchanged; the counters of
+  ``optax.ApplyIfFiniteState`` record it. Unlike ``optax.apply_if_finite`` it
+  never gives up and accepts such a step.
 
   Args:
     inner: the transformation to guard.
-    keeps_own_state: types of sub-states of ``inner`` that already keep themselves unchanged on such a
-      step because they see the gradient itself (``ShampooState`` and ``SoapState``, first in their
-      chains). They are passed through: a select would copy their stacks every step.
+    keeps_own_state: types of sub-states of ``inner`` that already keep
+      themselves unchanged on such a step because they see the gradient itself
+      (``ShampooState`` and ``SoapState``, first in their chains). They are
+      passed through: a select would copy their stacks every step.
   """
   inner = optax.with_extra_args_support(inner)
   own = lambda x: isinstance(x, keeps_own_state)
 
   def init_fn(params):
     return optax.ApplyIfFiniteState(
-        notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
-        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([],
+                                  jnp.int32), inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     finite = all_finite(updates)
-    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
     keep = lambda new, old: new if own(new) else jnp.where(finite, new, old)
     inner_state = jax.tree.map(keep, new_inner, state.inner_state, is_leaf=own)
-    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
     return new_updates, optax.ApplyIfFiniteState(
-        notfinite_count=jnp.where(finite, 0, optax.safe_increment(state.notfinite_count)),
+        notfinite_count=jnp.where(finite, 0,
+                                  optax.safe_increment(state.notfinite_count)),
         last_finite=finite,
-        total_notfinite=jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
+        total_notfinite=jnp.where(finite, state.total_notfinite,
+                                  optax.safe_increment(state.total_notfinite)),
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,15 +1,19 @@
-"""Shampoo with 4-bit (or 8-/32-bit) preconditioner states, as an Optax transformation.
+"""Shampoo with 4-bit (or 8-/32-bit) preconditioner states, as an Optax
+transformation.
 
-``scale_by_shampoo`` turns the gradient ``G`` of every matrix-shaped parameter into the grafted,
-preconditioned gradient ``G̃ = Ĝ · ‖G‖_F / ‖Ĝ‖_F`` with ``Ĝ = L^{-1/4} G R^{-1/4}`` per block, to be followed
-by a base optimizer (see :mod:`optax_shampoo4.alias`). Other parameters pass through. How the statistics
-and roots are stored is the storage's business (:mod:`optax_shampoo4.preconditioners`); how tensors become
-blocks is :mod:`optax_shampoo4.blocking`'s. The algorithm is ``docs/algorithms.md`` §2–3.
+``scale_by_shampoo`` turns the gradient ``G`` of every matrix-shaped parameter
+into the grafted, preconditioned gradient ``G̃ = Ĝ · ‖G‖_F / ‖Ĝ‖_F`` with ``Ĝ =
+L^{-1/4} G R^{-1/4}`` per block, to be followed by a base optimizer (see
+:mod:`optax_shampoo4.alias`). Other parameters pass through. How the statistics
+and roots are stored is the storage's business
+(:mod:`optax_shampoo4.preconditioners`); how tensors become blocks is
+:mod:`optax_shampoo4.blocking`'s. The algorithm is ``docs/algorithms.md`` §2–3.
 
 References:
-  [S4] Wang, Zhou, Li, Huang. *4-bit Shampoo for Memory-Efficient Network Training.* NeurIPS 2024.
-  [CQ] Li, Ding, Toh, Zhou. *Memory-Efficient 4-bit Preconditioned Stochastic Optimization.* arXiv 2412.10663.
-  Gupta, Koren, Singer. *Shampoo: Preconditioned Stochastic Tensor Optimization.* ICML 2018.
+  [S4] Wang, Zhou, Li, Huang. *4-bit Shampoo for Memory-Efficient Network
+  Training.* NeurIPS 2024. [CQ] Li, Ding, Toh, Zhou. *Memory-Efficient 4-bit
+  Preconditioned Stochastic Optimization.* arXiv 2412.10663. Gupta, Koren,
+  Singer. *Shampoo: Preconditioned Stochastic Tensor Optimization.* ICML 2018.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import DimensionNumbers, ShampooConfig
 from optax_shampoo4.preconditioners import Hyper, make_storage
 
-# Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5 relative error, about twice
-# the fp32 rate on GPUs). XLA's CPU backend has no faster path for the bf16 algorithms: CPUs use fp32.
-LINALG_PRECISIONS = {"highest": lax.Precision.HIGHEST, "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
-# fp32 order × order buffers one preconditioner's update holds at once (statistic, basis, products, the
-# orthonormalization's passes), and one block's product (two roots, the block and its product).
+# Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5
+# relative error, about twice the fp32 rate on GPUs). XLA's CPU backend has no
+# faster path for the bf16 algorithms: CPUs use fp32.
+LINALG_PRECISIONS = {
+    "highest": lax.Precision.HIGHEST,
+    "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3
+}
+# fp32 order × order buffers one preconditioner's update holds at once
+# (statistic, basis, products, the orthonormalization's passes), and one block's
+# product (two roots, the block and its product).
 UPDATE_FP32_COPIES = 10
 PRODUCT_FP32_COPIES = 4
 
@@ -38,12 +47,14 @@ class ShampooState(NamedTuple):
   """State of :func:`scale_by_shampoo`.
 
   Attributes:
-    count: steps taken (int32); steps whose gradient had a NaN/Inf are not counted.
-    preconditioners: one entry per preconditioner order ``"order_<n>"``, a stack of ``k`` preconditioners
-      (an :class:`EigenPreconditioner`, :class:`MatrixPreconditioner` or :class:`CholeskyPreconditioner`).
+    count: steps taken (int32); steps whose gradient had a NaN/Inf are not
+      counted.
+    preconditioners: one entry per preconditioner order ``"order_<n>"``, a stack
+      of ``k`` preconditioners (an :class:`EigenPreconditioner`,
+      :class:`MatrixPreconditioner` or :class:`CholeskyPreconditioner`).
     nonfinite_count: steps skipped because a gradient leaf held NaN/Inf (int32).
-    failure_count: preconditioner updates rejected (non-finite or non-orthogonal result) and replaced by the
-      previous preconditioner (int32).
+    failure_count: preconditioner updates rejected (non-finite or non-orthogonal
+      result) and replaced by the previous preconditioner (int32).
   """
 
   count: jax.Array
@@ -53,7 +64,8 @@ class ShampooState(NamedTuple):
 
 
 class _NotParams:
-  """Marks, for ``optax.tree.map_params``, state that is not shaped like the parameters."""
+  """Marks, for ``optax.tree.map_params``, state that is not shaped like the
+  parameters."""
 
   def __repr__(self):
     return "NOT_PARAMS"
@@ -67,16 +79,20 @@ def stack_key(order: int) -> str:
 
 
 def leaf_dimension_numbers(config: ShampooConfig, tree: Any, count: int):
-  """The per-leaf :class:`DimensionNumbers` (or ``None``) of ``config.dimension_numbers`` for ``tree``."""
+  """The per-leaf :class:`DimensionNumbers` (or ``None``) of
+  ``config.dimension_numbers`` for ``tree``."""
   spec = config.dimension_numbers
   if spec is None:
     return None
   if callable(spec):
     spec = spec(tree)
-  leaves = jax.tree.leaves(spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
+  leaves = jax.tree.leaves(
+      spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
   if len(leaves) != count:
-    raise ValueError(f"dimension_numbers has {len(leaves)} leaves for {count} parameters; give one "
-                     "DimensionNumbers or None per parameter")
+    raise ValueError(
+        f"dimension_numbers has {len(leaves)} leaves for {count} parameters; "
+        "give one "
+        "DimensionNumbers or None per parameter")
   return tuple(leaves)
 
 
@@ -84,13 +100,15 @@ def make_plan(config: ShampooConfig, tree: Any):
   """``(plan, treedef, leaves)`` of a params-shaped ``tree``."""
   leaves, treedef = jax.tree.flatten(tree)
   dims = leaf_dimension_numbers(config, tree, len(leaves))
-  plan = blocking.make_plan(tuple(tuple(jnp.shape(x)) for x in leaves), config.max_order,
-                            config.stack_multiple, dims)
+  plan = blocking.make_plan(
+      tuple(tuple(jnp.shape(x)) for x in leaves), config.max_order,
+      config.stack_multiple, dims)
   return plan, treedef, leaves
 
 
 class UpdateContext(NamedTuple):
-  """What every update of a blocked transformation starts from (:func:`update_context`)."""
+  """What every update of a blocked transformation starts from
+  (:func:`update_context`)."""
 
   plan: blocking.Plan
   treedef: Any
@@ -100,14 +118,18 @@ class UpdateContext(NamedTuple):
   finite: jax.Array  # whether every gradient leaf is finite
 
 
-def update_context(config: ShampooConfig, updates: Any, count: jax.Array) -> UpdateContext:
+def update_context(config: ShampooConfig, updates: Any,
+                   count: jax.Array) -> UpdateContext:
   plan, treedef, leaves = make_plan(config, updates)
-  finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
-  return UpdateContext(plan, treedef, leaves, Stacks(config, plan), count + 1, finite)
+  finite = jnp.all(
+      jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+  return UpdateContext(plan, treedef, leaves, Stacks(config, plan), count + 1,
+                       finite)
 
 
 class Stacks:
-  """Sharding of the per-order stacks under ``config.shard_blocks`` (a no-op without a NamedSharding)."""
+  """Sharding of the per-order stacks under ``config.shard_blocks`` (a no-op
+  without a NamedSharding)."""
 
   def __init__(self, config: ShampooConfig, plan: blocking.Plan):
     self.config, self.plan = config, plan
@@ -116,55 +138,75 @@ class Stacks:
         sharding.mesh, jax.sharding.PartitionSpec())
 
   def constraint(self, order: int):
-    """Keeps arrays whose leading axis is the order's stack sharded along ``shard_blocks``."""
+    """Keeps arrays whose leading axis is the order's stack sharded along
+    ``shard_blocks``."""
     sharding, length = self.config.block_sharding, self.plan.stack_length(order)
     if sharding is None:
-      # spread by propagation alone: nothing to constrain, but linalg must not loop over the stack
+      # spread by propagation alone: nothing to constrain, but linalg must not
+      # loop over the stack
       return (lambda x: x) if self.config.stacks_spread else None
 
     def constrain(x):
       if getattr(x, "ndim", 0) < 1 or x.shape[0] != length:
         return x
-      spec = jax.sharding.PartitionSpec(self.config.block_axes, *([None] * (x.ndim - 1)))
-      return lax.with_sharding_constraint(x, jax.sharding.NamedSharding(sharding.mesh, spec))
-    constrain.mesh, constrain.axes = sharding.mesh, self.config.block_axes  # for linalg.per_matrix
+      spec = jax.sharding.PartitionSpec(self.config.block_axes,
+                                        *([None] * (x.ndim - 1)))
+      return lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+    # for linalg.per_matrix
+    constrain.mesh, constrain.axes = sharding.mesh, self.config.block_axes
     return constrain
 
   def constrain(self, stack, order: int):
-    """The statistics of a stack stay sharded; the stored root is replicated with ``replicate_roots``."""
+    """The statistics of a stack stay sharded; the stored root is replicated
+    with ``replicate_roots``."""
     constraint = self.constraint(order)
     if constraint is None:
       return stack
     if not hasattr(stack, "inverse_root"):
       return jax.tree.map(constraint, stack)
-    stack = stack._replace(**{name: jax.tree.map(constraint, getattr(stack, name))
-                              for name in stack._fields if name != "inverse_root"})
+    stack = stack._replace(
+        **{
+            name: jax.tree.map(constraint, getattr(stack, name))
+            for name in stack._fields
+            if name != "inverse_root"
+        })
     if self.config.replicate_roots:
-      stack = stack._replace(inverse_root=jax.tree.map(
-          lambda x: lax.with_sharding_constraint(x, self.whole), stack.inverse_root))
+      stack = stack._replace(
+          inverse_root=jax.tree.map(
+              lambda x: lax.with_sharding_constraint(x, self.whole),
+              stack.inverse_root))
     return stack
 
   def chunk(self, order: int, copies: int, length: Optional[int] = None) -> int:
-    """How many of ``length`` (default: the order's whole stack) matrices one chunk processes."""
+    """How many of ``length`` (default: the order's whole stack) matrices one
+    chunk processes."""
     length = self.plan.stack_length(order) if length is None else length
     if self.config.stacks_spread:  # a loop over a sharded axis would gather it
       return length
-    return blocking.chunk_length(order, length, self.config.working_set_bytes, copies)
+    return blocking.chunk_length(order, length, self.config.working_set_bytes,
+                                 copies)
 
   def oriented(self, order: int, group_blocks):
-    """The stack of oriented gradient blocks whose Grams are this step's statistics (see
-    :func:`blocking.oriented_blocks`). Sharded, it is constrained whole then slot-wise: each device
-    slices its slots from its replicated gradient (constrained sharded only, the concatenation became
-    all-to-alls; left to propagation, the sharding reached back into the per-step product)."""
+    """The stack of oriented gradient blocks whose Grams are this step's
+    statistics (see :func:`blocking.oriented_blocks`). Sharded, it is
+    constrained whole then slot-wise: each device slices its slots from its
+    replicated gradient (constrained sharded only, the concatenation became
+    all-to-alls; left to propagation, the sharding reached back into the
+    per-step product)."""
     if self.whole is None:
       return blocking.oriented_blocks(self.plan, order, group_blocks)
     blocks = [lax.with_sharding_constraint(g, self.whole) for g in group_blocks]
-    oriented = lax.with_sharding_constraint(blocking.oriented_blocks(self.plan, order, blocks), self.whole)
+    oriented = lax.with_sharding_constraint(
+        blocking.oriented_blocks(self.plan, order, blocks), self.whole)
     return self.constraint(order)(oriented)
 
 
-def update_statistics(stacks: Stacks, preconditioners, group_blocks, hyper: Hyper):
-  """Every order's statistics from this step's gradient blocks, chunk by chunk; ``(new, failures)``."""
+def update_statistics(stacks: Stacks, preconditioners, group_blocks,
+                      hyper: Hyper):
+  """Every order's statistics from this step's gradient blocks, chunk by chunk;
+  ``(new, failures)``."""
   new, failures = {}, jnp.zeros([], jnp.int32)
   for order in stacks.plan.orders:
     storage = make_storage(stacks.config, order)
@@ -177,8 +219,11 @@ def update_statistics(stacks: Stacks, preconditioners, group_blocks, hyper: Hype
     padding = jnp.asarray(blocking.padding_slots(stacks.plan, order))
     with linalg.constrain_stacks(stacks.constraint(order)):
       stack = stacks.constrain(preconditioners[stack_key(order)], order)
-      updated, ok = blocking.map_chunks(chunk_update, stacks.chunk(order, UPDATE_FP32_COPIES), stack,
-                                        stacks.oriented(order, group_blocks), padding)
+      updated, ok = blocking.map_chunks(chunk_update,
+                                        stacks.chunk(order,
+                                                     UPDATE_FP32_COPIES), stack,
+                                        stacks.oriented(order, group_blocks),
+                                        padding)
     new[stack_key(order)] = stacks.constrain(updated, order)
     failures += jnp.sum(~ok)
   return new, failures
@@ -191,46 +236,61 @@ def update_inverse_roots(stacks: Stacks, preconditioners, hyper: Hyper):
     storage = make_storage(stacks.config, order)
     with linalg.constrain_stacks(stacks.constraint(order)):
       stack = stacks.constrain(preconditioners[stack_key(order)], order)
-      updated, ok = blocking.map_chunks(lambda s: storage.update_inverse_root(s, hyper),
-                                        stacks.chunk(order, UPDATE_FP32_COPIES), stack)
+      updated, ok = blocking.map_chunks(
+          lambda s: storage.update_inverse_root(s, hyper),
+          stacks.chunk(order, UPDATE_FP32_COPIES), stack)
     new[stack_key(order)] = stacks.constrain(updated, order)
     failures += jnp.sum(~ok)
   return new, failures
 
 
-def precondition(stacks: Stacks, preconditioners, group_blocks) -> Sequence[jax.Array]:
-  """``L̂ G R̂`` for every block group. The stored roots are sliced per group before they are dequantized
-  (sharded stacks then move codes, not fp32 matrices), and a group larger than the working set runs in
-  chunks, so that no fp32 copy of all roots exists at once."""
+def precondition(stacks: Stacks, preconditioners,
+                 group_blocks) -> Sequence[jax.Array]:
+  """``L̂ G R̂`` for every block group. The stored roots are sliced per group
+  before they are dequantized (sharded stacks then move codes, not fp32
+  matrices), and a group larger than the working set runs in chunks, so that no
+  fp32 copy of all roots exists at once."""
   plan, precision = stacks.plan, product_precision(stacks.config)
-  stored = {order: preconditioners[stack_key(order)].inverse_root for order in plan.orders}
+  stored = {
+      order: preconditioners[stack_key(order)].inverse_root
+      for order in plan.orders
+  }
   out = []
-  for g, group, (left, right) in zip(group_blocks, plan.groups, blocking.group_slices(plan, stored)):
+  for g, group, (left, right) in zip(group_blocks, plan.groups,
+                                     blocking.group_slices(plan, stored)):
     load_left = make_storage(stacks.config, group.rows).load
     load_right = make_storage(stacks.config, group.cols).load
 
     def product(g, left, right):
-      return linalg.product(linalg.product(load_left(left), g, precision), load_right(right), precision)
+      return linalg.product(
+          linalg.product(load_left(left), g, precision), load_right(right),
+          precision)
 
-    chunk = stacks.chunk(max(group.rows, group.cols), PRODUCT_FP32_COPIES, len(group.blocks))
+    chunk = stacks.chunk(
+        max(group.rows, group.cols), PRODUCT_FP32_COPIES, len(group.blocks))
     out.append(blocking.map_chunks(product, chunk, g, left, right))
   return out
 
 
 def graft(preconditioned: jax.Array, gradient: jax.Array) -> jax.Array:
-  """Rescales ``preconditioned`` to the Frobenius norm of ``gradient`` (per whole tensor)."""
-  return preconditioned * (jnp.linalg.norm(gradient) / (jnp.linalg.norm(preconditioned) + 1e-12))
+  """Rescales ``preconditioned`` to the Frobenius norm of ``gradient`` (per
+  whole tensor)."""
+  return preconditioned * (
+      jnp.linalg.norm(gradient) / (jnp.linalg.norm(preconditioned) + 1e-12))
 
 
 def product_precision(config: ShampooConfig) -> str:
-  """The precision name of Shampoo's per-step ``L̂ G R̂`` (see ``ShampooConfig.preconditioning_precision``)."""
+  """The precision name of Shampoo's per-step ``L̂ G R̂`` (see
+  ``ShampooConfig.preconditioning_precision``)."""
   if config.preconditioning_precision is not None:
     return config.preconditioning_precision
-  return "bf16" if config.bits != 32 and jax.default_backend() != "cpu" else "high"
+  return "bf16" if config.bits != 32 and jax.default_backend(
+  ) != "cpu" else "high"
 
 
 def linalg_precision(config: ShampooConfig):
-  """The precision of the statistics and root updates on this backend (CPUs always use fp32)."""
+  """The precision of the statistics and root updates on this backend (CPUs
+  always use fp32)."""
   if jax.default_backend() == "cpu":
     return lax.Precision.HIGHEST
   return LINALG_PRECISIONS[config.linalg_precision_name]
@@ -246,27 +306,36 @@ def scale_by_shampoo(
     start_step: int = 1,
     error_feedback_beta: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
-  """Shampoo preconditioning with quantized preconditioner states [S4][CQ], to chain before a base optimizer.
+  """Shampoo preconditioning with quantized preconditioner states [S4][CQ], to
+  chain before a base optimizer.
 
-  Every step, each parameter with at least two non-unit axes is viewed as matrices
-  (:mod:`optax_shampoo4.blocking`), cut into blocks of at most ``config.max_order``, and each block ``G``
-  becomes ``L̂ G R̂`` with ``L̂ ≈ L^{-1/4}``, ``R̂ ≈ R^{-1/4}``; the result is grafted per tensor to ``‖G‖_F``.
-  Until the first inverse-root step ``L̂ = R̂ = I``, so the output equals the gradient: a run shorter than
-  ``inverse_root_every`` steps is its base optimizer alone.
+  Every step, each parameter with at least two non-unit axes is viewed as
+  matrices (:mod:`optax_shampoo4.blocking`), cut into blocks of at most
+  ``config.max_order``, and each block ``G`` becomes ``L̂ G R̂`` with ``L̂ ≈
+  L^{-1/4}``, ``R̂ ≈ R^{-1/4}``; the result is grafted per tensor to ``‖G‖_F``.
+  Until the first inverse-root step ``L̂ = R̂ = I``, so the output equals the
+  gradient: a run shorter than ``inverse_root_every`` steps is its base
+    optimizer alone.
 
   Args:
-    config: the structure (bits, storage, blocking, working set, sharding); see :class:`ShampooConfig`.
-    statistics_every: steps between statistics updates ``T1`` (the gradient of that step only).
+    config: the structure (bits, storage, blocking, working set, sharding); see
+      :class:`ShampooConfig`.
+    statistics_every: steps between statistics updates ``T1`` (the gradient of
+      that step only).
     inverse_root_every: steps between inverse-root updates ``T2``.
     beta: EMA factor of the statistics (default 0.95).
-    epsilon: relative damping ``ε`` of the inverse roots, ``(λ + ε·λmax)^{-1/4}`` (default 1e-6).
+    epsilon: relative damping ``ε`` of the inverse roots, ``(λ +
+      ε·λmax)^{-1/4}`` (default 1e-6).
     start_step: no preconditioner update before this step.
-    error_feedback_beta: ``"cholesky"`` storage only: EMA factor ``β_e`` of the error state.
+    error_feedback_beta: ``"cholesky"`` storage only: EMA factor ``β_e`` of the
+      error state.
 
-  The numeric arguments may be traced (``optax.inject_hyperparams``); ``config`` is static.
+  The numeric arguments may be traced (``optax.inject_hyperparams``); ``config``
+  is static.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`ShampooState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`ShampooState`.
   """
   _checks.check_type("config", config, ShampooConfig)
   _checks.check_interval("statistics_every", statistics_every)
@@ -274,26 +343,36 @@ def scale_by_shampoo(
   _checks.check_interval("start_step", start_step)
   _checks.check_number("beta", beta, 0.0, 1.0, high_open=True)
   _checks.check_number("epsilon", epsilon, 0.0, low_open=True)
-  _checks.check_number("error_feedback_beta", error_feedback_beta, 0.0, 1.0, high_open=True)
+  _checks.check_number("error_feedback_beta", error_feedback_beta, 0.0, 1.0,
+                       high_open=True)
   hyper = Hyper(beta, epsilon, error_feedback_beta)
-  counter = lambda: jnp.zeros([], jnp.int32)  # distinct buffers: the state may be donated
+  counter = lambda: jnp.zeros([], jnp.int32
+                             )  # distinct buffers: the state may be donated
 
   def init_fn(params):
     if type(params).__name__ == "_ParamsPlaceholder":
-      # optax.tree.map_params probes the state with a placeholder for the whole params tree; the stacks
-      # are not params-shaped, so they are one non-params leaf.
+      # optax.tree.map_params probes the state with a placeholder for the whole
+      # params tree; the stacks are not params-shaped, so they are one
+      # non-params leaf.
       return ShampooState(counter(), NOT_PARAMS, counter(), counter())
     plan, _, _ = make_plan(config, params)
-    preconditioners = {stack_key(order): make_storage(config, order).init(plan.stack_length(order), order, hyper)
-                       for order in plan.orders}
+    preconditioners = {
+        stack_key(order):
+            make_storage(config,
+                         order).init(plan.stack_length(order), order, hyper)
+        for order in plan.orders
+    }
     return ShampooState(counter(), preconditioners, counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    plan, treedef, leaves, stacks, step, finite = update_context(config, updates, state.count)
+    plan, treedef, leaves, stacks, step, finite = update_context(
+        config, updates, state.count)
     with jax.named_scope("shampoo_blocks"):
-      matrices = [None if layout is None else layout.to_matrices(x.astype(jnp.float32))
-                  for x, layout in zip(leaves, plan.layouts)]
+      matrices = [
+          None if layout is None else layout.to_matrices(x.astype(jnp.float32))
+          for x, layout in zip(leaves, plan.layouts)
+      ]
       group_blocks = blocking.gather_blocks(plan, matrices)
     active = finite & (step >= start_step)
     do_statistics = active & (step % statistics_every == 0)
@@ -304,26 +383,36 @@ def scale_by_shampoo(
 
     def update_due(preconditioners):
       preconditioners, stat_failures = lax.cond(
-          do_statistics, lambda p: update_statistics(stacks, p, group_blocks, hyper), unchanged, preconditioners)
+          do_statistics,
+          lambda p: update_statistics(stacks, p, group_blocks, hyper),
+          unchanged, preconditioners)
       preconditioners, root_failures = lax.cond(
-          do_roots, lambda p: update_inverse_roots(stacks, p, hyper), unchanged, preconditioners)
+          do_roots, lambda p: update_inverse_roots(stacks, p, hyper), unchanged,
+          preconditioners)
       return preconditioners, stat_failures + root_failures
 
-    # XLA:GPU copies every conditional's predicate to the host and waits for it, which drains the launch
-    # queue: a plain step reads one predicate (the outer cond), and each expensive branch is traced once.
-    # the named scopes label these steps in profiles (benchmarks/profile.py attributes time by them)
-    with linalg.precision(linalg_precision(config)), jax.named_scope("shampoo_update_preconditioners"):
-      preconditioners, failures = lax.cond(do_statistics | do_roots, update_due, unchanged,
-                                           state.preconditioners)
-    preconditioners = {key: stacks.constrain(preconditioners[key], order)
-                       for order, key in ((o, stack_key(o)) for o in plan.orders)}
+    # XLA:GPU copies every conditional's predicate to the host and waits for it,
+    # which drains the launch
+    # queue: a plain step reads one predicate (the outer cond), and each
+    # expensive branch is traced once. the named scopes label these steps in
+    # profiles (benchmarks/profile.py attributes time by them)
+    with linalg.precision(linalg_precision(config)), jax.named_scope(
+        "shampoo_update_preconditioners"):
+      preconditioners, failures = lax.cond(do_statistics | do_roots, update_due,
+                                           unchanged, state.preconditioners)
+    preconditioners = {
+        key: stacks.constrain(preconditioners[key], order)
+        for order, key in ((o, stack_key(o)) for o in plan.orders)
+    }
     with jax.named_scope("shampoo_precondition"):
-      new_matrices = blocking.scatter_blocks(plan, precondition(stacks, preconditioners, group_blocks))
+      new_matrices = blocking.scatter_blocks(
+          plan, precondition(stacks, preconditioners, group_blocks))
     outputs = list(leaves)
     with jax.named_scope("shampoo_graft"):
       for index, matrix in new_matrices.items():
         grafted = graft(matrix, matrices[index])
-        outputs[index] = plan.layouts[index].from_matrices(grafted, leaves[index].shape).astype(leaves[index].dtype)
+        outputs[index] = plan.layouts[index].from_matrices(
+            grafted, leaves[index].shape).astype(leaves[index].dtype)
     new_state = ShampooState(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         preconditioners=preconditioners,

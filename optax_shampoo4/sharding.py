@@ -1,19 +1,24 @@
 """Shardings for optimizer states on a device mesh.
 
-Shampoo's preconditioners live in per-order stacks ``(k, n, n)`` (see :mod:`optax_shampoo4.blocking`). Each
-stack is sharded along its leading axis over one mesh axis, so every device stores and updates (statistics
-and inverse roots, the expensive part) ``k / devices`` preconditioners: build the transformation with
-``shard_blocks=mesh.shape[axis]`` so that every stack's length is a multiple of the device count. Quantized
-stacks shard the same way; their block scales run along each row of each matrix, so no block ever
-straddles two devices. Scalars (counters) are replicated.
+Shampoo's preconditioners live in per-order stacks ``(k, n, n)`` (see
+:mod:`optax_shampoo4.blocking`). Each stack is sharded along its leading axis
+over one mesh axis, so every device stores and updates (statistics and inverse
+roots, the expensive part) ``k / devices`` preconditioners: build the
+transformation with ``shard_blocks=mesh.shape[axis]`` so that every stack's
+length is a multiple of the device count. Quantized stacks shard the same way;
+their block scales run along each row of each matrix, so no block ever straddles
+two devices. Scalars (counters) are replicated.
 
-Adam moments (:func:`~optax_shampoo4.scale_by_adam_4bit`) follow the params (FSDP): a moment of a param
-sharded along its first axis is sharded along the leading axis of every stored array — fp32 moments like
-the param; 4-bit codes and the row maxima of rank-1 scales along rows; flat block-quantized codes and
-block scales in contiguous chunks, which is allowed only when every device's chunk holds whole blocks
-(the param's rows per device × its other dims is a multiple of the block size: both arrays' lengths divide
-by the device count); 4-bit Factor's row factors along rows. Column maxima of rank-1 scales and 4-bit
-Factor's column factors (reductions over all rows) and anything that does not divide are replicated.
+Adam moments (:func:`~optax_shampoo4.scale_by_adam_4bit`) follow the params
+(FSDP): a moment of a param sharded along its first axis is sharded along the
+  leading axis of every stored array — fp32 moments like
+the param; 4-bit codes and the row maxima of rank-1 scales along rows; flat
+block-quantized codes and block scales in contiguous chunks, which is allowed
+only when every device's chunk holds whole blocks (the param's rows per device ×
+its other dims is a multiple of the block size: both arrays' lengths divide by
+the device count); 4-bit Factor's row factors along rows. Column maxima of
+rank-1 scales and 4-bit Factor's column factors (reductions over all rows) and
+anything that does not divide are replicated.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optax_shampoo4.adam import FactoredMoment, ScaleByAdam4bitState
+from optax_shampoo4.adam import ScaleByAdam4bitState
+from optax_shampoo4.moments import FactoredMoment
 from optax_shampoo4.quantization import QuantizedArray
 from optax_shampoo4.shampoo import ShampooState
 from optax_shampoo4.soap import SoapState
@@ -48,67 +54,107 @@ def _moment_sharding(moment, param_sharding, mesh: Mesh):
   axis = _leading_axis(param_sharding)
   if axis is None:
     return jax.tree.map(lambda _: replicated, moment)
-  devices = math.prod(mesh.shape[name] for name in (axis if isinstance(axis, tuple) else (axis,)))
+  devices = math.prod(
+      mesh.shape[name]
+      for name in (axis if isinstance(axis, tuple) else (axis,)))
   divides = lambda a: a.ndim >= 1 and a.shape[0] % devices == 0
-  along_rows = lambda a: NamedSharding(mesh, PartitionSpec(axis, *([None] * (a.ndim - 1))))
+  along_rows = lambda a: NamedSharding(
+      mesh, PartitionSpec(axis, *([None] * (a.ndim - 1))))
   if isinstance(moment, QuantizedArray):
-    if not (divides(moment.codes) and divides(moment.scales[0])):  # a block would straddle two devices
+    if not (divides(moment.codes) and
+            divides(moment.scales[0])):  # a block would straddle two devices
       return jax.tree.map(lambda _: replicated, moment)
-    scales = (along_rows(moment.scales[0]),) + (replicated,) * (len(moment.scales) - 1)
+    scales = (along_rows(moment.scales[0]),) + (replicated,) * (
+        len(moment.scales) - 1)
     diagonal = None if moment.diagonal is None else replicated
-    return QuantizedArray(along_rows(moment.codes), scales, diagonal, moment.spec)
-  if isinstance(moment, FactoredMoment):  # column factors are a mean over all rows
-    return FactoredMoment(along_rows(moment.row) if divides(moment.row) else replicated, replicated)
+    return QuantizedArray(
+        along_rows(moment.codes), scales, diagonal, moment.spec)
+  if isinstance(moment,
+                FactoredMoment):  # column factors are a mean over all rows
+    return FactoredMoment(
+        along_rows(moment.row) if divides(moment.row) else replicated,
+        replicated)
   return along_rows(moment) if divides(moment) else replicated
 
 
-def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str, params_sharding: Any = None,
+def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str,
+                             params_sharding: Any = None,
                              replicate_roots: bool = False) -> Any:
-  """A pytree of ``NamedSharding`` s matching ``state`` (concrete or from ``jax.eval_shape``).
+  """A pytree of ``NamedSharding`` s matching ``state`` (concrete or from
+  ``jax.eval_shape``).
 
-  Every :class:`~optax_shampoo4.ShampooState` inside ``state`` (alone or within ``optax.chain``) gets its
-  preconditioner stacks sharded over ``axis`` — with ``replicate_roots``, all but the (4-bit) inverse roots,
-  which every device then holds whole: the statistics and inverse-root updates are still split over the
-  devices (the new roots are gathered once per inverse-root update), and the per-step preconditioning
-  ``L̂ G R̂`` of replicated gradients needs no communication, at the cost of the roots' bytes on every
-  device (about half of the preconditioner state); the moments of a :class:`~optax_shampoo4.adam.ScaleByAdam4bitState`
-  follow ``params_sharding`` by the rule in this module's docstring; a :class:`~optax_shampoo4.SoapState`
-  has its bases sharded like the stacks and its moments like Adam's; leaves of other states take
-  ``params_sharding`` when their tree matches the params (e.g. ``optax.adam``'s moments), else are
-  replicated.
+  Every :class:`~optax_shampoo4.ShampooState` inside ``state`` (alone or within
+  ``optax.chain``) gets its preconditioner stacks sharded over ``axis`` — with
+  ``replicate_roots``, all but the (4-bit) inverse roots, which every device
+  then holds whole: the statistics and inverse-root updates are still split over
+  the devices (the new roots are gathered once per inverse-root update), and the
+  per-step preconditioning ``L̂ G R̂`` of replicated gradients needs no
+  communication, at the cost of the roots' bytes on every device (about half of
+  the preconditioner state); the moments of a
+  :class:`~optax_shampoo4.adam.ScaleByAdam4bitState` follow ``params_sharding``
+  by the rule in this module's docstring; a :class:`~optax_shampoo4.SoapState`
+  has its bases sharded like the stacks and its moments like Adam's; leaves of
+  other states take ``params_sharding`` when their tree matches the params (e.g.
+  ``optax.adam``'s moments), else are replicated.
 
-  Use it for ``jax.jit(update, out_shardings=...)``, ``jax.device_put`` and Orbax restore targets.
+  Use it for ``jax.jit(update, out_shardings=...)``, ``jax.device_put`` and
+  Orbax restore targets.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   is_shampoo = lambda x: isinstance(x, ShampooState)
 
-  def moments(tree):  # Adam-style moments: along the params' rows, or replicated without params_sharding
+  def moments(
+      tree
+  # Adam-style moments: along the params' rows, or replicated without
+  # params_sharding
+  ):
     if params_sharding is None:
       return jax.tree.map(lambda _: replicated, tree)
     shardings, treedef = jax.tree.flatten(params_sharding)
-    return treedef.unflatten([_moment_sharding(m, s, mesh) for m, s in zip(treedef.flatten_up_to(tree), shardings)])
+    return treedef.unflatten([
+        _moment_sharding(m, s, mesh)
+        for m, s in zip(treedef.flatten_up_to(tree), shardings)
+    ])
 
   def assign(node):
     if is_shampoo(node):
-      stacks = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.preconditioners)
+      stacks = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis),
+                            node.preconditioners)
       if replicate_roots:
-        stacks = {key: stack._replace(inverse_root=jax.tree.map(lambda _: replicated, stack.inverse_root))
-                  for key, stack in stacks.items()}
-      return ShampooState(count=replicated, preconditioners=stacks, nonfinite_count=replicated,
-                          failure_count=replicated)
-    if isinstance(node, SoapState):  # bases like Shampoo's stacks, moments like Adam's
-      bases = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis), node.bases)
-      return SoapState(replicated, bases, moments(node.mu), moments(node.nu), replicated, replicated)
+        stacks = {
+            key:
+                stack._replace(
+                    inverse_root=jax.tree.map(lambda _: replicated,
+                                              stack.inverse_root))
+            for key, stack in stacks.items()
+        }
+      return ShampooState(count=replicated, preconditioners=stacks,
+                          nonfinite_count=replicated, failure_count=replicated)
+    if isinstance(
+        node, SoapState):  # bases like Shampoo's stacks, moments like Adam's
+      bases = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis),
+                           node.bases)
+      return SoapState(replicated, bases, moments(node.mu), moments(node.nu),
+                       replicated, replicated)
     if isinstance(node, ScaleByAdam4bitState):
-      return ScaleByAdam4bitState(replicated, moments(node.mu), moments(node.nu), replicated)
-    if params_sharding is not None and jax.tree.structure(node) == jax.tree.structure(params_sharding):
+      return ScaleByAdam4bitState(replicated, moments(node.mu),
+                                  moments(node.nu), replicated)
+    if params_sharding is not None and jax.tree.structure(
+        node) == jax.tree.structure(params_sharding):
       return jax.tree.map(lambda _, s: s, node, params_sharding)
     return jax.tree.map(lambda _: replicated, node)
 
   if isinstance(state, (ShampooState, SoapState, ScaleByAdam4bitState)):
     return assign(state)
-  if isinstance(state, tuple) and not hasattr(state, "_fields"):  # optax.chain's tuple of states
-    return tuple(optimizer_state_sharding(s, mesh, axis, params_sharding, replicate_roots) for s in state)
-  if hasattr(state, "_fields"):  # a NamedTuple wrapper (e.g. apply_if_finite, inject_hyperparams)
-    return type(state)(*(optimizer_state_sharding(s, mesh, axis, params_sharding, replicate_roots) for s in state))
+  if isinstance(
+      state,
+      tuple) and not hasattr(state, "_fields"):  # optax.chain's tuple of states
+    return tuple(
+        optimizer_state_sharding(s, mesh, axis, params_sharding,
+                                 replicate_roots) for s in state)
+  if hasattr(
+      state, "_fields"
+  ):  # a NamedTuple wrapper (e.g. apply_if_finite, inject_hyperparams)
+    return type(state)(*(optimizer_state_sharding(
+        s, mesh, axis, params_sharding, replicate_roots) for s in state))
   return assign(state)

@@ -1,23 +1,29 @@
-"""SOAP: Adam running in Shampoo's eigenbasis, with 4-bit (or 8-/32-bit) bases and moments.
+"""SOAP: Adam running in Shampoo's eigenbasis, with 4-bit (or 8-/32-bit) bases
+and moments.
 
-Per block ``G`` with left/right bases ``U_L``, ``U_R`` (rows = eigenvectors of Shampoo's statistics):
+Per block ``G`` with left/right bases ``U_L``, ``U_R`` (rows = eigenvectors of
+Shampoo's statistics):
 
 * the first moment ``M`` is an EMA of ``G`` in the original basis;
 * the second moment ``V`` is an EMA of ``(U_L G U_Rᵀ)²`` in the rotated basis;
-* the update is ``U_Lᵀ [ M̂' / (√V̂ + eps) ] U_R`` with ``M̂' = U_L M̂ U_Rᵀ`` (Adam's bias corrections);
-* every ``precondition_every`` steps the bases take 4-bit Shampoo's statistics step (EMA of the statistic
-  rebuilt from the stored eigenvectors and eigenvalues, one warm-started orthonormalization, Rayleigh
-  quotients), the same code as :func:`optax_shampoo4.shampoo.update_statistics`.
+* the update is ``U_Lᵀ [ M̂' / (√V̂ + eps) ] U_R`` with ``M̂' = U_L M̂ U_Rᵀ``
+  (Adam's bias corrections);
+* every ``precondition_every`` steps the bases take 4-bit Shampoo's statistics
+  step (EMA of the statistic rebuilt from the stored eigenvectors and
+  eigenvalues, one warm-started orthonormalization, Rayleigh quotients), the
+  same code as :func:`optax_shampoo4.shampoo.update_statistics`.
 
-The bases are the eigenvector storage of 4-bit Shampoo without its inverse roots, so the state is about
-``0.5625 B`` per basis entry plus the two moments (``AdamConfig``: about 2 B per parameter at 8 bits,
-the default, 1 B at 4).
-Tensors without a preconditioner (biases, scales) take plain Adam. ``docs/algorithms.md`` §7 has the details.
+The bases are the eigenvector storage of 4-bit Shampoo without its inverse
+roots, so the state is about ``0.5625 B`` per basis entry plus the two moments
+(``AdamConfig``: about 2 B per parameter at 8 bits, the default, 1 B at 4).
+Tensors without a preconditioner (biases, scales) take plain Adam.
+``docs/algorithms.md`` §7 has the details.
 
 References:
-  Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson, Kakade. *SOAP: Improving and Stabilizing
-  Shampoo using Adam.* ICLR 2025 (arXiv 2409.11321).
-  [S4] Wang, Zhou, Li, Huang. *4-bit Shampoo for Memory-Efficient Network Training.* NeurIPS 2024.
+  Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson, Kakade. *SOAP:
+  Improving and Stabilizing Shampoo using Adam.* ICLR 2025 (arXiv 2409.11321).
+  [S4] Wang, Zhou, Li, Huang. *4-bit Shampoo for Memory-Efficient Network
+  Training.* NeurIPS 2024.
 """
 
 from __future__ import annotations
@@ -31,21 +37,26 @@ import optax
 from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
-from optax_shampoo4.adam import MomentLayout
+from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
-from optax_shampoo4.preconditioners import Hyper, init_basis, load_basis, make_codec
-from optax_shampoo4.shampoo import (NOT_PARAMS, Stacks, linalg_precision, make_plan, stack_key,
-                                    update_context, update_statistics)
+from optax_shampoo4.preconditioners import (
+    Hyper, init_basis, load_basis, make_codec)
+from optax_shampoo4.shampoo import (NOT_PARAMS, Stacks, linalg_precision,
+                                    make_plan, stack_key, update_context,
+                                    update_statistics)
 
-# What happens to the second moment when the bases move: "project" it through the change of basis,
-# V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each new direction's variance the mix of the old ones
-# it is made of), or "keep" its entries (both bases are sorted by decreasing eigenvalue). On the byte-level
+# What happens to the second moment when the bases move: "project" it through
+# the change of basis, V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each
+# new direction's variance the mix of the old ones it is made of), or "keep" its
+# entries (both bases are sorted by decreasing eigenvalue). On the byte-level
 # LM, "keep" ends 0.3 nats worse (docs/algorithms.md §7).
 MOMENT_ON_REFRESH = ("keep", "project")
-# fp32 buffers of one block's rotation: gradient, moments, both bases, rotated copies and the update.
+# fp32 buffers of one block's rotation: gradient, moments, both bases, rotated
+# copies and the update.
 ROTATION_FP32_COPIES = 10
-# Initial eigenvalues: an isotropic term leaves every eigenbasis unchanged and keeps the first
-# orthonormalization well-posed on a rank-deficient G Gᵀ; it decays by the statistics' beta per refresh.
+# Initial eigenvalues: an isotropic term leaves every eigenbasis unchanged and
+# keeps the first orthonormalization well-posed on a rank-deficient G Gᵀ; it
+# decays by the statistics' beta per refresh.
 INITIAL_EIGENVALUE = 1e-6
 
 
@@ -53,12 +64,17 @@ class SoapState(NamedTuple):
   """State of :func:`scale_by_soap`.
 
   Attributes:
-    count: steps taken (int32); steps whose gradient had a NaN/Inf are not counted.
-    bases: one :class:`~optax_shampoo4.preconditioners.EigenBasis` stack per order ``"order_<n>"``.
-    mu: first moments, like the params (stored per ``AdamConfig``), in the original basis.
-    nu: second moments, like the params, in the rotated basis of each preconditioned tensor.
+    count: steps taken (int32); steps whose gradient had a NaN/Inf are not
+      counted.
+    bases: one :class:`~optax_shampoo4.preconditioners.EigenBasis` stack per
+      order ``"order_<n>"``.
+    mu: first moments, like the params (stored per ``AdamConfig``), in the
+      original basis.
+    nu: second moments, like the params, in the rotated basis of each
+      preconditioned tensor.
     nonfinite_count: steps skipped because a gradient leaf held NaN/Inf (int32).
-    failure_count: basis updates rejected (non-finite or non-orthogonal) and kept as they were (int32).
+    failure_count: basis updates rejected (non-finite or non-orthogonal) and
+      kept as they were (int32).
   """
 
   count: jax.Array
@@ -75,46 +91,63 @@ def _rotate(left, matrix, right, precision):
   return jnp.matmul(product, jnp.swapaxes(right, -1, -2), precision=precision)
 
 
-def _project_second_moment(v, new_left, new_right, old_left, old_right, precision):
-  """``V`` carried from the old rotated basis to the new one, entry variances moved by ``P∘P``."""
-  transfer = lambda new, old: jnp.square(jnp.matmul(new, jnp.swapaxes(old, -1, -2), precision=precision))
-  return _rotate(transfer(new_left, old_left), v, transfer(new_right, old_right), precision)
+def _project_second_moment(v, new_left, new_right, old_left, old_right,
+                           precision):
+  """``V`` carried from the old rotated basis to the new one, entry variances
+  moved by ``P∘P``."""
+  transfer = lambda new, old: jnp.square(
+      jnp.matmul(new, jnp.swapaxes(old, -1, -2), precision=precision))
+  return _rotate(
+      transfer(new_left, old_left), v, transfer(new_right, old_right),
+      precision)
 
 
 class _Rotation(NamedTuple):
-  """Adam's step in the rotated basis, block group by block group (chunked within the working set)."""
+  """Adam's step in the rotated basis, block group by block group (chunked
+  within the working set)."""
 
   stacks: Stacks
   precision: Any
 
   def _loaders(self, group):
     config = self.stacks.config
-    loader = lambda order: functools.partial(load_basis, make_codec(config, order), config.bjorck_steps[0])
-    chunk = self.stacks.chunk(max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
+    loader = lambda order: functools.partial(
+        load_basis, make_codec(config, order), config.bjorck_steps[0])
+    chunk = self.stacks.chunk(
+        max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
     return loader(group.rows), loader(group.cols), chunk
 
   def _slices(self, bases):
     plan = self.stacks.plan
-    return blocking.group_slices(plan, {order: bases[stack_key(order)].eigenvectors for order in plan.orders})
+    return blocking.group_slices(
+        plan,
+        {order: bases[stack_key(order)].eigenvectors for order in plan.orders})
 
   def apply(self, groups, bases, constants):
-    """``(update blocks, new V blocks)`` of every group from its gradient, ``M`` and ``V`` blocks."""
+    """``(update blocks, new V blocks)`` of every group from its gradient, ``M``
+    and ``V`` blocks."""
     b2, eps, corrections = constants
     updates, second_moments = [], []
-    for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups, self._slices(bases)):
+    for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups,
+                                               self._slices(bases)):
       load_left, load_right, chunk = self._loaders(group)
 
       def step(g, m, v, left, right):
         u_left, u_right = load_left(left), load_right(right)
-        v = b2 * v + (1.0 - b2) * jnp.square(_rotate(u_left, g, u_right, self.precision))
-        normalized = (_rotate(u_left, m, u_right, self.precision) / corrections[0]) / (
-            jnp.sqrt(v / corrections[1]) + eps)
-        update = jnp.matmul(jnp.matmul(jnp.swapaxes(u_left, -1, -2), normalized, precision=self.precision),
-                            u_right, precision=self.precision)
+        v = b2 * v + (1.0 - b2) * jnp.square(
+            _rotate(u_left, g, u_right, self.precision))
+        normalized = (_rotate(u_left, m, u_right, self.precision) /
+                      corrections[0]) / (
+                          jnp.sqrt(v / corrections[1]) + eps)
+        update = jnp.matmul(
+            jnp.matmul(
+                jnp.swapaxes(u_left, -1, -2), normalized,
+                precision=self.precision), u_right, precision=self.precision)
         return update, v
 
-      # the per-step Björck rectification of a 4-bit basis at the rotations' precision (TF32 on GPUs by
-      # default), not the refresh's fp32, which made a 4-bit step far slower than an fp32-basis one
+      # the per-step Björck rectification of a 4-bit basis at the rotations'
+      # precision (TF32 on GPUs by default), not the refresh's fp32, which made
+      # a 4-bit step far slower than an fp32-basis one
       with linalg.precision(self.precision):
         update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
       updates.append(update)
@@ -124,27 +157,37 @@ class _Rotation(NamedTuple):
   def project(self, second_moments, new_bases, old_bases):
     """Every group's ``V`` blocks carried from the old bases to the new ones."""
     out = []
-    for group, v, (left, right), (old_left, old_right) in zip(
-        self.stacks.plan.groups, second_moments, self._slices(new_bases), self._slices(old_bases)):
+    for group, v, (left, right), (old_left,
+                                  old_right) in zip(self.stacks.plan.groups,
+                                                    second_moments,
+                                                    self._slices(new_bases),
+                                                    self._slices(old_bases)):
       load_left, load_right, chunk = self._loaders(group)
 
       def carry(v, left, right, old_left, old_right):
-        return _project_second_moment(v, load_left(left), load_right(right), load_left(old_left),
+        return _project_second_moment(v, load_left(left), load_right(right),
+                                      load_left(old_left),
                                       load_right(old_right), self.precision)
 
-      out.append(blocking.map_chunks(carry, chunk, v, left, right, old_left, old_right))
+      out.append(
+          blocking.map_chunks(carry, chunk, v, left, right, old_left,
+                              old_right))
     return out
 
 
 def _to_groups(plan, values):
   """The block groups of params-shaped ``values`` (fp32 leaves)."""
-  matrices = [None if layout is None else layout.to_matrices(x) for x, layout in zip(values, plan.layouts)]
+  matrices = [
+      None if layout is None else layout.to_matrices(x)
+      for x, layout in zip(values, plan.layouts)
+  ]
   return blocking.gather_blocks(plan, matrices)
 
 
 def _from_groups(plan, group_values, others):
-  """Params-shaped leaves from block groups (inverse of :func:`_to_groups`); ``others`` gives the leaves
-  without a preconditioner (its entries for preconditioned leaves are ignored)."""
+  """Params-shaped leaves from block groups (inverse of :func:`_to_groups`);
+  ``others`` gives the leaves without a preconditioner (its entries for
+  preconditioned leaves are ignored)."""
   out = list(others)
   for index, matrix in blocking.scatter_blocks(plan, group_values).items():
     out[index] = plan.layouts[index].from_matrices(matrix, plan.shapes[index])
@@ -162,70 +205,105 @@ def scale_by_soap(
     shampoo_beta: Optional[float] = None,
     moment_on_refresh: str = "project",
 ) -> optax.GradientTransformationExtraArgs:
-  """Adam in the eigenbasis of Shampoo's statistics (SOAP), with quantized bases and moments.
+  """Adam in the eigenbasis of Shampoo's statistics (SOAP), with quantized bases
+  and moments.
 
   Args:
     b1: decay of the first moment (default 0.95).
     b2: decay of the second moment (default 0.95).
     eps: added to ``√V̂`` in the denominator (default 1e-8).
-    config: the bases' structure: ``bits`` (4: linear-2 with Björck on load, 8 or 32), blocking,
-      ``dimension_numbers``, working set, sharding; ``storage`` must be ``"eigenvectors"``.
-    moments: how ``M`` and ``V`` are stored (``AdamConfig(bits=4|8|32, second_moment="rank1"|"block")``);
-      default 8-bit: at 4 bits the moments lose most of what the rotation gains on the byte-level LM
+    config: the bases' structure: ``bits`` (4: linear-2 with Björck on load, 8
+      or 32), blocking, ``dimension_numbers``, working set, sharding;
+      ``storage`` must be ``"eigenvectors"``.
+    moments: how ``M`` and ``V`` are stored (``AdamConfig(bits=4|8|32,
+      second_moment="rank1"|"block")``); default 8-bit: at 4 bits the moments
+      lose most of what the rotation gains on the byte-level LM
       (``docs/algorithms.md`` §7), at 8 bits they keep it.
-    precondition_every: steps between basis updates ``f`` (default 10); the first is at step ``f``, and until
-      then the update is Adam's.
+    precondition_every: steps between basis updates ``f`` (default 10); the
+      first is at step ``f``, and until then the update is Adam's.
     shampoo_beta: EMA factor of the statistics (default: ``b2``).
-    moment_on_refresh: ``"project"`` (default) or ``"keep"`` the second moment when the bases move
-      (``docs/algorithms.md`` §7 has the measurement behind the default).
+    moment_on_refresh: ``"project"`` (default) or ``"keep"`` the second moment
+      when the bases move (``docs/algorithms.md`` §7 has the measurement behind
+      the default).
 
-  The numeric arguments may be traced (``optax.inject_hyperparams``); the configs are static.
+  The numeric arguments may be traced (``optax.inject_hyperparams``); the
+  configs are static.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SoapState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`SoapState`.
   """
   _checks.check_type("config", config, ShampooConfig)
   _checks.check_type("moments", moments, AdamConfig)
   if config.preconditioning_precision == "bf16":
-    raise ValueError("config.preconditioning_precision='bf16' is for Shampoo's roots; SOAP's rotations must "
-                     "round-trip (use 'high', 'highest' or 'default')")
+    raise ValueError(
+        "config.preconditioning_precision='bf16' is for Shampoo's roots; "
+        "SOAP's rotations must "
+        "round-trip (use 'high', 'highest' or 'default')")
   if config.storage != "eigenvectors":
-    raise ValueError(f"config.storage must be 'eigenvectors' for SOAP (its bases), got {config.storage!r}")
+    raise ValueError(
+        f"config.storage must be 'eigenvectors' for SOAP (its bases), got "
+        f"{config.storage!r}"
+    )
   if moments.second_moment == "factored" or moments.implementation != "xla":
-    raise ValueError("moments: SOAP stores rank-1 or block-wise moments on the XLA path, got "
-                     f"second_moment={moments.second_moment!r}, implementation={moments.implementation!r}")
+    raise ValueError(
+        "moments: SOAP stores rank-1 or block-wise moments on the XLA path, "
+        "got "
+        f"second_moment={moments.second_moment!r}, "
+        f"implementation={moments.implementation!r}"
+    )
   _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
   _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_number("eps", eps, 0.0)
   _checks.check_interval("precondition_every", precondition_every)
   if shampoo_beta is not None:
     _checks.check_number("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
-  _checks.check_choice("moment_on_refresh", moment_on_refresh, MOMENT_ON_REFRESH)
+  _checks.check_choice("moment_on_refresh", moment_on_refresh,
+                       MOMENT_ON_REFRESH)
   layout = MomentLayout.from_config(moments)
-  hyper = Hyper(b2 if shampoo_beta is None else shampoo_beta, INITIAL_EIGENVALUE, 0.0)
+  hyper = Hyper(b2 if shampoo_beta is None else shampoo_beta,
+                INITIAL_EIGENVALUE, 0.0)
   counter = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params):
-    if type(params).__name__ == "_ParamsPlaceholder":  # optax.tree.map_params probing (see scale_by_shampoo)
-      return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(), counter())
+    if type(
+        params
+    # optax.tree.map_params probing (see scale_by_shampoo)
+    ).__name__ == "_ParamsPlaceholder":
+      return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
+                       counter())
     plan, _, _ = make_plan(config, params)
-    bases = {stack_key(order): init_basis(make_codec(config, order), plan.stack_length(order), order, hyper)
-             for order in plan.orders}
+    bases = {
+        stack_key(order):
+            init_basis(
+                make_codec(config, order), plan.stack_length(order), order,
+                hyper) for order in plan.orders
+    }
     zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
-    mu = jax.tree.map(lambda p: layout.store_first(zeros(p), jnp.shape(p)), params)
-    nu = jax.tree.map(lambda p: layout.store_second(zeros(p), jnp.shape(p)), params)
+    mu = jax.tree.map(lambda p: layout.store_first(zeros(p), jnp.shape(p)),
+                      params)
+    nu = jax.tree.map(lambda p: layout.store_second(zeros(p), jnp.shape(p)),
+                      params)
     return SoapState(counter(), bases, mu, nu, counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    plan, treedef, leaves, stacks, step, finite = update_context(config, updates, state.count)
+    plan, treedef, leaves, stacks, step, finite = update_context(
+        config, updates, state.count)
     grads = [x.astype(jnp.float32) for x in leaves]
     shapes = [x.shape for x in leaves]
-    mu = [b1 * layout.load_first(m, s) + (1.0 - b1) * g
-          for m, s, g in zip(treedef.flatten_up_to(state.mu), shapes, grads)]
-    nu = [layout.load_second(v, s) for v, s in zip(treedef.flatten_up_to(state.nu), shapes)]
+    mu = [
+        b1 * layout.load_first(m, s) + (1.0 - b1) * g
+        for m, s, g in zip(treedef.flatten_up_to(state.mu), shapes, grads)
+    ]
+    nu = [
+        layout.load_second(v, s)
+        for v, s in zip(treedef.flatten_up_to(state.nu), shapes)
+    ]
     grad_groups, nu_groups = _to_groups(plan, grads), _to_groups(plan, nu)
-    rotation = _Rotation(stacks, linalg.PRODUCT_PRECISIONS[config.preconditioning_precision or "high"])
+    rotation = _Rotation(
+        stacks, linalg.PRODUCT_PRECISIONS[config.preconditioning_precision or
+                                          "high"])
 
     def refresh(bases, nu_groups):
       new_bases, failures = update_statistics(stacks, bases, grad_groups, hyper)
@@ -233,34 +311,52 @@ def scale_by_soap(
         nu_groups = rotation.project(nu_groups, new_bases, bases)
       return new_bases, nu_groups, failures
 
-    # one conditional per step (XLA:GPU waits on each predicate; see scale_by_shampoo)
-    with linalg.precision(linalg_precision(config)), jax.named_scope("soap_refresh"):
+    # one conditional per step (XLA:GPU waits on each predicate; see
+    # scale_by_shampoo)
+    with linalg.precision(
+        linalg_precision(config)), jax.named_scope("soap_refresh"):
       bases, nu_groups, failures = lax.cond(
-          finite & (step % precondition_every == 0), refresh,
-          lambda b, v: (b, v, jnp.zeros([], jnp.int32)), state.bases, nu_groups)
-    bases = {key: stacks.constrain(bases[key], order) for order, key in ((o, stack_key(o)) for o in plan.orders)}
+          finite & (step % precondition_every == 0), refresh, lambda b, v:
+          (b, v, jnp.zeros([], jnp.int32)), state.bases, nu_groups)
+    bases = {
+        key: stacks.constrain(bases[key], order)
+        for order, key in ((o, stack_key(o)) for o in plan.orders)
+    }
 
-    # an integer power, as optax.scale_by_adam takes it: a float power rounds differently when the betas
-    # are traced (optax.inject_hyperparams) than when they are constants
-    corrections = (1.0 - b1 ** step, 1.0 - b2 ** step)
+    # an integer power, as optax.scale_by_adam takes it: a float power rounds
+    # differently when the betas are traced (optax.inject_hyperparams) than when
+    # they are constants
+    corrections = (1.0 - b1**step, 1.0 - b2**step)
     with jax.named_scope("soap_rotated_adam"):
       group_updates, group_nu = rotation.apply(
-          list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases, (b2, eps, corrections))
-    # tensors without a preconditioner: plain Adam (the preconditioned ones come from the groups)
-    nu = _from_groups(plan, group_nu, [None if layout_ is not None else b2 * v + (1.0 - b2) * g * g
-                                       for v, g, layout_ in zip(nu, grads, plan.layouts)])
+          list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases,
+          (b2, eps, corrections))
+    # tensors without a preconditioner: plain Adam (the preconditioned ones come
+    # from the groups)
+    nu = _from_groups(plan, group_nu, [
+        None if layout_ is not None else b2 * v + (1.0 - b2) * g * g
+        for v, g, layout_ in zip(nu, grads, plan.layouts)
+    ])
     outputs = _from_groups(plan, group_updates, [
-        None if layout_ is not None else (m / corrections[0]) / (jnp.sqrt(v / corrections[1]) + eps)
-        for m, v, layout_ in zip(mu, nu, plan.layouts)])
+        None if layout_ is not None else
+        (m / corrections[0]) / (jnp.sqrt(v / corrections[1]) + eps)
+        for m, v, layout_ in zip(mu, nu, plan.layouts)
+    ])
 
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_mu = keep(treedef.unflatten([layout.store_first(m, s) for m, s in zip(mu, shapes)]), state.mu)
-    new_nu = keep(treedef.unflatten([layout.store_second(v, s) for v, s in zip(nu, shapes)]), state.nu)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
+                                         new, old)
+    new_mu = keep(
+        treedef.unflatten(
+            [layout.store_first(m, s) for m, s in zip(mu, shapes)]), state.mu)
+    new_nu = keep(
+        treedef.unflatten(
+            [layout.store_second(v, s) for v, s in zip(nu, shapes)]), state.nu)
     new_state = SoapState(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         bases=bases, mu=new_mu, nu=new_nu,
         nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
         failure_count=state.failure_count + failures)
-    return treedef.unflatten([u.astype(x.dtype) for u, x in zip(outputs, leaves)]), new_state
+    return treedef.unflatten(
+        [u.astype(x.dtype) for u, x in zip(outputs, leaves)]), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

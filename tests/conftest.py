@@ -1,4 +1,5 @@
-"""Test configuration: 8 virtual CPU devices (for the sharding tests) and float32 everywhere."""
+"""Test configuration: 8 virtual CPU devices (for the sharding tests) and
+float32 everywhere."""
 
 import os
 
@@ -7,5 +8,5 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
-import optax_shampoo4  # noqa: E402,F401  (applies the jaxlib 0.10 CPU workaround before JAX starts)
-
+# Importing the package applies the jaxlib 0.10 CPU workaround first.
+import optax_shampoo4  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""float64 numpy versions of the algorithms (docs/algorithms.md), written independently of the package."""
+"""float64 numpy versions of the algorithms (docs/algorithms.md), written
+independently of the package."""
 
 import numpy as np
 
@@ -6,8 +7,8 @@ SHIFT = 1e-5  # the orthonormalization's shift (linalg.subspace_iteration_step)
 
 
 def refresh_basis(rows, eigenvalues, gram, beta):
-  """One statistics step: EMA of the rebuilt statistic, a shifted warm-started QR step, Rayleigh quotients,
-  sorted by decreasing eigenvalue."""
+  """One statistics step: EMA of the rebuilt statistic, a shifted warm-started
+  QR step, Rayleigh quotients, sorted by decreasing eigenvalue."""
   statistic = beta * (rows.T * eigenvalues) @ rows + (1.0 - beta) * gram
   columns = rows.T
   product = statistic @ columns
@@ -19,9 +20,11 @@ def refresh_basis(rows, eigenvalues, gram, beta):
   return q.T[order], np.maximum(values[order], 0.0)
 
 
-def soap_updates(gradients, *, b1, b2, eps, beta, every, project=True, initial_eigenvalue=1e-6):
-  """The updates of SOAP on one matrix for a list of gradients ``(m, n)``; ``project``: on a refresh the
-  second moment moves to the new basis as ``(P_L∘P_L) V (P_R∘P_R)ᵀ``, ``P = U_new U_oldᵀ``."""
+def soap_updates(gradients, *, b1, b2, eps, beta, every, project=True,
+                 initial_eigenvalue=1e-6):
+  """The updates of SOAP on one matrix for a list of gradients ``(m, n)``;
+  ``project``: on a refresh the second moment moves to the new basis as
+  ``(P_L∘P_L) V (P_R∘P_R)ᵀ``, ``P = U_new U_oldᵀ``."""
   m, n = gradients[0].shape
   left = [np.eye(m), np.full(m, initial_eigenvalue)]
   right = [np.eye(n), np.full(n, initial_eigenvalue)]
@@ -35,10 +38,12 @@ def soap_updates(gradients, *, b1, b2, eps, beta, every, project=True, initial_e
       left = list(refresh_basis(*left, g @ g.T, beta))
       right = list(refresh_basis(*right, g.T @ g, beta))
       if project:
-        second = ((left[0] @ old_left.T) ** 2) @ second @ ((right[0] @ old_right.T) ** 2).T
+        second = ((left[0] @ old_left.T)**2) @ second @ (
+            (right[0] @ old_right.T)**2).T
     rotated = left[0] @ g @ right[0].T
-    second = b2 * second + (1 - b2) * rotated ** 2
-    normalized = (left[0] @ first @ right[0].T / (1 - b1 ** t)) / (np.sqrt(second / (1 - b2 ** t)) + eps)
+    second = b2 * second + (1 - b2) * rotated**2
+    normalized = (left[0] @ first @ right[0].T / (1 - b1**t)) / (
+        np.sqrt(second / (1 - b2**t)) + eps)
     out.append(left[0].T @ normalized @ right[0])
   return out
 
@@ -51,16 +56,19 @@ def adam_updates(gradients, *, b1, b2, eps):
     g = np.asarray(g, np.float64)
     first = b1 * first + (1 - b1) * g
     second = b2 * second + (1 - b2) * g * g
-    out.append((first / (1 - b1 ** t)) / (np.sqrt(second / (1 - b2 ** t)) + eps))
+    out.append((first / (1 - b1**t)) / (np.sqrt(second / (1 - b2**t)) + eps))
   return out
 
 
-def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_root_every, beta, epsilon,
-                      cholesky_ridge=False):
-  """Classic Shampoo in numpy float64, written from docs/algorithms.md independently of the library.
+def reference_shampoo(gradient_stream, *, max_order, statistics_every,
+                      inverse_root_every, beta, epsilon, cholesky_ridge=False):
+  """Classic Shampoo in numpy float64, written from docs/algorithms.md
+  independently of the library.
 
-  ``cholesky_ridge``: [CQ] factors ``L + ε·max(diag L)·I`` and keeps ``C Cᵀ``, so the ridge stays in ``L``.
+  ``cholesky_ridge``: [CQ] factors ``L + ε·max(diag L)·I`` and keeps ``C Cᵀ``,
+  so the ridge stays in ``L``.
   """
+
   def fold(x):
     kept = [d for d in x.shape if d != 1]
     if len(kept) < 2 or 0 in kept:
@@ -72,7 +80,7 @@ def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_r
 
   def inverse_root(a):
     w, v = np.linalg.eigh(a)
-    return (v * (np.maximum(w, 0) + epsilon * w.max()) ** -0.25) @ v.T
+    return (v * (np.maximum(w, 0) + epsilon * w.max())**-0.25) @ v.T
 
   stats, roots, outputs = {}, {}, []
   for step, grads in enumerate(gradient_stream, start=1):
@@ -95,9 +103,15 @@ def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_r
             stats[key][0] = beta * stats[key][0] + (1 - beta) * block @ block.T
             stats[key][1] = beta * stats[key][1] + (1 - beta) * block.T @ block
             if cholesky_ridge:
-              stats[key] = [s + epsilon * np.max(np.diag(s)) * np.eye(len(s)) for s in stats[key]]
+              stats[key] = [
+                  s + epsilon * np.max(np.diag(s)) * np.eye(len(s))
+                  for s in stats[key]
+              ]
           if step % inverse_root_every == 0:
-            roots[key] = [inverse_root(stats[key][0]), inverse_root(stats[key][1])]
+            roots[key] = [
+                inverse_root(stats[key][0]),
+                inverse_root(stats[key][1])
+            ]
           pre[r0:r0 + rn, c0:c0 + cn] = roots[key][0] @ block @ roots[key][1]
       pre *= np.linalg.norm(m) / (np.linalg.norm(pre) + 1e-12)
       out.append(pre.reshape(g.shape))
@@ -105,10 +119,12 @@ def reference_shampoo(gradient_stream, *, max_order, statistics_every, inverse_r
   return outputs
 
 
-def eigen_shampoo_updates(gradients, *, statistics_every, inverse_root_every, beta, epsilon):
-  """Shampoo with the eigenvector storage at fp32 on one matrix: the statistic is rebuilt from the basis
-  and its Rayleigh quotients before each EMA (:func:`refresh_basis`), and the root is
-  ``Vᵀ diag((λ + ε·λmax)^(-1/4)) V``. Returns the grafted updates and the final ``(rows, eigenvalues)``."""
+def eigen_shampoo_updates(gradients, *, statistics_every, inverse_root_every,
+                          beta, epsilon):
+  """Shampoo with the eigenvector storage at fp32 on one matrix: the statistic
+  is rebuilt from the basis and its Rayleigh quotients before each EMA
+  (:func:`refresh_basis`), and the root is ``Vᵀ diag((λ + ε·λmax)^(-1/4)) V``.
+  Returns the grafted updates and the final ``(rows, eigenvalues)``."""
   m, n = gradients[0].shape
   sides = [[np.eye(m), np.full(m, epsilon)], [np.eye(n), np.full(n, epsilon)]]
   roots = [np.eye(m), np.eye(n)]
@@ -116,9 +132,13 @@ def eigen_shampoo_updates(gradients, *, statistics_every, inverse_root_every, be
   for t, g in enumerate(gradients, start=1):
     g = np.asarray(g, np.float64)
     if t % statistics_every == 0:
-      sides = [list(refresh_basis(*sides[0], g @ g.T, beta)), list(refresh_basis(*sides[1], g.T @ g, beta))]
+      sides = [
+          list(refresh_basis(*sides[0], g @ g.T, beta)),
+          list(refresh_basis(*sides[1], g.T @ g, beta))
+      ]
     if t % inverse_root_every == 0:
-      roots = [(rows.T * (values + epsilon * values.max()) ** -0.25) @ rows for rows, values in sides]
+      roots = [(rows.T * (values + epsilon * values.max())**-0.25) @ rows
+               for rows, values in sides]
     pre = roots[0] @ g @ roots[1]
     out.append(pre * np.linalg.norm(g) / np.linalg.norm(pre))
   return out, sides

@@ -1,4 +1,5 @@
-"""Blocking of real Flax parameter trees, the DimensionNumbers override, chunked updates, working memory."""
+"""Blocking of real Flax parameter trees, the DimensionNumbers override, chunked
+updates, working memory."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from optax_shampoo4 import blocking, linalg, shampoo
 
 
 class Model(nn.Module):
+
   @nn.compact
   def __call__(self, tokens, image):
     x = nn.Embed(100, 32)(tokens)
@@ -22,18 +24,24 @@ class Model(nn.Module):
 
 
 def flax_params():
-  return jax.eval_shape(Model().init, jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32),
-                        jnp.zeros((1, 8, 8, 8)))["params"]
+  return jax.eval_shape(Model().init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, 5), jnp.int32), jnp.zeros(
+                            (1, 8, 8, 8)))["params"]
 
 
 def test_default_rule_splits_every_flax_layout_where_its_sides_balance():
   params = flax_params()
-  shapes = {jax.tree_util.keystr(path): (tuple(p.shape), blocking.matrix_shape(p.shape))
-            for path, p in jax.tree_util.tree_leaves_with_path(params)}
+  shapes = {
+      jax.tree_util.keystr(path):
+          (tuple(p.shape), blocking.matrix_shape(p.shape))
+      for path, p in jax.tree_util.tree_leaves_with_path(params)
+  }
   expected = {
       "['Embed_0']['embedding']": ((100, 32), (100, 32)),
-      "['MultiHeadDotProductAttention_0']['query']['kernel']": ((32, 4, 16), (32, 64)),  # (d, heads, hd)
-      "['MultiHeadDotProductAttention_0']['out']['kernel']": ((4, 16, 32), (64, 32)),  # (heads, hd, d)
+      "['MultiHeadDotProductAttention_0']['query']['kernel']": (
+          (32, 4, 16), (32, 64)),  # (d, heads, hd)
+      "['MultiHeadDotProductAttention_0']['out']['kernel']": (
+          (4, 16, 32), (64, 32)),  # (heads, hd, d)
       "['MultiHeadDotProductAttention_0']['query']['bias']": ((4, 16), (4, 16)),
       "['DenseGeneral_0']['kernel']": ((32, 4, 8), (32, 32)),
       "['Conv_0']['kernel']": ((3, 3, 8, 16), (72, 16)),  # (kh, kw, Cin, Cout)
@@ -41,19 +49,24 @@ def test_default_rule_splits_every_flax_layout_where_its_sides_balance():
   }
   for key, value in expected.items():
     assert shapes[key] == value, key
-  # GPT-sized attention: the merged-axes rule gave (9216, 64); the balanced split is square
+  # GPT-sized attention: the merged-axes rule gave (9216, 64); the balanced
+  # split is square
   assert blocking.matrix_shape((768, 12, 64)) == (768, 768)
   assert blocking.matrix_shape((12, 64, 768)) == (768, 768)
   assert blocking.matrix_shape((3, 3, 64, 128)) == (576, 128)
-  assert blocking.matrix_shape((1, 5, 1, 7)) == (5, 7) and blocking.matrix_shape((7,)) is None
+  assert blocking.matrix_shape(
+      (1, 5, 1, 7)) == (5, 7) and blocking.matrix_shape((7,)) is None
 
 
 def reference_update(g, epsilon=1e-6, beta=0.95):
-  """float64: one statistics + root step of fp32 classic Shampoo on the matrix g, grafted."""
+  """float64: one statistics + root step of fp32 classic Shampoo on the matrix
+  g, grafted."""
+
   def root(a):
     a = beta * epsilon * np.eye(len(a)) + (1 - beta) * a
     w, v = np.linalg.eigh(a)
-    return (v * (w + epsilon * w.max()) ** -0.25) @ v.T
+    return (v * (w + epsilon * w.max())**-0.25) @ v.T
+
   u = root(g @ g.T) @ g @ root(g.T @ g)
   return u * np.linalg.norm(g) / np.linalg.norm(u)
 
@@ -70,18 +83,23 @@ def test_3d_kernel_update_matches_float64_reference(override):
   g = rng.standard_normal((32, 4, 16))
   exact = dict(bits=32, storage="matrix", inverse_root_method="eigh")
   if override:  # each head its own (32, 16) matrix
-    config = o4.ShampooConfig(**exact, dimension_numbers={"k": o4.DimensionNumbers(rows=(0,), cols=(2,))})
-    expected = np.stack([reference_update(g[:, h, :]) for h in range(4)], axis=1)
+    config = o4.ShampooConfig(
+        **exact,
+        dimension_numbers={"k": o4.DimensionNumbers(rows=(0,), cols=(2,))})
+    expected = np.stack([reference_update(g[:, h, :]) for h in range(4)],
+                        axis=1)
     plan, _, _ = shampoo.make_plan(config, {"k": g})
     assert dict(plan.stack_sizes) == {16: 4, 32: 4}
   else:
     config = o4.ShampooConfig(**exact)
     expected = reference_update(g.reshape(32, 64)).reshape(g.shape)
-  got = one_step(config, {"k": jnp.zeros(g.shape)}, {"k": jnp.asarray(g, jnp.float32)})["k"]
+  got = one_step(config, {"k": jnp.zeros(g.shape)},
+                 {"k": jnp.asarray(g, jnp.float32)})["k"]
   if override:  # grafting is per whole tensor: compare directions per head
     for h in range(4):
       a, b = np.asarray(got)[:, h], expected[:, h]
-      np.testing.assert_allclose(a / np.linalg.norm(a), b / np.linalg.norm(b), rtol=1e-3, atol=1e-5)
+      np.testing.assert_allclose(a / np.linalg.norm(a), b / np.linalg.norm(b),
+                                 rtol=1e-3, atol=1e-5)
   else:
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-3, atol=5e-5)
 
@@ -95,99 +113,141 @@ def test_bad_dimension_numbers_raise_naming_the_problem():
     o4.DimensionNumbers(rows="0", cols=(1,))
   config = o4.ShampooConfig(dimension_numbers={"a": None})
   with pytest.raises(ValueError, match="dimension_numbers has 1 leaves for 2"):
-    o4.scale_by_shampoo(config).init({"a": jnp.zeros((8, 8)), "b": jnp.zeros((8, 8))})
+    o4.scale_by_shampoo(config).init({
+        "a": jnp.zeros((8, 8)),
+        "b": jnp.zeros((8, 8))
+    })
 
 
-@pytest.mark.parametrize("storage,bits,tolerance", [("matrix", 32, 1e-5), ("cholesky", 32, 1e-5),
-                                                    ("eigenvectors", 32, 2e-3), ("eigenvectors", 4, None)])
-def test_chunked_updates_equal_whole_stack_updates(storage, bits, tolerance, monkeypatch):
-  # The Cholesky-QR correction is chosen per chunk by a lax.cond; off, both runs take the same passes.
+@pytest.mark.parametrize("storage,bits,tolerance", [("matrix", 32, 1e-5),
+                                                    ("cholesky", 32, 1e-5),
+                                                    ("eigenvectors", 32, 2e-3),
+                                                    ("eigenvectors", 4, None)])
+def test_chunked_updates_equal_whole_stack_updates(storage, bits, tolerance,
+                                                   monkeypatch):
+  # The Cholesky-QR correction is chosen per chunk by a lax.cond; off, both runs
+  # take the same passes.
   monkeypatch.setattr(linalg, "CHOLESKY_QR_CORRECTION_TOLERANCE", None)
-  params = {"a": jnp.zeros((48, 40)), "b": jnp.zeros((40, 40)), "c": jnp.zeros((3, 40, 48))}
-  txs = [o4.scale_by_shampoo(o4.ShampooConfig(bits=bits, storage=storage, min_quantized_size=0,
-                                              working_set_bytes=w),
-                             statistics_every=1, inverse_root_every=2) for w in (None, 1)]
+  params = {
+      "a": jnp.zeros((48, 40)),
+      "b": jnp.zeros((40, 40)),
+      "c": jnp.zeros((3, 40, 48))
+  }
+  txs = [
+      o4.scale_by_shampoo(
+          o4.ShampooConfig(bits=bits, storage=storage, min_quantized_size=0,
+                           working_set_bytes=w), statistics_every=1,
+          inverse_root_every=2) for w in (None, 1)
+  ]
   states = [tx.init(params) for tx in txs]
   steps = [jax.jit(tx.update) for tx in txs]
   for i in range(4):
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+    grads = jax.tree.map(
+        lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
     outs = []
     for k in range(2):
       updates, states[k] = steps[k](grads, states[k], params)
       outs.append(updates)
     for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
       if tolerance is not None:
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tolerance)
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=0, atol=tolerance)
       else:  # a 4-bit code may flip on fp32 rounding: compare the direction
-        cosine = float(jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+        cosine = float(
+            jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
         assert cosine > 0.999, cosine
 
 
 class Tiny(nn.Module):
+
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(256, 128)(tokens)
     for _ in range(2):
-      x = x + nn.MultiHeadDotProductAttention(4, qkv_features=128)(nn.LayerNorm()(x))
+      x = x + nn.MultiHeadDotProductAttention(4, qkv_features=128)(
+          nn.LayerNorm()(x))
       x = x + nn.Dense(128)(nn.gelu(nn.Dense(512)(nn.LayerNorm()(x))))
     return nn.Dense(256)(x)
 
 
 def test_chunked_training_step_extra_temp_within_three_shampoo_states_on_cpu():
-  """Compiled on CPU: with a 1 MiB working set the step's temp bytes over AdamW's stay within 3× the
-  Shampoo state's bytes, and below what whole stacks need (on this 1 M-param model the default 256 MiB
-  budget covers whole stacks: about 5.5× the state). On an H100, GPT of 85.6 M params at the default, the
+  """Compiled on CPU: with a 1 MiB working set the step's temp bytes over
+  AdamW's stay within 3× the Shampoo state's bytes, and below what whole stacks
+  need (on this 1 M-param model the default 256 MiB budget covers whole stacks:
+  about 5.5× the state). On an H100, GPT of 85.6 M params at the default, the
   extra temp was 0.06× the state: docs/benchmarks.md."""
   model = Tiny()
   tokens = jnp.zeros((4, 32), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
 
   def temp_bytes(tx):
+
     def step(params, state):
-      grads = jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+      grads = jax.grad(lambda p: model.apply({
+          "params": p
+      }, tokens).mean())(
+          params)
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
+
     state = tx.init(params)
     compiled = jax.jit(step).lower(params, state).compile()
     return compiled.memory_analysis().temp_size_in_bytes, o4.state_nbytes(state)
 
   adamw_temp, _ = temp_bytes(optax.adamw(1e-3))
-  shampoo = lambda budget: o4.shampoo_adamw(1e-3, shampoo=o4.ShampooConfig(working_set_bytes=budget))
+  shampoo = lambda budget: o4.shampoo_adamw(
+      1e-3, shampoo=o4.ShampooConfig(working_set_bytes=budget))
   chunked_temp, state_bytes = temp_bytes(shampoo(2**20))
   whole_temp, _ = temp_bytes(shampoo(None))
-  assert chunked_temp - adamw_temp <= 3.0 * state_bytes, (chunked_temp, adamw_temp, state_bytes)
+  assert chunked_temp - adamw_temp <= 3.0 * state_bytes, (chunked_temp,
+                                                          adamw_temp,
+                                                          state_bytes)
   assert chunked_temp < whole_temp, (chunked_temp, whole_temp)
 
 
 def test_blocking_rules():
   assert blocking.chunk_sizes(3072, 1200) == (1200, 1200, 672)
-  assert blocking.matrix_shape((3, 3, 16, 32)) == (144, 32)  # Flax conv (kh, kw, Cin, Cout)
+  assert blocking.matrix_shape(
+      (3, 3, 16, 32)) == (144, 32)  # Flax conv (kh, kw, Cin, Cout)
   assert blocking.matrix_shape((1, 5, 1, 7)) == (5, 7)
-  assert blocking.matrix_shape((7,)) is None and blocking.matrix_shape(()) is None
-  assert blocking.matrix_shape((1, 7)) is None and blocking.matrix_shape((0, 7)) is None
+  assert blocking.matrix_shape((7,)) is None and blocking.matrix_shape(
+      ()) is None
+  assert blocking.matrix_shape((1, 7)) is None and blocking.matrix_shape(
+      (0, 7)) is None
   plan = blocking.make_plan(((3072, 768), (768,), (50, 2500)), 1200)
   assert dict(plan.stack_sizes) == {1200: 4, 672: 1, 768: 3, 50: 3, 100: 1}
   assert plan.preconditioned_leaves == (0, 2)
 
 
 def test_oriented_blocks_give_each_slot_its_statistic():
-  """The Grams of ``oriented_blocks`` (what sharded statistics steps take) are, slot by slot, the fp64
-  ``G Gᵀ`` / ``Gᵀ G`` of the block each slot's preconditioner belongs to; padding slots are zero."""
+  """The Grams of ``oriented_blocks`` (what sharded statistics steps take) are,
+  slot by slot, the fp64 ``G Gᵀ`` / ``Gᵀ G`` of the block each slot's
+  preconditioner belongs to; padding slots are zero."""
   shapes = ((300, 96), (96,), (96, 250), (40, 96))
   plan = blocking.make_plan(shapes, 128, 4)
   rng = np.random.default_rng(0)
-  matrices = [rng.standard_normal(s).astype(np.float32) if len(s) == 2 else None for s in shapes]
-  group_blocks = blocking.gather_blocks(plan, [None if m is None else jnp.asarray(m)[None] for m in matrices])
+  matrices = [
+      rng.standard_normal(s).astype(np.float32) if len(s) == 2 else None
+      for s in shapes
+  ]
+  group_blocks = blocking.gather_blocks(
+      plan, [None if m is None else jnp.asarray(m)[None] for m in matrices])
   for order, count in plan.stack_sizes:
-    grams = np.asarray(linalg.gram(blocking.oriented_blocks(plan, order, group_blocks)), np.float64)
+    grams = np.asarray(
+        linalg.gram(blocking.oriented_blocks(plan, order, group_blocks)),
+        np.float64)
     assert grams.shape == (plan.stack_length(order), order, order)
     expected = np.zeros_like(grams)
     for group in plan.groups:
       for k, b in enumerate(group.blocks):
-        block = matrices[b.leaf][b.row_start:b.row_start + b.rows, b.col_start:b.col_start + b.cols].astype(np.float64)
+        block = matrices[b.leaf][b.row_start:b.row_start + b.rows,
+                                 b.col_start:b.col_start + b.cols].astype(
+                                     np.float64)
         if group.rows == order:
           expected[group.left_offset + k] = block @ block.T
         if group.cols == order:
           expected[group.right_offset + k] = block.T @ block
-    np.testing.assert_allclose(grams, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
-    assert list(blocking.padding_slots(plan, order)) == [i >= count for i in range(plan.stack_length(order))]
+    np.testing.assert_allclose(grams, expected, rtol=1e-4,
+                               atol=1e-3 * np.abs(expected).max())
+    assert list(blocking.padding_slots(
+        plan, order)) == [i >= count for i in range(plan.stack_length(order))]

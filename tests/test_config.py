@@ -1,5 +1,5 @@
-"""ShampooConfig, AdamConfig and the transformations' numeric arguments: bad input raises at construction,
-naming the argument."""
+"""ShampooConfig, AdamConfig and the transformations' numeric arguments: bad
+input raises at construction, naming the argument."""
 
 import jax
 import pytest
@@ -8,27 +8,47 @@ import optax_shampoo4 as o4
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "bits"), (dict(bits=True), "bits"), (dict(storage="svd"), "storage"),
-    (dict(codebook="x"), "codebook"), (dict(block_size=-2), "block_size"), (dict(block_size=7), "even"),
-    (dict(max_order=0), "max_order"), (dict(statistics_every=0), "statistics_every"),
-    (dict(inverse_root_every=1.5), "inverse_root_every"), (dict(beta=1.0), "beta"), (dict(beta=-0.1), "beta"),
-    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-1e-6), "epsilon"), (dict(bjorck_steps=(1,)), "bjorck_steps"),
-    (dict(inverse_root_method="qr"), "inverse_root_method"), (dict(error_feedback_beta=1.5), "error_feedback_beta"),
-    (dict(preconditioning_precision="fast"), "preconditioning_precision"), (dict(start_step=0), "start_step"),
-    (dict(min_quantized_size=-1), "min_quantized_size"), (dict(epsilon="1e-6"), "epsilon"),
-    (dict(linalg_precision="tf32"), "linalg_precision"), (dict(shard_blocks=0), "shard_blocks"),
-    (dict(replicate_roots=True), "replicate_roots"), (dict(replicate_roots=1), "replicate_roots"),
-    (dict(shard_blocks=jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("b",)),
-                                                  jax.sharding.PartitionSpec())), "shard_blocks"),
+    (dict(bits=3), "bits"),
+    (dict(bits=True), "bits"),
+    (dict(storage="svd"), "storage"),
+    (dict(codebook="x"), "codebook"),
+    (dict(block_size=-2), "block_size"),
+    (dict(block_size=7), "even"),
+    (dict(max_order=0), "max_order"),
+    (dict(statistics_every=0), "statistics_every"),
+    (dict(inverse_root_every=1.5), "inverse_root_every"),
+    (dict(beta=1.0), "beta"),
+    (dict(beta=-0.1), "beta"),
+    (dict(epsilon=0.0), "epsilon"),
+    (dict(epsilon=-1e-6), "epsilon"),
+    (dict(bjorck_steps=(1,)), "bjorck_steps"),
+    (dict(inverse_root_method="qr"), "inverse_root_method"),
+    (dict(error_feedback_beta=1.5), "error_feedback_beta"),
+    (dict(preconditioning_precision="fast"), "preconditioning_precision"),
+    (dict(start_step=0), "start_step"),
+    (dict(min_quantized_size=-1), "min_quantized_size"),
+    (dict(epsilon="1e-6"), "epsilon"),
+    (dict(linalg_precision="tf32"), "linalg_precision"),
+    (dict(shard_blocks=0), "shard_blocks"),
+    (dict(replicate_roots=True), "replicate_roots"),
+    (dict(replicate_roots=1), "replicate_roots"),
+    (dict(
+        shard_blocks=jax.sharding.NamedSharding(
+            jax.sharding.Mesh(jax.devices()[:1], (
+                "b",)), jax.sharding.PartitionSpec())), "shard_blocks"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
-  numeric = {"statistics_every", "inverse_root_every", "beta", "epsilon", "error_feedback_beta", "start_step"}
+  numeric = {
+      "statistics_every", "inverse_root_every", "beta", "epsilon",
+      "error_feedback_beta", "start_step"
+  }
   with pytest.raises((ValueError, TypeError), match=match) as error:
     if numeric.issuperset(kwargs):
       o4.scale_by_shampoo(**kwargs)
     else:  # structure is validated by the config, when it is built
       o4.ShampooConfig(**kwargs)
-  assert "unexpected keyword" not in str(error.value)  # the check ran, not the signature
+  assert "unexpected keyword" not in str(
+      error.value)  # the check ran, not the signature
 
 
 def test_a_config_of_the_wrong_type_is_refused():
@@ -39,9 +59,14 @@ def test_a_config_of_the_wrong_type_is_refused():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(b1=1.0), "b1"), (dict(b2=-0.1), "b2"), (dict(eps=-1.0), "eps"), (dict(bits=5), "bits"),
-    (dict(second_moment="diag"), "second_moment"), (dict(block_size=0), "block_size"),
-    (dict(min_quantized_size=-1), "min_quantized_size"), (dict(second_moment_codebook="x"), "codebook"),
+    (dict(b1=1.0), "b1"),
+    (dict(b2=-0.1), "b2"),
+    (dict(eps=-1.0), "eps"),
+    (dict(bits=5), "bits"),
+    (dict(second_moment="diag"), "second_moment"),
+    (dict(block_size=0), "block_size"),
+    (dict(min_quantized_size=-1), "min_quantized_size"),
+    (dict(second_moment_codebook="x"), "codebook"),
     (dict(implementation="triton"), "implementation"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -51,13 +76,23 @@ def test_bad_arguments(kwargs, match):
       o4.scale_by_adam_4bit(**kwargs)
     else:  # structure is validated by the config, when it is built
       o4.AdamConfig(**kwargs)
-  assert "unexpected keyword" not in str(error.value)  # the check ran, not the signature
+  assert "unexpected keyword" not in str(
+      error.value)  # the check ran, not the signature
 
 
-@pytest.mark.parametrize("kwargs", [dict(second_moment="rank1"), dict(implementation="xla"), dict(bits=8)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(second_moment="rank1"),
+     dict(implementation="xla"),
+     dict(bits=8)])
 def test_packed_needs_the_block_kernels(kwargs):
-  arguments = {**dict(second_moment="block", implementation="pallas", packed=True), **kwargs}
+  arguments = {
+      **dict(second_moment="block", implementation="pallas", packed=True),
+      **kwargs
+  }
   with pytest.raises(ValueError, match="packed"):
     o4.AdamConfig(**arguments)
   with pytest.raises(TypeError, match="packed"):
-    o4.scale_by_adam_4bit(config=o4.AdamConfig(second_moment="block", implementation="pallas", packed=1))
+    o4.scale_by_adam_4bit(
+        config=o4.AdamConfig(second_moment="block", implementation="pallas",
+                             packed=1))

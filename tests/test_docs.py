@@ -1,4 +1,5 @@
-"""Docs stay true: the API page matches the docstrings, and the README's snippet runs."""
+"""Docs stay true: the API page matches the docstrings, and the README's snippet
+runs."""
 
 import os
 import re

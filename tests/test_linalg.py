@@ -1,4 +1,5 @@
-"""Linear algebra of the preconditioners (optax_shampoo4.linalg) against numpy float64."""
+"""Linear algebra of the preconditioners (optax_shampoo4.linalg) against numpy
+float64."""
 
 import functools
 
@@ -15,45 +16,72 @@ def test_linalg_inverse_roots_agree_with_float64():
   g = rng.standard_normal((3, 40, 60))
   a = np.einsum("kij,klj->kil", g, g) / 60
   w, v = np.linalg.eigh(a)
-  want = np.einsum("kij,kj,klj->kil", v, (w + 1e-6 * w.max(-1, keepdims=True)) ** -0.25, v)
-  for fn in (linalg.inverse_root_eigh, functools.partial(linalg.inverse_root_newton, iterations=40)):
+  want = np.einsum("kij,kj,klj->kil", v,
+                   (w + 1e-6 * w.max(-1, keepdims=True))**-0.25, v)
+  for fn in (linalg.inverse_root_eigh,
+             functools.partial(linalg.inverse_root_newton, iterations=40)):
     got = np.asarray(fn(jnp.asarray(a, jnp.float32)), np.float64)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4, fn
-  q = np.asarray(linalg.orthonormalize_columns(jnp.asarray(g[:, :, :40], jnp.float32)), np.float64)
+  q = np.asarray(
+      linalg.orthonormalize_columns(jnp.asarray(g[:, :, :40], jnp.float32)),
+      np.float64)
   np.testing.assert_allclose(q, _qr_factor(g[:, :, :40]), atol=2e-4)
 
 
-@pytest.mark.parametrize("condition, tolerance, factorizations_expected", [
-    (1e1, 3e-2, 1),  # after the first pass ‖XᵀX − I‖_F ≈ 0.02: both later passes are first-order corrections
-    (1e4, 3e-2, 2),  # ≈ 4.6 after the first pass: a second factorization, then a correction (≈ 0.03)
-    (1e4, None, 3),
-])
-def test_cholesky_qr_first_order_passes_match_qr(condition, tolerance, factorizations_expected, monkeypatch):
+@pytest.mark.parametrize(
+    "condition, tolerance, factorizations_expected",
+    [
+        (1e1, 3e-2, 1
+        # after the first pass ‖XᵀX − I‖_F ≈ 0.02: both later passes are
+        # first-order corrections
+        ),
+        (1e4, 3e-2, 2
+        # ≈ 4.6 after the first pass: a second factorization, then a correction
+        # (≈ 0.03)
+        ),
+        (1e4, None, 3),
+    ])
+def test_cholesky_qr_first_order_passes_match_qr(condition, tolerance,
+                                                 factorizations_expected,
+                                                 monkeypatch):
   rng = np.random.default_rng(11)
   n = 48
   q0 = _qr_factor(rng.standard_normal((2, n, n)))
-  x = q0 @ (np.logspace(0, -np.log10(condition), n)[:, None] * rng.standard_normal((n, n)))
+  x = q0 @ (
+      np.logspace(0, -np.log10(condition), n)[:, None] * rng.standard_normal(
+          (n, n)))
   factorizations = []
   cholesky = jax.lax.linalg.cholesky
-  monkeypatch.setattr(linalg.lax.linalg, "cholesky", lambda a, **kw: factorizations.append(1) or cholesky(a, **kw))
+  monkeypatch.setattr(
+      linalg.lax.linalg, "cholesky",
+      lambda a, **kw: factorizations.append(1) or cholesky(a, **kw))
   with jax.disable_jit():  # lax.cond then runs only the branch it takes
-    q = np.asarray(linalg.orthonormalize_columns(jnp.asarray(x, jnp.float32), correction_tolerance=tolerance),
-                   np.float64)
-  # On CPU the factorizations run one matrix at a time (linalg.per_matrix): count them per pass
+    q = np.asarray(
+        linalg.orthonormalize_columns(
+            jnp.asarray(x, jnp.float32), correction_tolerance=tolerance),
+        np.float64)
+  # On CPU the factorizations run one matrix at a time (linalg.per_matrix):
+  # count them per pass
   assert len(factorizations) == factorizations_expected * len(x)
-  np.testing.assert_allclose(q, _qr_factor(x), atol=2e-4 if condition > 100 else 2e-5)
+  np.testing.assert_allclose(q, _qr_factor(x),
+                             atol=2e-4 if condition > 100 else 2e-5)
   assert np.max(np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(n))) < 2e-6
 
 
 def test_orthogonality_estimate_tracks_the_exact_error():
   rng = np.random.default_rng(5)
-  rows = jnp.asarray(np.linalg.qr(rng.standard_normal((2, 200, 200)))[0], jnp.float32)
-  exact, estimate = linalg.orthogonality_error(rows), linalg.orthogonality_error_estimate(rows)
+  rows = jnp.asarray(
+      np.linalg.qr(rng.standard_normal((2, 200, 200)))[0], jnp.float32)
+  exact, estimate = linalg.orthogonality_error(
+      rows), linalg.orthogonality_error_estimate(rows)
   assert float(jnp.max(exact)) < 1e-5 and float(jnp.max(estimate)) < 1e-4
-  # One pair of nearly parallel rows (a gross failure) must exceed the rejection tolerance in both measures.
+  # One pair of nearly parallel rows (a gross failure) must exceed the rejection
+  # tolerance in both measures.
   broken = rows.at[:, 7].set(rows[:, 3] + 0.05 * rows[:, 7])
-  exact, estimate = linalg.orthogonality_error(broken), linalg.orthogonality_error_estimate(broken)
-  assert float(jnp.min(exact)) > 0.5 and float(jnp.min(estimate)) > preconditioners.ORTHOGONALITY_TOLERANCE
+  exact, estimate = linalg.orthogonality_error(
+      broken), linalg.orthogonality_error_estimate(broken)
+  assert float(jnp.min(exact)) > 0.5 and float(
+      jnp.min(estimate)) > preconditioners.ORTHOGONALITY_TOLERANCE
 
 
 def _qr_factor(x):

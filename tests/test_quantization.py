@@ -1,4 +1,5 @@
-"""The quantizer against a plain numpy float64 reference written here (docs/algorithms.md)."""
+"""The quantizer against a plain numpy float64 reference written here
+(docs/algorithms.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,19 +10,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import optax_shampoo4 as o4
+from optax_shampoo4 import codes as cd
+from helpers import unpacked_codes
 from optax_shampoo4 import quantization as qz
 
-SPEC_LINEAR2 = [-1, -0.7511, -0.5378, -0.36, -0.2178, -0.1111, -0.04, 0, 0.0044, 0.04, 0.1111, 0.2178, 0.36,
-                0.5378, 0.7511, 1]
-SPEC_DT = sorted([s * v for v in (0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875) for s in (1, -1)]
-                 + [0.0, 1.0])
-SPEC_DT_UNSIGNED = [0, 0.00325, 0.00775, 0.02125, 0.04375, 0.06625, 0.08875, 0.15625, 0.26875, 0.38125,
-                    0.49375, 0.60625, 0.71875, 0.83125, 0.94375, 1.0]
 
-
-# ------------------------------------------------------------------------------------------------ references
+# ------------------------------------------------------------ references
 def reference_codes(x, table, block_size):
-  """numpy: per-row blocks, absmax scale, argmin |x/s − T| (np.argmin returns the first = lower index)."""
+  """numpy: per-row blocks, absmax scale, argmin |x/s − T| (np.argmin returns
+  the first = lower index)."""
   x = np.asarray(x, np.float32)
   n = x.shape[-1]
   scales = np.zeros(x.shape[:-1] + (-(-n // block_size),), np.float32)
@@ -31,54 +28,27 @@ def reference_codes(x, table, block_size):
     s = np.max(np.abs(x[..., sl]), axis=-1)
     scales[..., b] = s
     with np.errstate(invalid="ignore", divide="ignore"):
-      normalized[..., sl] = np.where(s[..., None] > 0, x[..., sl] / s[..., None], 0.0)
-  distance = np.abs(normalized.astype(np.float64)[..., None] - np.asarray(table, np.float64))
+      normalized[..., sl] = np.where(s[..., None] > 0,
+                                     x[..., sl] / s[..., None], 0.0)
+  distance = np.abs(
+      normalized.astype(np.float64)[..., None] - np.asarray(table, np.float64))
   return np.argmin(distance, axis=-1), scales, normalized
 
 
-def unpacked_codes(q):
-  return np.asarray(qz.unpack_nibbles(q.codes, q.spec.shape[-1]) if q.spec.bits == 4 else q.codes)
-
-
-# ------------------------------------------------------------------------------------------------ codebooks
-@pytest.mark.parametrize("name,expected", [("linear2", SPEC_LINEAR2), ("dynamic_tree", SPEC_DT),
-                                           ("dynamic_tree_unsigned", SPEC_DT_UNSIGNED),
-                                           ("linear_nozero", [(i + 1) / 16 for i in range(16)])])
-def test_codebooks_equal_spec(name, expected):
-  np.testing.assert_allclose(o4.codebook(name, 4), expected, atol=1e-4 if name == "linear2" else 1e-6)
-
-
-def test_linear2_exact_formula_and_8bit():
-  x = np.linspace(-1, 1, 16)
-  x[7] = 0
-  np.testing.assert_allclose(o4.codebook("linear2", 4), np.sign(x) * x**2, atol=1e-7)
-  x8 = np.linspace(-1, 1, 256)
-  x8[127] = 0
-  np.testing.assert_allclose(o4.codebook("linear2", 8), np.sign(x8) * x8**2, atol=1e-7)
-  for name in ("dynamic_tree", "dynamic_tree_unsigned", "linear2"):
-    table = o4.codebook(name, 8)
-    assert table.shape == (256,) and np.all(np.diff(table) > 0) and table[-1] == 1.0
-  assert o4.codebook("dynamic_tree", 8).min() > -1.0  # no −1 code, like the 4-bit map
-
-
-@pytest.mark.parametrize("bad", [dict(name="nope", bits=4), dict(name="linear2", bits=3)])
-def test_codebook_rejects_bad_arguments(bad):
-  with pytest.raises(ValueError, match="codebook|bits"):
-    o4.codebook(**bad)
-
-
-# ------------------------------------------------------------------------------------------------ round trip
-@pytest.mark.parametrize("codebook,bits", [("linear2", 4), ("dynamic_tree", 4), ("linear2", 8),
-                                           ("dynamic_tree", 8)])
-@pytest.mark.parametrize("shape", [(1,), (2,), (63,), (64,), (65,), (127,), (1200,), (1201,), (3, 65),
-                                   (2, 3, 127), (2, 2, 3, 64)])
+# ------------------------------------------------------------ round trip
+@pytest.mark.parametrize("codebook,bits", [("linear2", 4), ("dynamic_tree", 4),
+                                           ("linear2", 8), ("dynamic_tree", 8)])
+@pytest.mark.parametrize("shape", [(1,), (2,), (63,), (64,), (65,), (127,),
+                                   (1200,), (1201,), (3, 65), (2, 3, 127),
+                                   (2, 2, 3, 64)])
 def test_codes_match_numpy_reference(codebook, bits, shape):
   rng = np.random.default_rng(sum(shape) + bits)
   x = (rng.standard_normal(shape) * rng.uniform(0.1, 10)).astype(np.float32)
   table = o4.codebook(codebook, bits)
   q = o4.quantize(x, codebook=codebook, bits=bits, block_size=64)
   expected_codes, expected_scales, normalized = reference_codes(x, table, 64)
-  # Points within float32 rounding of a decision boundary may legitimately go either way.
+  # Points within float32 rounding of a decision boundary may legitimately go
+  # either way.
   midpoints = (table[:-1].astype(np.float64) + table[1:]) / 2
   ambiguous = np.min(np.abs(normalized[..., None] - midpoints), axis=-1) < 1e-6
   codes = unpacked_codes(q)
@@ -87,55 +57,15 @@ def test_codes_match_numpy_reference(codebook, bits, shape):
   np.testing.assert_array_equal(np.asarray(q.scales[0]), expected_scales)
   # error bound: half the widest gap times the block scale
   decoded = np.asarray(o4.dequantize(q))
-  bound = qz.max_rounding_error(codebook, bits) * np.repeat(expected_scales, 64, axis=-1)[..., :shape[-1]]
-  if codebook == "dynamic_tree":  # no −1 code: a negative block maximum decodes to −0.8875·scale at 4 bits
-    bound = np.maximum(bound, (1 + table[0]) * np.repeat(expected_scales, 64, axis=-1)[..., :shape[-1]])
-  float32_slack = 4e-6 * np.repeat(expected_scales, 64, axis=-1)[..., :shape[-1]]
+  bound = cd.max_rounding_error(codebook, bits) * np.repeat(
+      expected_scales, 64, axis=-1)[..., :shape[-1]]
+  # no −1 code: a negative block maximum decodes to −0.8875·scale at 4 bits
+  if codebook == "dynamic_tree":
+    bound = np.maximum(bound, (1 + table[0]) *
+                       np.repeat(expected_scales, 64, axis=-1)[..., :shape[-1]])
+  float32_slack = 4e-6 * np.repeat(expected_scales, 64,
+                                   axis=-1)[..., :shape[-1]]
   assert np.all(np.abs(decoded - x) <= bound + float32_slack)
-
-
-@pytest.mark.parametrize("codebook", ["linear2", "dynamic_tree", "dynamic_tree_unsigned", "linear_nozero"])
-def test_4bit_binary_search_counts_exceeded_midpoints(codebook):
-  """The 4-bit encoder's binary search against a numpy count of ``x > fl32(midpoint_k · scale)`` on hard
-  inputs: scales from 1e-30 to 1e30, zero / NaN / inf scales, points exactly on a boundary, NaN / inf.
-  (Denormal products are left out: XLA flushes them to zero, numpy does not.)"""
-  rng = np.random.default_rng(7)
-  n = 50_000
-  scale = (np.abs(rng.standard_normal(n)) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
-  scale[:50], scale[50:100], scale[100:150] = 0, np.nan, np.inf
-  x = (rng.uniform(-1.1, 1.1, n) * scale).astype(np.float32)
-  midpoints = qz._decision_boundaries(codebook, 4)
-  on_boundary = slice(200, 200 + 15 * 50)
-  x[on_boundary] = np.repeat(midpoints, 50) * scale[on_boundary]
-  x[-150:-100], x[-100:-50], x[-50:] = np.nan, np.inf, -np.inf
-  positive = scale > 0
-  safe_scale = np.where(positive, scale, np.float32(1))
-  with np.errstate(invalid="ignore"):
-    expected = np.sum(np.where(positive, x, 0)[:, None] > midpoints[None, :] * safe_scale[:, None], axis=1)
-  codes = jax.jit(lambda a, b: qz._encode_scaled(a, b, codebook, 4))(x, scale)
-  np.testing.assert_array_equal(np.asarray(codes), expected)
-
-
-def test_ties_go_to_the_lower_code():
-  # linear_nozero's entries (i + 1)/16 and their midpoints (2i + 3)/32 are exact in binary: exact ties.
-  midpoints = (2 * np.arange(15) + 3) / 32
-  x = np.concatenate([[1.0], midpoints]).astype(np.float32)  # block max 1.0: normalized == value
-  codes = unpacked_codes(o4.quantize(x, codebook="linear_nozero", bits=4, block_size=64))
-  np.testing.assert_array_equal(codes[1:], np.arange(15))
-
-
-@pytest.mark.parametrize("codebook", ["dynamic_tree", "linear2"])
-def test_8bit_ties_go_to_the_lower_code_and_the_next_float_up_to_the_upper(codebook):
-  """The 8-bit encoder on every fp32 midpoint of its codebook exactly (block max 1.0, so the normalized
-  value is the input) and on the next fp32 number above it."""
-  table = o4.codebook(codebook, 8).astype(np.float32)
-  midpoints = qz._decision_boundaries(codebook, 8)
-  above = np.nextafter(midpoints, np.float32(np.inf))
-  x = np.concatenate([[1.0], midpoints, [1.0], above]).astype(np.float32)
-  q = o4.quantize(x, codebook=codebook, bits=8, block_size=256)
-  decoded = np.asarray(o4.dequantize(q))
-  np.testing.assert_array_equal(decoded[1:256], table[:-1])
-  np.testing.assert_array_equal(decoded[257:], table[1:])
 
 
 def test_all_zero_blocks_decode_to_exact_zeros():
@@ -152,15 +82,9 @@ def test_all_zero_blocks_decode_to_exact_zeros():
 
 def test_negative_block_max_under_dynamic_tree():
   x = np.array([-4.0, 1.0, 0.5, -0.1], np.float32)
-  decoded = np.asarray(o4.dequantize(o4.quantize(x, codebook="dynamic_tree", bits=4)))
+  decoded = np.asarray(
+      o4.dequantize(o4.quantize(x, codebook="dynamic_tree", bits=4)))
   np.testing.assert_allclose(decoded[0], -0.8875 * 4.0, rtol=1e-6)
-
-
-def test_packing_puts_even_elements_low_and_never_shares_bytes_between_rows():
-  codes = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.uint8)
-  packed = np.asarray(qz.pack_nibbles(codes))
-  np.testing.assert_array_equal(packed, [[1 | 2 << 4, 3], [4 | 5 << 4, 6]])
-  np.testing.assert_array_equal(np.asarray(qz.unpack_nibbles(jnp.asarray(packed), 3)), codes)
 
 
 def test_keep_diagonal_is_exact_and_excluded_from_scales():
@@ -170,29 +94,40 @@ def test_keep_diagonal_is_exact_and_excluded_from_scales():
   q = o4.quantize(a, keep_diagonal=True)
   decoded = np.asarray(o4.dequantize(q))
   np.testing.assert_array_equal(np.diag(decoded), np.diag(a))
-  assert np.max(np.asarray(q.scales[0])) < 0.1  # the huge diagonal did not enter any block scale
+  assert np.max(np.asarray(
+      q.scales[0])) < 0.1  # the huge diagonal did not enter any block scale
   off_diagonal = np.where(np.eye(70, dtype=bool), 0.0, a)
   _, scales, _ = reference_codes(off_diagonal, o4.codebook("linear2", 4), 64)
-  bound = qz.max_rounding_error("linear2", 4) * np.repeat(scales, 64, axis=-1)[:, :70]
+  bound = cd.max_rounding_error("linear2", 4) * np.repeat(scales, 64,
+                                                          axis=-1)[:, :70]
   assert np.all(np.abs(decoded - a) <= bound + 1e-9)
 
 
 def test_rank1_scales_match_reference_2d_and_3d():
   rng = np.random.default_rng(1)
   for shape in [(40, 130), (3, 20, 70)]:
-    v = (rng.standard_normal(shape) ** 2).astype(np.float32)
+    v = (rng.standard_normal(shape)**2).astype(np.float32)
     q = o4.quantize(v, codebook="linear_nozero", normalization="rank1")
-    maxima = [np.max(v, axis=tuple(a for a in range(v.ndim) if a != d)) for d in range(v.ndim)]
+    maxima = [
+        np.max(v, axis=tuple(a
+                             for a in range(v.ndim)
+                             if a != d))
+        for d in range(v.ndim)
+    ]
     for got, want in zip(q.scales, maxima):
       np.testing.assert_array_equal(np.asarray(got), want)
     scale = maxima[0].reshape([-1] + [1] * (v.ndim - 1))
     for d in range(1, v.ndim):
-      scale = np.minimum(scale, maxima[d].reshape([1] * d + [-1] + [1] * (v.ndim - d - 1)))
+      scale = np.minimum(
+          scale, maxima[d].reshape([1] * d + [-1] + [1] * (v.ndim - d - 1)))
     table = o4.codebook("linear_nozero", 4)
-    expected = np.argmin(np.abs((v / scale)[..., None].astype(np.float64) - table), axis=-1)
+    expected = np.argmin(
+        np.abs((v / scale)[..., None].astype(np.float64) - table), axis=-1)
     np.testing.assert_array_equal(unpacked_codes(q), expected)
-    assert q.nbytes == int(np.prod(shape[:-1])) * ((shape[-1] + 1) // 2) + 4 * sum(shape)
-  q1 = o4.quantize(np.ones(300, np.float32), normalization="rank1", codebook="linear_nozero")
+    assert q.nbytes == int(np.prod(shape[:-1])) * (
+        (shape[-1] + 1) // 2) + 4 * sum(shape)
+  q1 = o4.quantize(
+      np.ones(300, np.float32), normalization="rank1", codebook="linear_nozero")
   assert q1.spec.normalization == "block" and q1.spec.block_size == 128
 
 
@@ -200,16 +135,21 @@ def test_triangular_normalization_round_trips_both_triangles():
   rng = np.random.default_rng(2)
   n = 150
   lower = np.tril(rng.standard_normal((n, n)), -1).astype(np.float32) * 3.0
-  upper = np.triu(rng.standard_normal((n, n)), 1).astype(np.float32) * 1e-3  # much smaller: own scales
+  upper = np.triu(rng.standard_normal(
+      (n, n)), 1).astype(np.float32) * 1e-3  # much smaller: own scales
   diagonal = np.abs(rng.standard_normal(n)).astype(np.float32) + 1
   packed = lower + upper + np.diag(diagonal)
-  decoded = np.asarray(o4.dequantize(o4.quantize(packed, normalization="triangular")))
+  decoded = np.asarray(
+      o4.dequantize(o4.quantize(packed, normalization="triangular")))
   np.testing.assert_array_equal(np.diag(decoded), diagonal)
-  for part, mask in ((lower, np.tril(np.ones((n, n), bool), -1)), (upper, np.triu(np.ones((n, n), bool), 1))):
+  for part, mask in ((lower, np.tril(np.ones(
+      (n, n), bool), -1)), (upper, np.triu(np.ones((n, n), bool), 1))):
     got, want = decoded[mask], part[mask]
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.15  # 4-bit linear2 relative error
-    np.testing.assert_array_equal(np.sign(got[np.abs(want) > 0.2 * np.abs(want).max()]),
-                                  np.sign(want[np.abs(want) > 0.2 * np.abs(want).max()]))
+    assert np.linalg.norm(got - want) / np.linalg.norm(
+        want) < 0.15  # 4-bit linear2 relative error
+    np.testing.assert_array_equal(
+        np.sign(got[np.abs(want) > 0.2 * np.abs(want).max()]),
+        np.sign(want[np.abs(want) > 0.2 * np.abs(want).max()]))
 
 
 def test_storage_bytes_of_a_1200_matrix():
@@ -218,10 +158,11 @@ def test_storage_bytes_of_a_1200_matrix():
   assert 1200 * 1200 * 4 / q.nbytes >= 7.0
   assert o4.state_nbytes({"a": q, "b": jnp.zeros(10)}) == q.nbytes + 40
   assert o4.state_nbytes(jax.eval_shape(lambda: {"a": q})) == q.nbytes
-  assert o4.quantize(jnp.ones((1200, 1200)), bits=8).nbytes == 1200 * 1200 + 1200 * 19 * 4
+  assert o4.quantize(jnp.ones((1200, 1200)),
+                     bits=8).nbytes == 1200 * 1200 + 1200 * 19 * 4
 
 
-# ------------------------------------------------------------------------------------------------ transforms
+# ------------------------------------------------------------ transforms
 def test_jit_vmap_and_eager_agree():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 130))
   kwargs = dict(codebook="linear2", bits=4, block_size=64)
@@ -231,8 +172,11 @@ def test_jit_vmap_and_eager_agree():
   for other in (jitted, mapped):
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(other)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(np.asarray(o4.dequantize(mapped)), np.asarray(o4.dequantize(eager)))
-  np.testing.assert_array_equal(np.asarray(jax.vmap(o4.dequantize)(mapped)), np.asarray(o4.dequantize(eager)))
+  np.testing.assert_array_equal(
+      np.asarray(o4.dequantize(mapped)), np.asarray(o4.dequantize(eager)))
+  np.testing.assert_array_equal(
+      np.asarray(jax.vmap(o4.dequantize)(mapped)),
+      np.asarray(o4.dequantize(eager)))
 
 
 def test_passes_through_scan_cond_and_tree_map():
@@ -245,7 +189,8 @@ def test_passes_through_scan_cond_and_tree_map():
   chosen = jax.lax.cond(True, lambda a: a, lambda a: a, q)
   for other in (scanned, chosen, jax.tree.map(lambda a: a, q)):
     assert isinstance(other, o4.QuantizedArray) and other.spec == q.spec
-    np.testing.assert_array_equal(np.asarray(o4.dequantize(other)), np.asarray(o4.dequantize(q)))
+    np.testing.assert_array_equal(
+        np.asarray(o4.dequantize(other)), np.asarray(o4.dequantize(q)))
 
 
 def test_nonfinite_values_poison_only_their_own_block():
@@ -255,14 +200,19 @@ def test_nonfinite_values_poison_only_their_own_block():
     y = x.copy()
     y[0, 70] = bad
     decoded = np.asarray(o4.dequantize(o4.quantize(y)))
-    assert not np.all(np.isfinite(decoded[0, 64:128]))  # the block holding the bad value is visibly bad
+    assert not np.all(np.isfinite(
+        decoded[0, 64:128]))  # the block holding the bad value is visibly bad
     np.testing.assert_array_equal(decoded[0, :64], clean[0, :64])
     np.testing.assert_array_equal(decoded[1], clean[1])
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=5), "bits"), (dict(codebook="foo"), "codebook"), (dict(block_size=0), "block_size"),
-    (dict(block_size=63), "even"), (dict(block_size=2.0), "block_size"), (dict(normalization="x"), "normalization"),
+    (dict(bits=5), "bits"),
+    (dict(codebook="foo"), "codebook"),
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=63), "even"),
+    (dict(block_size=2.0), "block_size"),
+    (dict(normalization="x"), "normalization"),
 ])
 def test_bad_arguments_raise_naming_the_argument(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
@@ -279,10 +229,13 @@ def test_bad_shapes_raise():
 
 
 @settings(max_examples=25, deadline=None)
-@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=150),
-                  elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=False)),
-       st.sampled_from([("linear2", 4), ("dynamic_tree", 4), ("linear2", 8)]),
-       st.sampled_from([2, 64, 128]))
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=150),
+        elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=False)),
+    st.sampled_from([("linear2", 4), ("dynamic_tree", 4), ("linear2", 8)]),
+    st.sampled_from([2, 64, 128]))
 def test_property_roundtrip_error_is_bounded(x, codebook_bits, block_size):
   codebook, bits = codebook_bits
   q = o4.quantize(x, codebook=codebook, bits=bits, block_size=block_size)
@@ -290,22 +243,11 @@ def test_property_roundtrip_error_is_bounded(x, codebook_bits, block_size):
   assert decoded.shape == x.shape and np.all(np.isfinite(decoded))
   _, scales, _ = reference_codes(x, o4.codebook(codebook, bits), block_size)
   scale = np.repeat(scales, block_size, axis=-1)[..., :x.shape[-1]]
-  slack = (1 + o4.codebook(codebook, bits)[0]) if codebook == "dynamic_tree" else 0.0
-  bound = max(qz.max_rounding_error(codebook, bits), slack) * scale
-  # XLA flushes denormals to zero, so blocks whose absmax is near the smallest normal float decode to 0.
-  assert np.all(np.abs(decoded - x) <= bound + 4e-6 * scale + 2 * np.finfo(np.float32).tiny)
-
-
-def test_halves_pairing_round_trips_and_pairs_columns_64_apart():
-  codes = np.arange(2 * 256, dtype=np.uint8).reshape(2, 256) % 16
-  packed = np.asarray(qz.pack_nibbles(jnp.asarray(codes), "halves"))
-  assert packed.shape == (2, 128)
-  np.testing.assert_array_equal(packed[:, 0], codes[:, 0] | (codes[:, 64] << 4))
-  np.testing.assert_array_equal(packed[:, 64], codes[:, 128] | (codes[:, 192] << 4))
-  np.testing.assert_array_equal(np.asarray(qz.unpack_nibbles(jnp.asarray(packed), 256, "halves")), codes)
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 256))
-  a = qz.quantize(x, codebook="dynamic_tree", block_size=128)
-  b = qz.quantize(x, codebook="dynamic_tree", block_size=128, pairing="halves")
-  np.testing.assert_array_equal(np.asarray(qz.dequantize(a)), np.asarray(qz.dequantize(b)))
-  with pytest.raises(ValueError, match="pairing"):
-    qz.quantize(jnp.ones((3, 100)), pairing="halves")
+  slack = (
+      1 + o4.codebook(codebook, bits)[0]) if codebook == "dynamic_tree" else 0.0
+  bound = max(cd.max_rounding_error(codebook, bits), slack) * scale
+  # XLA flushes denormals to zero, so blocks whose absmax is near the smallest
+  # normal float decode to 0.
+  assert np.all(
+      np.abs(decoded - x) <= bound + 4e-6 * scale +
+      2 * np.finfo(np.float32).tiny)

@@ -1,4 +1,5 @@
-"""SOAP (docs/algorithms.md §7) against a float64 numpy SOAP, convergence against AdamW, and state bytes."""
+"""SOAP (docs/algorithms.md §7) against a float64 numpy SOAP, convergence
+against AdamW, and state bytes."""
 
 import jax
 import jax.numpy as jnp
@@ -10,41 +11,63 @@ import optax_shampoo4 as o4
 from helpers import digits_mlp_problem, gpt2_small_shapes, substate, train
 from references import adam_updates, soap_updates
 
-FP32 = dict(config=o4.ShampooConfig(bits=32, max_order=8), moments=o4.AdamConfig(bits=32))
+FP32 = dict(
+    config=o4.ShampooConfig(bits=32, max_order=8),
+    moments=o4.AdamConfig(bits=32))
 CONSTANTS = dict(b1=0.9, b2=0.95, eps=1e-8)
 
 
 @pytest.mark.parametrize("moment_on_refresh", ["project", "keep"])
 def test_fp32_matches_float64_numpy_soap_through_refreshes(moment_on_refresh):
-  """Every leaf of a mixed tree, 12 steps with a basis refresh every 3rd: a plain matrix, one cut into
-  two blocks at ``max_order`` 8, a 3-D kernel with per-head dimension numbers, and a bias (plain Adam).
-  Square blocks: a block's first statistic is then full-rank, so fp32 and float64 agree to 1e-4."""
+  """Every leaf of a mixed tree, 12 steps with a basis refresh every 3rd: a
+  plain matrix, one cut into two blocks at ``max_order`` 8, a 3-D kernel with
+  per-head dimension numbers, and a bias (plain Adam). Square blocks: a block's
+  first statistic is then full-rank, so fp32 and float64 agree to 1e-4."""
   rng = np.random.default_rng(0)
   shapes = {"w": (8, 8), "tall": (16, 8), "heads": (8, 2, 8), "b": (5,)}
-  dims = {"w": None, "tall": None, "heads": o4.DimensionNumbers(rows=0, cols=2), "b": None}
+  dims = {
+      "w": None,
+      "tall": None,
+      "heads": o4.DimensionNumbers(rows=0, cols=2),
+      "b": None
+  }
   config = o4.ShampooConfig(bits=32, max_order=8, dimension_numbers=dims)
-  tx = o4.scale_by_soap(**CONSTANTS, config=config, moments=o4.AdamConfig(bits=32), precondition_every=3,
+  tx = o4.scale_by_soap(**CONSTANTS, config=config,
+                        moments=o4.AdamConfig(bits=32), precondition_every=3,
                         moment_on_refresh=moment_on_refresh)
-  stream = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(12)]
+  stream = [{
+      k: rng.standard_normal(s) for k, s in shapes.items()
+  } for _ in range(12)]
   state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
   ours = []
   for grads in stream:
-    updates, state = jax.jit(tx.update)(jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads), state)
+    updates, state = jax.jit(tx.update)(jax.tree.map(
+        lambda g: jnp.asarray(g, jnp.float32), grads), state)
     ours.append(jax.tree.map(np.asarray, updates))
   assert int(state.failure_count) == 0
-  hp = dict(CONSTANTS, beta=0.95, every=3, project=moment_on_refresh == "project")
+  hp = dict(CONSTANTS, beta=0.95, every=3,
+            project=moment_on_refresh == "project")
   expected = {
       "w": soap_updates([g["w"] for g in stream], **hp),
-      "tall": [np.concatenate(blocks) for blocks in zip(
-          soap_updates([g["tall"][:8] for g in stream], **hp), soap_updates([g["tall"][8:] for g in stream], **hp))],
-      "heads": [np.stack(heads, axis=1) for heads in zip(
-          *(soap_updates([g["heads"][:, h] for g in stream], **hp) for h in range(2)))],
+      "tall": [
+          np.concatenate(blocks) for blocks in zip(
+              soap_updates([g["tall"][:8] for g in stream], **hp),
+              soap_updates([g["tall"][8:] for g in stream], **hp))
+      ],
+      "heads": [
+          np.stack(heads, axis=1)
+          for heads in zip(*(soap_updates([g["heads"][:, h]
+                                           for g in stream], **hp)
+                             for h in range(2)))
+      ],
       "b": adam_updates([g["b"] for g in stream], **CONSTANTS),
   }
   for name in shapes:
-    for step, (got, want) in enumerate(zip([u[name] for u in ours], expected[name]), start=1):
+    for step, (got, want) in enumerate(
+        zip([u[name] for u in ours], expected[name]), start=1):
       scale = np.max(np.abs(want))
-      np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, err_msg=f"{name}, step {step}")
+      np.testing.assert_allclose(got / scale, want / scale, atol=1e-4,
+                                 err_msg=f"{name}, step {step}")
   # the refreshes did rotate: the update is not the unrotated Adam update
   unrotated = adam_updates([g["w"] for g in stream], **CONSTANTS)[-1]
   assert np.max(np.abs(ours[-1]["w"] - unrotated)) > 0.1
@@ -54,30 +77,41 @@ def test_fp32_matches_float64_numpy_soap_through_refreshes(moment_on_refresh):
 def test_4bit_bases_track_fp32_soap_and_both_beat_adamw(moment_bits):
   problem = digits_mlp_problem()
   kwargs = dict(learning_rate=3e-3, weight_decay=0.0, precondition_every=5)
-  adamw, _ = train(optax.adamw(3e-3, b1=0.95, b2=0.95, weight_decay=0.0), problem, 400)
-  fp32, _ = train(o4.soap(**kwargs, config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)), problem, 400)
-  quantized, state = train(o4.soap(**kwargs, moments=o4.AdamConfig(bits=moment_bits)), problem, 400)
+  adamw, _ = train(
+      optax.adamw(3e-3, b1=0.95, b2=0.95, weight_decay=0.0), problem, 400)
+  fp32, _ = train(
+      o4.soap(**kwargs, config=o4.ShampooConfig(bits=32),
+              moments=o4.AdamConfig(bits=32)), problem, 400)
+  quantized, state = train(
+      o4.soap(**kwargs, moments=o4.AdamConfig(bits=moment_bits)), problem, 400)
   soap_state = substate(state, o4.SoapState)
   assert int(soap_state.failure_count) == 0
   is_quantized = lambda x: isinstance(x, o4.QuantizedArray)
-  assert all(is_quantized(soap_state.bases[key].eigenvectors) for key in ("order_64", "order_128"))
+  assert all(
+      is_quantized(soap_state.bases[key].eigenvectors)
+      for key in ("order_64", "order_128"))
   assert is_quantized(soap_state.mu["w1"]) and is_quantized(soap_state.nu["w1"])
   assert quantized <= 1.05 * fp32, (quantized, fp32)
-  assert fp32 < 0.5 * adamw and quantized < 0.5 * adamw, (fp32, quantized, adamw)
+  assert fp32 < 0.5 * adamw and quantized < 0.5 * adamw, (fp32, quantized,
+                                                          adamw)
 
 
 def test_state_bytes_per_parameter_on_gpt2_shapes():
   params = gpt2_small_shapes()
   count = sum(np.prod(p.shape) for p in params.values())
-  per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)) / count
+  per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)
+                                        ) / count
   adamw = per_param(optax.adamw(1e-3))
   default = per_param(o4.soap())  # 4-bit bases, 8-bit moments
   all4 = per_param(o4.soap(moments=o4.AdamConfig(bits=4)))
-  soap32 = per_param(o4.soap(config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)))
+  soap32 = per_param(
+      o4.soap(config=o4.ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32)))
   shampoo4 = per_param(o4.shampoo_adamw(1e-3, adam=o4.AdamConfig()))
   assert adamw == pytest.approx(8.0)
-  assert default <= 0.45 * adamw and all4 <= 0.3 * adamw, (default, all4)  # bases 0.5625 B per entry
-  assert all4 < default < shampoo4 and default < soap32 / 5, (all4, default, shampoo4, soap32)
+  assert default <= 0.45 * adamw and all4 <= 0.3 * adamw, (
+      default, all4)  # bases 0.5625 B per entry
+  assert all4 < default < shampoo4 and default < soap32 / 5, (all4, default,
+                                                              shampoo4, soap32)
 
 
 def test_state_bytes_per_parameter_on_the_benchmark_transformer():
@@ -86,11 +120,14 @@ def test_state_bytes_per_parameter_on_the_benchmark_transformer():
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
   import lm
   size = lm.SIZES["base"]
-  model = lm.ByteTransformer(size["width"], size["layers"], size["heads"], size["context"])
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  model = lm.ByteTransformer(size["width"], size["layers"], size["heads"],
+                             size["context"])
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
   count = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
   assert 85e6 < count < 86e6
-  per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)) / count
+  per_param = lambda tx: o4.state_nbytes(jax.eval_shape(tx.init, params)
+                                        ) / count
   default, adamw = per_param(o4.soap()), per_param(optax.adamw(1e-3))
   all4 = per_param(o4.soap(moments=o4.AdamConfig(bits=4)))
   assert default <= 0.45 * adamw and all4 <= 0.3 * adamw, (default, all4)
@@ -98,14 +135,19 @@ def test_state_bytes_per_parameter_on_the_benchmark_transformer():
 
 
 def test_moments_stay_where_the_algorithm_keeps_them():
-  """The first moment is the EMA of the raw gradient; the second lives in the rotated basis (fp32 moments)."""
+  """The first moment is the EMA of the raw gradient; the second lives in the
+  rotated basis (fp32 moments)."""
   tx = o4.scale_by_soap(**CONSTANTS, **FP32, precondition_every=1)
   rng = np.random.default_rng(1)
-  grads = [{"w": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)} for _ in range(2)]
+  grads = [{
+      "w": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+  } for _ in range(2)]
   state = tx.init({"w": jnp.zeros((8, 8))})
   for g in grads:
     _, state = tx.update(g, state)
-  np.testing.assert_allclose(state.mu["w"], 0.1 * 0.9 * grads[0]["w"] + 0.1 * grads[1]["w"], rtol=1e-5)
+  np.testing.assert_allclose(state.mu["w"],
+                             0.1 * 0.9 * grads[0]["w"] + 0.1 * grads[1]["w"],
+                             rtol=1e-5)
   rows = [np.asarray(state.bases["order_8"].eigenvectors[i]) for i in range(2)]
   np.testing.assert_allclose(rows[0] @ rows[0].T, np.eye(8), atol=1e-5)
   rotated = rows[0] @ np.asarray(grads[1]["w"]) @ rows[1].T
@@ -117,7 +159,9 @@ def test_a_failed_basis_update_is_counted_and_keeps_the_old_basis():
   state = tx.init({"w": jnp.zeros((8, 8))})
   _, state = tx.update({"w": jnp.ones((8, 8))}, state)
   before = state.bases
-  huge = {"w": jnp.full((8, 8), 1e30, jnp.float32)}  # finite, but G Gᵀ overflows
+  huge = {
+      "w": jnp.full((8, 8), 1e30, jnp.float32)
+  }  # finite, but G Gᵀ overflows
   _, after = tx.update(huge, state)
   assert int(after.failure_count) == int(state.failure_count) + 2
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after.bases)):
@@ -131,7 +175,8 @@ def test_a_failed_basis_update_is_counted_and_keeps_the_old_basis():
     (dict(moment_on_refresh="reset"), "moment_on_refresh"),
     (dict(shampoo_beta=1.0), "shampoo_beta"),
     (dict(config="4bit"), "config"),
-    (dict(config=o4.ShampooConfig(preconditioning_precision="bf16")), "preconditioning_precision"),
+    (dict(config=o4.ShampooConfig(preconditioning_precision="bf16")),
+     "preconditioning_precision"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
