@@ -35,8 +35,7 @@ CLASSES = (  # (class, pattern on the kernel / op name), first match wins
     ("matmul", r"gemm|cutlass|cublas|xmma|dot|matmul|sm90|sm80"),
     ("factorization",
      r"potrf|trsm|syevd|syevj|cholesky|triangular|eigh|solver|getrf|lapack"
-     r"|geqrf"
-    ),
+     r"|geqrf"),
     ("copy/transpose",
      r"copy|transpose|memcpy|memset|concatenate|slice|dynamic"),
     ("fusion", r"fusion|reduce|convert|select|compare|add|multiply"),
@@ -195,9 +194,9 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
   for name in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6", "BF16_BF16_F32_X3"):
     variants.append((name, getattr(jax.lax.DotAlgorithmPreset, name), 3))
 
-  def final_root(bits):
+  def final_root(bits, numerics):
     storage = preconditioners.make_storage(
-        o4.ShampooConfig(bits=bits, min_quantized_size=0), order)
+        o4.ShampooConfig(bits=bits, min_quantized_size=0), order, numerics)
     update = jax.jit(lambda s, g: storage.update_statistics(s, g, hyper))
     state, failures = storage.init(2, order, hyper), 0
     for g in grams:
@@ -214,15 +213,14 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
     linalg.orthonormalize_columns = functools.partial(original_orthonormalize,
                                                       passes=passes)
     try:
-      with linalg.precision(precision):
-        storage4 = preconditioners.make_storage(
-            o4.ShampooConfig(bits=4, min_quantized_size=0), order)
-        update4 = jax.jit(
-            lambda s, g: storage4.update_statistics(s, g, hyper)[0])
-        seconds = common.time_call(update4, storage4.init(count, order, hyper),
-                                   timing_grams, repeats=3)
-        root32, failures32 = final_root(32)
-        root4, failures4 = final_root(4)
+      numerics = linalg.Numerics(precision)
+      storage4 = preconditioners.make_storage(
+          o4.ShampooConfig(bits=4, min_quantized_size=0), order, numerics)
+      update4 = jax.jit(lambda s, g: storage4.update_statistics(s, g, hyper)[0])
+      seconds = common.time_call(update4, storage4.init(count, order, hyper),
+                                 timing_grams, repeats=3)
+      root32, failures32 = final_root(32, numerics)
+      root4, failures4 = final_root(4, numerics)
       highest_root = root32 if highest_root is None else highest_root
       rows.append([
           name, passes, seconds * 1e3,
@@ -247,15 +245,14 @@ def main():
   parser.add_argument(
       "--cholesky-every-pass", action="store_true",
       help="also profile the statistics step with a Cholesky factorization in "
-          "every Cholesky-QR "
+      "every Cholesky-QR "
       "pass (no first-order corrections)")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="write each profiled program's optimized HLO")
   parser.add_argument(
       "--skip-extras", action="store_true",
       help="skip the dot-algorithm, statistics-variant and factorization "
-          "timings"
-  )
+      "timings")
   args = parser.parse_args()
   shapes = {
       "gpt2_small": common.gpt2_small_shapes(),
@@ -318,8 +315,7 @@ def main():
   tables.append(
       common.print_table(
           "Eigenvector statistics update of a (101, 1200, 1200) stack by dot "
-          "algorithm and Cholesky-QR passes",
-          [
+          "algorithm and Cholesky-QR passes", [
               "algorithm", "passes", "4-bit update ms", "fp32 root err vs fp64",
               "fp32 root diff vs HIGHEST/3", "4-bit root err vs fp64",
               "rejected"

@@ -1,10 +1,11 @@
 """Batched fp32 linear algebra for Shampoo preconditioners, built from matrix
 products.
 
-Every function takes stacks of matrices (``(..., n, n)``) and runs at
-``Precision.HIGHEST``, because XLA's default fp32 dot is TF32 on recent GPUs and
-bf16 passes on TPUs, which is too coarse for preconditioner statistics whose
-eigenvalues span six decades.
+Every function takes stacks of matrices (``(..., n, n)``) and a
+:class:`Numerics`: the precision of its products and the sharding constraint of
+its results, passed explicitly. The default is ``Precision.HIGHEST``, because
+XLA's default fp32 dot is TF32 on recent GPUs and bf16 passes on TPUs, which is
+too coarse for preconditioner statistics whose eigenvalues span six decades.
 
 Batched QR is avoided on purpose: on GPUs ``jnp.linalg.qr`` over a stack is
 orders of magnitude slower than matrix products (``benchmarks/profile.py``
@@ -16,8 +17,7 @@ orthonormal, one product: a first-order correction).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,6 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 _FP32_UNIT_ROUNDOFF = 2.0**-24
-_precision_stack = [HIGHEST]
 # Cholesky-QR passes after the first whose Gram matrix is within this Frobenius
 # distance of the identity are first-order corrections (see
 # orthonormalize_columns); None: a Cholesky factorization every pass. Read when
@@ -34,38 +33,30 @@ _precision_stack = [HIGHEST]
 # three Cholesky passes by < 1e-5 and stays orthonormal to ‖QᵀQ − I‖_F ≤ 4e-5.
 CHOLESKY_QR_CORRECTION_TOLERANCE: Optional[float] = 3e-2
 
-_constraint_stack = [None]
+
+class Numerics(NamedTuple):
+  """How the preconditioner algebra runs, passed to every function below that
+  multiplies or factors stacks.
+
+  Attributes:
+    precision: of the products: a ``lax.Precision`` or a
+      ``lax.DotAlgorithmPreset`` (default fp32).
+    constraint: a function every stack-sized result passes through (e.g. a
+      ``with_sharding_constraint`` that keeps a stack sharded along its leading
+      axis), or None. :func:`per_matrix` reads its ``mesh`` and ``axes``
+      attributes when it has them.
+  """
+
+  precision: Any = HIGHEST
+  constraint: Optional[Callable[[jax.Array], jax.Array]] = None
 
 
-@contextlib.contextmanager
-def constrain_stacks(constraint):
-  """Within this block (at trace time), every product and orthonormalization
-  pass passes its result through ``constraint`` (e.g. a
-  ``with_sharding_constraint`` that keeps a stack sharded along its leading
-  axis)."""
-  _constraint_stack.append(constraint)
-  try:
-    yield
-  finally:
-    _constraint_stack.pop()
+FP32 = Numerics()
 
 
-def constrain(x: jax.Array) -> jax.Array:
-  """``x`` through the constraint of the enclosing :func:`constrain_stacks`
-  block (unchanged outside one)."""
-  constraint = _constraint_stack[-1]
-  return x if constraint is None else constraint(x)
-
-
-@contextlib.contextmanager
-def precision(value):
-  """Within this block (at trace time), the products below use ``value``, e.g. a
-  ``lax.DotAlgorithmPreset``."""
-  _precision_stack.append(value)
-  try:
-    yield
-  finally:
-    _precision_stack.pop()
+def constrain(x: jax.Array, numerics: Numerics = FP32) -> jax.Array:
+  """``x`` through ``numerics.constraint`` (unchanged without one)."""
+  return x if numerics.constraint is None else numerics.constraint(x)
 
 
 PRODUCT_PRECISIONS = {
@@ -87,14 +78,11 @@ def product(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
   return jnp.matmul(a, b, precision=PRODUCT_PRECISIONS[precision])
 
 
-def matmul(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
-  return constrain(
-      jnp.matmul(
-          a, b,
-          precision=_precision_stack[-1] if precision is None else precision))
+def matmul(a: jax.Array, b: jax.Array, numerics: Numerics = FP32) -> jax.Array:
+  return constrain(jnp.matmul(a, b, precision=numerics.precision), numerics)
 
 
-def per_matrix(fn, *stacks):
+def per_matrix(fn, *stacks, numerics: Numerics = FP32):
   """``fn`` over stacks ``(..., n, m)`` of matrices, for LAPACK-backed ops
   (Cholesky, triangular solve, eigh).
 
@@ -104,12 +92,12 @@ def per_matrix(fn, *stacks):
   device running such a kernel (a multi-device CPU program; seen with jaxlib
   0.10.2 on 4 and 8 devices and 2 cores), nothing is left to run the pieces: the
   step hangs. A stack sharded along its leading axis with a mesh (a constraint
-  of :func:`constrain_stacks` carrying ``mesh`` and ``axes``) loops over each
+  of ``numerics`` carrying ``mesh`` and ``axes``) loops over each
   device's own slots inside ``shard_map``, since a loop over the sharded axis
   would gather the whole stack onto every device. GPUs and TPUs take the batched
   call, and so do stacks spread by propagation alone (no mesh to map over).
   """
-  constraint = _constraint_stack[-1]
+  constraint = numerics.constraint
   if jax.default_backend() != "cpu" or (constraint is not None and
                                         not hasattr(constraint, "mesh")):
     return fn(*stacks)
@@ -132,12 +120,12 @@ def symmetrize(a: jax.Array) -> jax.Array:
   return 0.5 * (a + transpose(a))
 
 
-def gram(x: jax.Array) -> jax.Array:
+def gram(x: jax.Array, numerics: Numerics = FP32) -> jax.Array:
   """``x xᵀ`` (symmetrized)."""
-  return symmetrize(matmul(x, transpose(x)))
+  return symmetrize(matmul(x, transpose(x), numerics))
 
 
-def bjorck(rows: jax.Array, steps: int) -> jax.Array:
+def bjorck(rows: jax.Array, steps: int, numerics: Numerics = FP32) -> jax.Array:
   """``steps`` Björck (Newton–Schulz) steps ``V ← 1.5 V − 0.5 V Vᵀ V`` towards
   the nearest orthogonal matrix.
 
@@ -146,7 +134,8 @@ def bjorck(rows: jax.Array, steps: int) -> jax.Array:
   with error ~1e-4 [S4, §3.2].
   """
   for _ in range(steps):
-    rows = 1.5 * rows - 0.5 * matmul(matmul(rows, transpose(rows)), rows)
+    outer = matmul(rows, transpose(rows), numerics)
+    rows = 1.5 * rows - 0.5 * matmul(outer, rows, numerics)
   return rows
 
 
@@ -158,7 +147,8 @@ def orthogonality_error(rows: jax.Array) -> jax.Array:
       axis=(-2, -1))
 
 
-def orthogonality_error_estimate(rows: jax.Array, probes: int = 4) -> jax.Array:
+def orthogonality_error_estimate(rows: jax.Array, probes: int = 4,
+                                 numerics: Numerics = FP32) -> jax.Array:
   """A cheap stand-in for :func:`orthogonality_error`: ``max |(V Vᵀ − I) z|``
   over fixed Gaussian probes ``z``.
 
@@ -169,13 +159,13 @@ def orthogonality_error_estimate(rows: jax.Array, probes: int = 4) -> jax.Array:
   """
   n = rows.shape[-1]
   z = jax.random.normal(jax.random.PRNGKey(0), (n, probes), rows.dtype)
-  residual = matmul(rows, matmul(transpose(rows), z)) - z
+  residual = matmul(rows, matmul(transpose(rows), z, numerics), numerics) - z
   return jnp.max(jnp.abs(residual), axis=(-2, -1))
 
 
-def orthonormalize_columns(
-    x: jax.Array, passes: int = 3, shift: float = 10.0,
-    correction_tolerance: Optional[float] = None) -> jax.Array:
+def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0,
+                           correction_tolerance: Optional[float] = None,
+                           numerics: Numerics = FP32) -> jax.Array:
   """Q factor of ``x = Q R`` (positive diagonal of R) by shifted Cholesky-QR,
   ``passes`` times.
 
@@ -223,18 +213,18 @@ def orthonormalize_columns(
       return lax.linalg.triangular_solve(lower, x, left_side=False, lower=True,
                                          transpose_a=True)
 
-    return per_matrix(factor_and_solve, shifted, x)
+    return per_matrix(factor_and_solve, shifted, x, numerics=numerics)
 
   def first_order_pass(x, gram_matrix):
     deviation = gram_matrix - eye
     upper = jnp.triu(deviation, 1) + 0.5 * deviation * eye
-    return x - matmul(x, upper)
+    return x - matmul(x, upper, numerics)
 
   for index in range(passes):
     x = _unit_columns(x)
-    gram_matrix = matmul(transpose(x), x)
+    gram_matrix = matmul(transpose(x), x, numerics)
     if index == 0 or correction_tolerance is None:
-      x = constrain(cholesky_pass(x, gram_matrix))
+      x = constrain(cholesky_pass(x, gram_matrix), numerics)
       continue
     # A pass followed by another may start further from orthonormal: its result
     # (≈ ‖E‖² ≤ tolerance) qualifies the next pass for a correction.
@@ -244,7 +234,7 @@ def orthonormalize_columns(
     x = constrain(
         lax.cond(
             jnp.all(deviation <= tolerance), first_order_pass, cholesky_pass, x,
-            gram_matrix))
+            gram_matrix), numerics)
   return _unit_columns(x)
 
 
@@ -254,7 +244,7 @@ def _unit_columns(x: jax.Array) -> jax.Array:
 
 
 def subspace_iteration_step(statistic: jax.Array, rows: jax.Array, *,
-                            shift: float = 1e-5):
+                            shift: float = 1e-5, numerics: Numerics = FP32):
   """One warm-started step of simultaneous (subspace) iteration for the
   eigenbasis of ``statistic``.
 
@@ -273,13 +263,13 @@ def subspace_iteration_step(statistic: jax.Array, rows: jax.Array, *,
     quotients ``diag(Pᵀ A P)`` (fp32).
   """
   columns = transpose(rows)
-  product = matmul(statistic, columns)
+  product = matmul(statistic, columns, numerics)
   largest = jnp.max(jnp.sqrt(jnp.sum(product * product, axis=-2)),
                     axis=-1)[..., None, None]
   basis = orthonormalize_columns(
       product + shift * largest * columns,
-      correction_tolerance=CHOLESKY_QR_CORRECTION_TOLERANCE)
-  eigenvalues = jnp.sum(basis * matmul(statistic, basis), axis=-2)
+      correction_tolerance=CHOLESKY_QR_CORRECTION_TOLERANCE, numerics=numerics)
+  eigenvalues = jnp.sum(basis * matmul(statistic, basis, numerics), axis=-2)
   return transpose(basis), eigenvalues
 
 
@@ -291,24 +281,26 @@ def relative_damping(eigenvalues: jax.Array, epsilon) -> jax.Array:
 
 
 def inverse_root_from_eigenbasis(rows: jax.Array, eigenvalues: jax.Array, *,
-                                 root: int = 4, epsilon=1e-6) -> jax.Array:
+                                 root: int = 4, epsilon=1e-6,
+                                 numerics: Numerics = FP32) -> jax.Array:
   """``Vᵀ diag((λ + ρ)^(-1/root)) V`` with rows of ``rows`` the eigenvectors;
   ``ρ = ε·max(λ)``."""
   damped = jnp.maximum(eigenvalues, 0.0) + relative_damping(
       eigenvalues, epsilon)
   scaled = rows * (damped**(-1.0 / root))[..., :, None]
-  return symmetrize(matmul(transpose(rows), scaled))
+  return symmetrize(matmul(transpose(rows), scaled, numerics))
 
 
-def inverse_root_eigh(statistic: jax.Array, *, root: int = 4,
-                      epsilon=1e-6) -> jax.Array:
+def inverse_root_eigh(statistic: jax.Array, *, root: int = 4, epsilon=1e-6,
+                      numerics: Numerics = FP32) -> jax.Array:
   """``(A + ε·λmax I)^(-1/root)`` through a symmetric eigendecomposition
   (fp32)."""
   eigenvalues, vectors = per_matrix(
       lambda a: jnp.linalg.eigh(a, symmetrize_input=False),
-      symmetrize(statistic))
+      symmetrize(statistic), numerics=numerics)
   return inverse_root_from_eigenbasis(
-      transpose(vectors), eigenvalues, root=root, epsilon=epsilon)
+      transpose(vectors), eigenvalues, root=root, epsilon=epsilon,
+      numerics=numerics)
 
 
 def largest_eigenvalue(statistic: jax.Array,
@@ -331,7 +323,8 @@ def largest_eigenvalue(statistic: jax.Array,
 
 
 def inverse_root_newton(statistic: jax.Array, *, root: int = 4, epsilon=1e-6,
-                        iterations: int = 30) -> jax.Array:
+                        iterations: int = 30,
+                        numerics: Numerics = FP32) -> jax.Array:
   """``(A + ε·λmax I)^(-1/root)`` by the coupled Newton iteration (Guo & Higham
   2006), matrix products only.
 
@@ -356,14 +349,15 @@ def inverse_root_newton(statistic: jax.Array, *, root: int = 4, epsilon=1e-6,
     t = ((root + 1.0) * eye - m) / root
     t_power = t
     for _ in range(root - 1):
-      t_power = matmul(t_power, t)
-    return matmul(t_power, m), matmul(h, t)
+      t_power = matmul(t_power, t, numerics)
+    return matmul(t_power, m, numerics), matmul(h, t, numerics)
 
   _, h = lax.fori_loop(0, iterations, body, (m, h))
   return symmetrize(h)
 
 
-def cholesky_lower(statistic: jax.Array, epsilon) -> jax.Array:
+def cholesky_lower(statistic: jax.Array, epsilon,
+                   numerics: Numerics = FP32) -> jax.Array:
   """Lower Cholesky factor of ``A + ε·max(diag A)·I`` (NaN where the
   factorization fails)."""
   n = statistic.shape[-1]
@@ -372,4 +366,4 @@ def cholesky_lower(statistic: jax.Array, epsilon) -> jax.Array:
   shifted = symmetrize(statistic) + ridge[..., None, None] * jnp.eye(
       n, dtype=statistic.dtype)
   return per_matrix(lambda a: lax.linalg.cholesky(a, symmetrize_input=False),
-                    shifted)
+                    shifted, numerics=numerics)

@@ -175,26 +175,31 @@ def _store_root(codec: MatrixCodec, root: jax.Array) -> Stored:
   return codec.store(root, keep_diagonal=True)
 
 
-def _update_inverse_root(codec: MatrixCodec, compute, state, hyper: Hyper):
-  # computed and quantized where its block's statistics live (under
-  # linalg.constrain_stacks), whatever the stored root's own sharding
-  root = linalg.constrain(compute(state, hyper))
+def _update_inverse_root(codec: MatrixCodec, numerics: linalg.Numerics, compute,
+                         state, hyper: Hyper):
+  # computed and quantized where its block's statistics live (numerics'
+  # constraint), whatever the stored root's own sharding
+  constrain = lambda x: linalg.constrain(x, numerics)
+  root = constrain(compute(state, hyper))
   ok = all_finite(root)
-  stored = jax.tree.map(linalg.constrain, _store_root(codec, root))
+  stored = jax.tree.map(constrain, _store_root(codec, root))
   return state._replace(inverse_root=select(ok, stored, state.inverse_root)), ok
 
 
-def _matrix_inverse_root(method: str, statistic: jax.Array,
-                         epsilon) -> jax.Array:
-  if method == "eigh":
-    return linalg.inverse_root_eigh(statistic, root=ROOT, epsilon=epsilon)
-  return linalg.inverse_root_newton(statistic, root=ROOT, epsilon=epsilon)
+def _matrix_inverse_root(method: str, statistic: jax.Array, epsilon,
+                         numerics: linalg.Numerics) -> jax.Array:
+  root = {
+      "eigh": linalg.inverse_root_eigh,
+      "newton": linalg.inverse_root_newton
+  }
+  return root[method](statistic, root=ROOT, epsilon=epsilon, numerics=numerics)
 
 
-def _functions(codec: MatrixCodec, init, update_statistics, compute_root,
-               statistic) -> Storage:
-  return Storage(init, update_statistics,
-                 functools.partial(_update_inverse_root, codec, compute_root),
+def _functions(codec: MatrixCodec, numerics: linalg.Numerics, init,
+               update_statistics, compute_root, statistic) -> Storage:
+  update_root = functools.partial(_update_inverse_root, codec, numerics,
+                                  compute_root)
+  return Storage(init, update_statistics, update_root,
                  lambda state: codec.load(state.inverse_root), codec.load,
                  statistic)
 
@@ -210,33 +215,37 @@ def init_basis(codec: MatrixCodec, k: int, n: int, hyper: Hyper) -> EigenBasis:
                                              jnp.float32))
 
 
-def load_basis(codec: MatrixCodec, bjorck_steps: int,
-               eigenvectors: Stored) -> jax.Array:
+def load_basis(codec: MatrixCodec, bjorck_steps: int, eigenvectors: Stored,
+               numerics: linalg.Numerics = linalg.FP32) -> jax.Array:
   """The eigenvectors (rows), rectified by ``bjorck_steps`` Björck steps when
   they were quantized (fp32 rows come out of ``orthonormalize_columns`` already
   orthonormal)."""
   rows = codec.load(eigenvectors)
-  return linalg.bjorck(rows, bjorck_steps) if codec.quantized else rows
+  return linalg.bjorck(rows, bjorck_steps,
+                       numerics) if codec.quantized else rows
 
 
-def eigen_statistic(codec: MatrixCodec, bjorck_steps: int, state) -> jax.Array:
+def eigen_statistic(codec: MatrixCodec, bjorck_steps: int, state,
+                    numerics: linalg.Numerics = linalg.FP32) -> jax.Array:
   """``Uᵀ diag(λ) U`` from a stored basis (symmetric up to rounding)."""
-  rows = load_basis(codec, bjorck_steps, state.eigenvectors)
+  rows = load_basis(codec, bjorck_steps, state.eigenvectors, numerics)
   return linalg.matmul(
-      linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
+      linalg.transpose(rows), rows * state.eigenvalues[..., :, None], numerics)
 
 
 def update_eigenbasis(codec: MatrixCodec, bjorck_steps: int, state,
-                      grams: jax.Array, hyper: Hyper):
+                      grams: jax.Array, hyper: Hyper,
+                      numerics: linalg.Numerics = linalg.FP32):
   """The EMA of the statistic rebuilt from the basis, then one warm-started
   subspace-iteration step; works on an :class:`EigenPreconditioner` and an
   :class:`EigenBasis` alike. ``(state, ok)``."""
-  rows = load_basis(codec, bjorck_steps, state.eigenvectors)
+  rows = load_basis(codec, bjorck_steps, state.eigenvectors, numerics)
   previous = linalg.matmul(
-      linalg.transpose(rows), rows * state.eigenvalues[..., :, None])
+      linalg.transpose(rows), rows * state.eigenvalues[..., :, None], numerics)
   # symmetric up to rounding, which the products below do not need removed
   statistic = hyper.beta * previous + (1.0 - hyper.beta) * grams
-  new_rows, eigenvalues = linalg.subspace_iteration_step(statistic, rows)
+  new_rows, eigenvalues = linalg.subspace_iteration_step(
+      statistic, rows, numerics=numerics)
   # Keep the basis sorted by decreasing eigenvalue: subspace iteration with a
   # triangular (QR) orthonormalization converges to that order, and a wrong
   # order makes it rotate pairs instead.
@@ -245,15 +254,16 @@ def update_eigenbasis(codec: MatrixCodec, bjorck_steps: int, state,
       jnp.take_along_axis(eigenvalues, order, axis=-1), 0.0)
   new_rows = jnp.take_along_axis(new_rows, order[..., :, None], axis=-2)
   ok = (
-      all_finite(new_rows) & all_finite(eigenvalues) &
-      (linalg.orthogonality_error_estimate(new_rows)
-       <= ORTHOGONALITY_TOLERANCE))
+      all_finite(new_rows)
+      & all_finite(eigenvalues) & (linalg.orthogonality_error_estimate(
+          new_rows, numerics=numerics) <= ORTHOGONALITY_TOLERANCE))
   new = state._replace(
       eigenvectors=codec.store(new_rows), eigenvalues=eigenvalues)
   return select(ok, new, state), ok
 
 
-def _eigenvector_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
+def _eigenvector_storage(codec: MatrixCodec, config: ShampooConfig,
+                         numerics: linalg.Numerics) -> Storage:
   load_steps, root_steps = config.bjorck_steps
 
   def init(k, n, hyper):
@@ -261,20 +271,23 @@ def _eigenvector_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
                                _store_root(codec, _identity(k, n)))
 
   def compute_root(state, hyper):
-    rows = linalg.bjorck(codec.load(state.eigenvectors), root_steps)
+    rows = linalg.bjorck(codec.load(state.eigenvectors), root_steps, numerics)
     return linalg.inverse_root_from_eigenbasis(rows, state.eigenvalues,
-                                               root=ROOT, epsilon=hyper.epsilon)
+                                               root=ROOT, epsilon=hyper.epsilon,
+                                               numerics=numerics)
 
-  return _functions(codec, init,
-                    functools.partial(update_eigenbasis, codec, load_steps),
-                    compute_root,
-                    functools.partial(eigen_statistic, codec, load_steps))
+  update = functools.partial(update_eigenbasis, codec, load_steps,
+                             numerics=numerics)
+  statistic = functools.partial(eigen_statistic, codec, load_steps,
+                                numerics=numerics)
+  return _functions(codec, numerics, init, update, compute_root, statistic)
 
 
 # ------------------------------------------------------------------------------
 # The statistic itself
 # ------------------------------------------------------------------------------
-def _matrix_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
+def _matrix_storage(codec: MatrixCodec, config: ShampooConfig,
+                    numerics: linalg.Numerics) -> Storage:
 
   def init(k, n, hyper):
     eye = _identity(k, n)
@@ -291,9 +304,9 @@ def _matrix_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
 
   def compute_root(state, hyper):
     return _matrix_inverse_root(config.root_method, codec.load(state.statistic),
-                                hyper.epsilon)
+                                hyper.epsilon, numerics)
 
-  return _functions(codec, init, update_statistics, compute_root,
+  return _functions(codec, numerics, init, update_statistics, compute_root,
                     lambda state: codec.load(state.statistic))
 
 
@@ -306,7 +319,8 @@ def unpack_cholesky(packed: jax.Array) -> Tuple[jax.Array, jax.Array]:
   return jnp.tril(packed), jnp.tril(linalg.transpose(packed), -1)
 
 
-def _cholesky_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
+def _cholesky_storage(codec: MatrixCodec, config: ShampooConfig,
+                      numerics: linalg.Numerics) -> Storage:
   feedback = config.error_feedback and codec.quantized
 
   def init(k, n, hyper):
@@ -315,12 +329,14 @@ def _cholesky_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
         _store_root(codec, _identity(k, n)))
 
   def statistic(state):
-    return linalg.gram(unpack_cholesky(codec.load(state.factor_and_error))[0])
+    factor = unpack_cholesky(codec.load(state.factor_and_error))[0]
+    return linalg.gram(factor, numerics)
 
   def update_statistics(state, grams, hyper):
     factor, error = unpack_cholesky(codec.load(state.factor_and_error))
-    statistic = hyper.beta * linalg.gram(factor) + (1.0 - hyper.beta) * grams
-    cholesky = linalg.cholesky_lower(statistic, hyper.epsilon)
+    statistic = (
+        hyper.beta * linalg.gram(factor, numerics) + (1.0 - hyper.beta) * grams)
+    cholesky = linalg.cholesky_lower(statistic, hyper.epsilon, numerics)
     ok = all_finite(cholesky)
     packed = cholesky
     if feedback:
@@ -335,9 +351,10 @@ def _cholesky_storage(codec: MatrixCodec, config: ShampooConfig) -> Storage:
 
   def compute_root(state, hyper):
     return _matrix_inverse_root(config.root_method, statistic(state),
-                                hyper.epsilon)
+                                hyper.epsilon, numerics)
 
-  return _functions(codec, init, update_statistics, compute_root, statistic)
+  return _functions(codec, numerics, init, update_statistics, compute_root,
+                    statistic)
 
 
 STORAGES = {
@@ -354,6 +371,8 @@ def make_codec(config: ShampooConfig, order: int) -> MatrixCodec:
   return MatrixCodec(bits, config.codebook, config.block_size)
 
 
-def make_storage(config: ShampooConfig, order: int) -> Storage:
-  """The storage of ``config`` for preconditioners of ``order``."""
-  return STORAGES[config.storage](make_codec(config, order), config)
+def make_storage(config: ShampooConfig, order: int,
+                 numerics: linalg.Numerics = linalg.FP32) -> Storage:
+  """The storage of ``config`` for preconditioners of ``order``, its algebra
+  run with ``numerics`` (precision and sharding constraint)."""
+  return STORAGES[config.storage](make_codec(config, order), config, numerics)

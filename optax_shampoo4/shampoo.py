@@ -158,6 +158,12 @@ class Stacks:
     constrain.mesh, constrain.axes = sharding.mesh, self.config.block_axes
     return constrain
 
+  def numerics(self, order: int) -> linalg.Numerics:
+    """The precision and sharding constraint of the order's statistics and
+    root updates."""
+    return linalg.Numerics(
+        linalg_precision(self.config), self.constraint(order))
+
   def constrain(self, stack, order: int):
     """The statistics of a stack stay sharded; the stored root is replicated
     with ``replicate_roots``."""
@@ -209,21 +215,22 @@ def update_statistics(stacks: Stacks, preconditioners, group_blocks,
   ``(new, failures)``."""
   new, failures = {}, jnp.zeros([], jnp.int32)
   for order in stacks.plan.orders:
-    storage = make_storage(stacks.config, order)
+    numerics = stacks.numerics(order)
+    storage = make_storage(stacks.config, order, numerics)
     eye = jnp.eye(order, dtype=jnp.float32)
 
     def chunk_update(stack, oriented, padding):
-      grams = jnp.where(padding[:, None, None], eye, linalg.gram(oriented))
+      grams = jnp.where(padding[:, None, None], eye,
+                        linalg.gram(oriented, numerics))
       return storage.update_statistics(stack, grams, hyper)
 
     padding = jnp.asarray(blocking.padding_slots(stacks.plan, order))
-    with linalg.constrain_stacks(stacks.constraint(order)):
-      stack = stacks.constrain(preconditioners[stack_key(order)], order)
-      updated, ok = blocking.map_chunks(chunk_update,
-                                        stacks.chunk(order,
-                                                     UPDATE_FP32_COPIES), stack,
-                                        stacks.oriented(order, group_blocks),
-                                        padding)
+    stack = stacks.constrain(preconditioners[stack_key(order)], order)
+    updated, ok = blocking.map_chunks(chunk_update,
+                                      stacks.chunk(order,
+                                                   UPDATE_FP32_COPIES), stack,
+                                      stacks.oriented(order, group_blocks),
+                                      padding)
     new[stack_key(order)] = stacks.constrain(updated, order)
     failures += jnp.sum(~ok)
   return new, failures
@@ -233,12 +240,11 @@ def update_inverse_roots(stacks: Stacks, preconditioners, hyper: Hyper):
   """Every order's inverse roots, chunk by chunk; ``(new, failures)``."""
   new, failures = {}, jnp.zeros([], jnp.int32)
   for order in stacks.plan.orders:
-    storage = make_storage(stacks.config, order)
-    with linalg.constrain_stacks(stacks.constraint(order)):
-      stack = stacks.constrain(preconditioners[stack_key(order)], order)
-      updated, ok = blocking.map_chunks(
-          lambda s: storage.update_inverse_root(s, hyper),
-          stacks.chunk(order, UPDATE_FP32_COPIES), stack)
+    storage = make_storage(stacks.config, order, stacks.numerics(order))
+    stack = stacks.constrain(preconditioners[stack_key(order)], order)
+    updated, ok = blocking.map_chunks(
+        lambda s: storage.update_inverse_root(s, hyper),
+        stacks.chunk(order, UPDATE_FP32_COPIES), stack)
     new[stack_key(order)] = stacks.constrain(updated, order)
     failures += jnp.sum(~ok)
   return new, failures
@@ -392,12 +398,10 @@ def scale_by_shampoo(
       return preconditioners, stat_failures + root_failures
 
     # XLA:GPU copies every conditional's predicate to the host and waits for it,
-    # which drains the launch
-    # queue: a plain step reads one predicate (the outer cond), and each
-    # expensive branch is traced once. the named scopes label these steps in
-    # profiles (benchmarks/profile.py attributes time by them)
-    with linalg.precision(linalg_precision(config)), jax.named_scope(
-        "shampoo_update_preconditioners"):
+    # which drains the launch queue: a plain step reads one predicate (the
+    # outer cond), and each expensive branch is traced once. The named scopes
+    # label these steps in profiles (benchmarks/step_trace.py).
+    with jax.named_scope("shampoo_update_preconditioners"):
       preconditioners, failures = lax.cond(do_statistics | do_roots, update_due,
                                            unchanged, state.preconditioners)
     preconditioners = {

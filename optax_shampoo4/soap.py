@@ -39,8 +39,8 @@ from jax import lax
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
-from optax_shampoo4.preconditioners import (
-    Hyper, init_basis, load_basis, make_codec)
+from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
+                                            make_codec)
 from optax_shampoo4.shampoo import (NOT_PARAMS, Stacks, linalg_precision,
                                     make_plan, stack_key, update_context,
                                     update_statistics)
@@ -109,10 +109,16 @@ class _Rotation(NamedTuple):
   stacks: Stacks
   precision: Any
 
-  def _loaders(self, group):
+  def _loaders(self, group, bjorck_precision):
+    """Loaders of the group's left and right bases and its chunk length. A 4-bit
+    basis is rectified at ``bjorck_precision``: each step's at the rotations'
+    (TF32 on GPUs by default; at the refresh's fp32 a 4-bit step was far slower
+    than an fp32-basis one)."""
     config = self.stacks.config
-    loader = lambda order: functools.partial(
-        load_basis, make_codec(config, order), config.bjorck_steps[0])
+    numerics = linalg.Numerics(bjorck_precision)
+    loader = lambda order: functools.partial(load_basis,
+                                             make_codec(config, order), config.
+                                             bjorck_steps[0], numerics=numerics)
     chunk = self.stacks.chunk(
         max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
     return loader(group.rows), loader(group.cols), chunk
@@ -130,7 +136,7 @@ class _Rotation(NamedTuple):
     updates, second_moments = [], []
     for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups,
                                                self._slices(bases)):
-      load_left, load_right, chunk = self._loaders(group)
+      load_left, load_right, chunk = self._loaders(group, self.precision)
 
       def step(g, m, v, left, right):
         u_left, u_right = load_left(left), load_right(right)
@@ -145,11 +151,7 @@ class _Rotation(NamedTuple):
                 precision=self.precision), u_right, precision=self.precision)
         return update, v
 
-      # the per-step Björck rectification of a 4-bit basis at the rotations'
-      # precision (TF32 on GPUs by default), not the refresh's fp32, which made
-      # a 4-bit step far slower than an fp32-basis one
-      with linalg.precision(self.precision):
-        update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
+      update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
       updates.append(update)
       second_moments.append(v)
     return updates, second_moments
@@ -162,7 +164,8 @@ class _Rotation(NamedTuple):
                                                     second_moments,
                                                     self._slices(new_bases),
                                                     self._slices(old_bases)):
-      load_left, load_right, chunk = self._loaders(group)
+      load_left, load_right, chunk = self._loaders(
+          group, linalg_precision(self.stacks.config))
 
       def carry(v, left, right, old_left, old_right):
         return _project_second_moment(v, load_left(left), load_right(right),
@@ -243,15 +246,13 @@ def scale_by_soap(
   if config.storage != "eigenvectors":
     raise ValueError(
         f"config.storage must be 'eigenvectors' for SOAP (its bases), got "
-        f"{config.storage!r}"
-    )
+        f"{config.storage!r}")
   if moments.second_moment == "factored" or moments.implementation != "xla":
     raise ValueError(
         "moments: SOAP stores rank-1 or block-wise moments on the XLA path, "
         "got "
         f"second_moment={moments.second_moment!r}, "
-        f"implementation={moments.implementation!r}"
-    )
+        f"implementation={moments.implementation!r}")
   _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
   _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_number("eps", eps, 0.0)
@@ -266,10 +267,9 @@ def scale_by_soap(
   counter = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params):
-    if type(
-        params
-    # optax.tree.map_params probing (see scale_by_shampoo)
-    ).__name__ == "_ParamsPlaceholder":
+    if type(params
+            # optax.tree.map_params probing (see scale_by_shampoo)
+           ).__name__ == "_ParamsPlaceholder":
       return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
                        counter())
     plan, _, _ = make_plan(config, params)
@@ -313,8 +313,7 @@ def scale_by_soap(
 
     # one conditional per step (XLA:GPU waits on each predicate; see
     # scale_by_shampoo)
-    with linalg.precision(
-        linalg_precision(config)), jax.named_scope("soap_refresh"):
+    with jax.named_scope("soap_refresh"):
       bases, nu_groups, failures = lax.cond(
           finite & (step % precondition_every == 0), refresh, lambda b, v:
           (b, v, jnp.zeros([], jnp.int32)), state.bases, nu_groups)
