@@ -157,8 +157,8 @@ def shampoo_adamw(
 
   Examples:
     >>> import optax, optax_shampoo4 as o4
-    >>> tx = o4.shampoo_adamw(1e-3, adam=o4.AdamConfig(bits=4))  # everything
-    4-bit
+    >>> # everything 4-bit
+    >>> tx = o4.shampoo_adamw(1e-3, adam=o4.AdamConfig(bits=4))
     >>> tx = optax.inject_hyperparams(o4.shampoo_adamw)(learning_rate=1e-3)
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
@@ -261,8 +261,9 @@ def soap(
   Examples:
     >>> import optax, optax_shampoo4 as o4
     >>> tx = o4.soap(1e-3)  # 4-bit bases, 8-bit moments
+    >>> # fp32 SOAP
     >>> tx = o4.soap(3e-3, config=o4.ShampooConfig(bits=32),
-    moments=o4.AdamConfig(bits=32))  # fp32 SOAP
+    ...              moments=o4.AdamConfig(bits=32))
   """
   _check_alias(learning_rate, weight_decay, skip_nonfinite)
   return _finalize(
