@@ -35,16 +35,16 @@ def leaf_programs(config, shape, second_moment):
   @jax.jit
   def xla(g, m, v, corrections):
     return adam.xla_leaf_step(layout, b1, b2, eps, eps_root, g, m, v,
-                               corrections, jnp.asarray(True))
+                              corrections, jnp.asarray(True))
 
   @jax.jit
   def fused(g, m, v, corrections, params=None):
     scales, finite = adam.fused_leaf_maxima(config, view, constants, g, v,
-                                             interpret=False)
+                                            interpret=False)
     finite = jnp.all(jnp.isfinite(g)) if finite is None else finite
     apply = None if params is None else (params, -1e-3, 1e-4)
     return adam.fused_leaf_step(config, view, constants, g, m, v, corrections,
-                                 finite, scales, interpret=False, apply=apply)
+                                finite, scales, interpret=False, apply=apply)
 
   return layout, xla, fused
 
@@ -148,9 +148,8 @@ def main():
         jax.random.PRNGKey(1), shape, minval=0.5, maxval=2.0)
     reference = xla(g, m, v, corrections)
     xla_ms = common.time_call(xla, g, m, v, corrections) * 1e3
-    nbytes = g.size * (
-        4 + 4 + 2
-    )  # read g, write update, read + write the 4-bit codes of two moments
+    # read g, write update, read + write the 4-bit codes of two moments
+    nbytes = g.size * (4 + 4 + 2)
     params = jnp.ones(shape, jnp.float32) if args.apply else None
     # params read and written instead of the update written
     nbytes += 8 * g.size if args.apply else 0
@@ -190,8 +189,7 @@ def main():
       print(rows[-1], flush=True)
   table = common.print_table(
       f"Fused 4-bit Adam leaf step ({args.second_moment}) vs XLA, "
-      f"{common.machine()}",
-      [
+      f"{common.machine()}", [
           "shape", "rows/program", "warps", "pairing", "kernel device ms",
           "XLA wall ms", "kernel TB/s", "max |Δ update| / max |update|",
           "worst at", "differing state bytes"

@@ -133,8 +133,8 @@ def _compare_fused(params, grads, second_moment, steps):
           step(carry[0], carry[1], jax.tree.map(lambda x: x * (1.0 + t),
                                                 grads)))
     results.append(carry)
-  moved = lambda p: jax.tree.map(lambda a, b: a - b, p, params
-                                )  # compare the steps taken, not the params
+  # compare the steps taken, not the params
+  moved = lambda p: jax.tree.map(lambda a, b: a - b, p, params)
   return _compare((moved(results[0][0]), unpack_moments(results[0][1])),
                   (moved(results[1][0]), results[1][1]))
 
@@ -313,23 +313,20 @@ def main():
   parser.add_argument(
       "--trace", action="store_true",
       help="also trace a loop of back-to-back steps per optimizer: host "
-          "dispatch vs device busy time"
-  )
+      "dispatch vs device busy time")
   parser.add_argument(
       "--train-step", type=int, default=0, metavar="TOKENS",
       help="also time whole training steps (gradient of a synthetic loss over "
-          "TOKENS tokens + "
+      "TOKENS tokens + "
       "optimizer) per optimizer")
   parser.add_argument(
       "--only", default="",
       help="semicolon-separated optimizer names to time besides optax.adamw "
-          "(default: all)"
-  )
+      "(default: all)")
   parser.add_argument(
       "--skip-slow-baselines", action="store_true",
       help="leave out factored and 8-bit (the 8-bit decode's gather takes "
-          "minutes to compile)"
-  )
+      "minutes to compile)")
   args = parser.parse_args()
   shapes = common.gpt2_medium_shapes()
   n = common.parameter_count(shapes)
@@ -347,10 +344,8 @@ def main():
             1e-3, second_moment)
   # the same step on the per-tensor state layout (block: packed by default;
   # rank-1 has only this layout)
-  optimizers[
-      "fused_step(adamw_4bit block), per-tensor "
-      "state"] = common.fused_adamw_4bit(
-          1e-3, "block", packed=False)
+  optimizers["fused_step(adamw_4bit block), per-tensor "
+             "state"] = common.fused_adamw_4bit(1e-3, "block", packed=False)
   if not args.skip_slow_baselines:
     optimizers["adamw_4bit factored"] = adamw_4bit(
         1e-3, config=o4.AdamConfig(second_moment="factored"))
@@ -377,8 +372,7 @@ def main():
       print(name, results[name]["trace"], flush=True)
     print(
         f"{name}: {seconds * 1e3:.3f} ms/step, {pipelined * 1e3:.3f} "
-        f"pipelined, {nbytes / 2**20:.1f} MiB",
-        flush=True)
+        f"pipelined, {nbytes / 2**20:.1f} MiB", flush=True)
   base = results.get("optax.adamw")
   for name, r in results.items():
     rows.append([
@@ -390,8 +384,7 @@ def main():
   tables += [] if args.agreement_only else [
       common.print_table(
           f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, "
-          f"{common.machine()})",
-          [
+          f"{common.machine()})", [
               "optimizer", "ms/step (blocked)", "x optax.adamw",
               "ms/step (pipelined)", "x optax.adamw ", "state MiB",
               "state B/param", "state arrays"
@@ -407,8 +400,7 @@ def main():
     tables.append(
         common.print_table(
             f"Training step (gradient over {args.train_step} tokens + "
-            "optimizer, pipelined), GPT-2 medium shapes",
-            [
+            "optimizer, pipelined), GPT-2 medium shapes", [
                 "optimizer", "train step ms", "x optax.adamw",
                 "optimizer share ms (step - sgd step)", "x optax.adamw "
             ], [[
@@ -428,8 +420,7 @@ def main():
   tables.append(
       common.print_table(
           "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path "
-          "after 3 steps (wte, h0, h1)",
-          [
+          "after 3 steps (wte, h0, h1)", [
               "second moment", "paths", "max |Δ update| / max |update|",
               "worst leaf", "at", "values", "differing state bytes",
               "largest code step"

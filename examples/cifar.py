@@ -42,8 +42,8 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import (
-    comparison_parser, maybe_restore, maybe_save, run_comparison, timed_steps)
+from compare import (comparison_parser, maybe_restore, maybe_save,
+                     run_comparison, timed_steps)
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -56,8 +56,8 @@ PAPER = {  # [S4]'s CIFAR settings per base optimizer
 # ------------------------------------------------------------------ data
 def _unpickle(path):
   with open(path, "rb") as f:
-    batch = pickle.load(f, encoding="bytes"
-                       )  # the files were written by Python 2: byte-string keys
+    # the files were written by Python 2: byte-string keys
+    batch = pickle.load(f, encoding="bytes")
   return {
       (k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()
   }
@@ -68,8 +68,7 @@ def _images(batch):
   if data.ndim != 2 or data.shape[1] != 3072:
     raise ValueError(
         f"CIFAR 'data' must be N×3072 uint8 (channel-major 32×32×3), got shape "
-        f"{data.shape}"
-    )
+        f"{data.shape}")
   return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
@@ -113,8 +112,7 @@ def load_cifar(data_dir: str):
         images) or labels.min() < 0 or labels.max() >= classes:
       raise ValueError(
           f"{name} '{label_key}' must give one label in [0, {classes}) per "
-          "image"
-      )
+          "image")
   return (train_x, train_y.astype(np.int32)), (test_x,
                                                test_y.astype(np.int32)), classes
 
@@ -400,8 +398,7 @@ def main(argv=None):
   parser.add_argument(
       "--base", choices=sorted(PAPER), default=None,
       help="base optimizer (default: sgdm for ResNets, adamw for ViT-S, as in "
-          "[S4])"
-  )
+      "[S4])")
   parser.add_argument("--epochs", type=float, default=200.0,
                       help="used when --steps is not given")
   parser.add_argument("--batch-size", type=int, default=128)
@@ -417,8 +414,7 @@ def main(argv=None):
   parser.add_argument(
       "--write-synthetic", type=int, default=0, metavar="N",
       help="first write N synthetic CIFAR-10-format training images (N/5 test) "
-          "into --data-dir"
-  )
+      "into --data-dir")
   parser.set_defaults(learning_rate=None)
   args = parser.parse_args(argv)
   args.base = args.base or MODELS[args.model][0]
@@ -440,10 +436,8 @@ def main(argv=None):
     args.optimizers = ",".join(available)
   results = run_comparison(
       parser, args, train_one, data, (("test_accuracy", "test acc"),),
-      available=available,
-      title=f"{args.model} on "
-          f"{os.path.basename(os.path.normpath(args.data_dir))}",
-      extra_json={
+      available=available, title=f"{args.model} on "
+      f"{os.path.basename(os.path.normpath(args.data_dir))}", extra_json={
           "num_classes": data[2],
           "train_images": len(data[0][1])
       })

@@ -184,8 +184,8 @@ def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections,
   b1, b2, eps, eps_root = adam_constants
   out = [None] * len(leaves)
   buffers = (mu.codes, mu.scales, nu.codes, nu.scales)
-  view = lambda x: x.reshape(-1, adam_kernel.COLUMNS
-                            )  # the kernels' (size / 128, 128) view
+  # the kernels' (size / 128, 128) view
+  view = lambda x: x.reshape(-1, adam_kernel.COLUMNS)
   dense, others = [], []
   for k, (g, slot) in enumerate(zip(leaves, mu.slots)):
     if slot.kind == "codes":
@@ -225,6 +225,41 @@ def _packed_step(layout, config, adam_constants, leaves, mu, nu, corrections,
   new_nu = dataclasses.replace(nu, codes=buffers[2], scales=buffers[3],
                                dense=new_dense[1], others=tuple(new_others[1]))
   return out, new_mu, new_nu
+
+
+def _finite_and_maxima(kernel_config, constants, leaves, nu_leaves, views,
+                       interpret):
+  """Phase 1 of a step: whether every gradient is finite (a non-finite step
+  keeps the old moments) and, for the leaves the rank-1 kernels cover, the new
+  second moment's maxima, which the encoding of every element needs."""
+  maxima, finite_leaves, unchecked = [], [], []
+  for g, stored_v, view in zip(leaves, nu_leaves, views):
+    scales, leaf_finite = None, None
+    if view is not None:
+      scales, leaf_finite = fused_leaf_maxima(kernel_config, view, constants, g,
+                                              stored_v, interpret=interpret)
+    maxima.append(scales)
+    if leaf_finite is None:
+      unchecked.append(g)
+    else:
+      finite_leaves.append(leaf_finite)
+  return jnp.all(jnp.stack(finite_leaves + [_all_finite(unchecked)])), maxima
+
+
+def _leaf_step(layout, kernel_config, adam_constants, constants, corrections,
+               finite, leaf, interpret):
+  """Phase 2 of a step for one leaf ``(g, m, v, view, maxima, apply)``:
+  through the kernels where ``view`` is set, else XLA."""
+  g, stored_m, stored_v, view, scales, leaf_apply = leaf
+  if view is not None:
+    return fused_leaf_step(kernel_config, view, constants, g, stored_m,
+                           stored_v, corrections, finite, scales,
+                           interpret=interpret, apply=leaf_apply)
+  update, m, v = xla_leaf_step(layout, *adam_constants, g, stored_m, stored_v,
+                               corrections, finite)
+  if leaf_apply is not None:
+    update = _apply_update(update, *leaf_apply, finite)
+  return update, m, v
 
 
 def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
@@ -294,9 +329,8 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
     interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
 
     def outputs(out):
-      # Updates keep the gradient's dtype (the Optax contract;
-      # optax.apply_if_finite's two branches must agree); with ``apply`` they
-      # are the params, already in the params' dtypes.
+      # Updates keep the gradient's dtype (the Optax contract); with ``apply``
+      # they are the params, already in the params' dtypes.
       if apply is None:
         out = [u.astype(g.dtype) for u, g in zip(out, leaves)]
       return treedef.unflatten(out)
@@ -319,47 +353,21 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
                                  interpret=interpret)
       return outputs(out), new_state(finite, mu, nu)
 
-    mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
-    use_kernels = implementation == "pallas"
-    # Phase 1: whether every gradient is finite (a non-finite step keeps the old
-    # moments) and, for the fused rank-1 path, the new second-moment maxima,
-    # which the encoding of every element needs.
-    views, maxima, finite_leaves, unchecked = [], [], [], []
-    for g, stored_v in zip(leaves, nu_leaves):
-      view = layout.kernel_view(g.shape, kernel_config) if use_kernels else None
-      if view is None:
-        scales, leaf_finite = None, None
-      else:
-        scales, leaf_finite = fused_leaf_maxima(kernel_config, view, constants,
-                                                g, stored_v,
-                                                interpret=interpret)
-      views.append(view)
-      maxima.append(scales)
-      if leaf_finite is None:
-        unchecked.append(g)
-      else:
-        finite_leaves.append(leaf_finite)
-    finite = jnp.all(jnp.stack(finite_leaves + [_all_finite(unchecked)]))
-
-    # Phase 2: the step of every leaf.
+    views = [
+        layout.kernel_view(g.shape, kernel_config)
+        if implementation == "pallas" else None for g in leaves
+    ]
+    finite, maxima = _finite_and_maxima(kernel_config, constants, leaves,
+                                        nu_leaves, views, interpret)
     out, new_mu, new_nu = [], [], []
-    for g, stored_m, stored_v, view, scales, leaf_apply in zip(
-        leaves, mu_leaves, nu_leaves, views, maxima, applied):
-      if view is None:
-        update, m, v = xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m,
-                                     stored_v, corrections, finite)
-        if leaf_apply is not None:
-          update = _apply_update(update, *leaf_apply, finite)
-      else:
-        update, m, v = fused_leaf_step(kernel_config, view, constants, g,
-                                       stored_m, stored_v, corrections, finite,
-                                       scales, interpret=interpret,
-                                       apply=leaf_apply)
+    for step in zip(leaves, treedef.flatten_up_to(state.mu), nu_leaves, views,
+                    maxima, applied):
+      update, m, v = _leaf_step(layout, kernel_config, (b1, b2, eps, eps_root),
+                                constants, corrections, finite, step, interpret)
       out.append(update)
       new_mu.append(m)
       new_nu.append(v)
-
     return outputs(out), new_state(finite, treedef.unflatten(new_mu),
                                    treedef.unflatten(new_nu))
 

@@ -146,21 +146,52 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes,
     second_scales)``.
   """
   rows, cols = grad.shape
-  grid = adam_kernel.tile_grid(config, rows, cols)
-  spec = pl.BlockSpec
   tile_rows = config.rows_per_program
   if row_offset % tile_rows or (row_offset and config.second_moment != "block"):
     raise ValueError(
         f"row_offset must be a multiple of {tile_rows}, with block scales; got "
         f"{row_offset}")
-  first_tile = row_offset // tile_rows
+  specs, operands, aliases = _call_specs(config, grad, first_codes, first_scale,
+                                         second_codes, second_scales,
+                                         new_second_scales, params,
+                                         row_offset // tile_rows)
+  tables = jnp.asarray(adam_kernel.lookup_tables(config))
+  outputs = pl.pallas_call(
+      functools.partial(_update_kernel, config, rows, params is not None),
+      grid=adam_kernel.tile_grid(config, rows, cols),
+      in_specs=specs[0],
+      out_specs=specs[1],
+      out_shape=specs[2],
+      input_output_aliases=aliases,
+      interpret=interpret,
+      compiler_params=adam_kernel.compiler_params(config, interpret),
+      name=adam_kernel.kernel_name(
+          "adam4bit_apply" if params is not None else "adam4bit_update", config,
+          grad),
+  )(flags, tables, grad, first_codes, first_scale, second_codes, *operands)
+  outputs = _with_rest_rows(outputs, flags, grad, first_codes, first_scale,
+                            second_codes, second_scales, new_second_scales,
+                            params, config, interpret, row_offset)
+  out, first_codes, first_scale, second_codes = outputs[:4]
+  second_scales = tuple(
+      outputs[4:]) if config.second_moment == "block" else tuple(
+          new_second_scales)
+  return out, first_codes, first_scale, second_codes, second_scales
+
+
+def _call_specs(config, grad, first_codes, first_scale, second_codes,
+                second_scales, new_second_scales, params, first_tile):
+  """``((in_specs, out_specs, out_shape), operands, aliases)`` of the update
+  kernel's call; ``first_tile``: the row tile of the buffers the tensor
+  starts at."""
+  spec, tile_rows = pl.BlockSpec, config.rows_per_program
   tile = spec((tile_rows, adam_kernel.COLUMNS), lambda i, j: (i, j))
   packed = spec((tile_rows, adam_kernel.HALF), lambda i, j: (first_tile + i, j))
   block_scale = spec((tile_rows, 1), lambda i, j: (first_tile + i, j))
   row_vector = spec((tile_rows,), lambda i, j: (i,))
   col_vector = spec((adam_kernel.COLUMNS,), lambda i, j: (j,))
-  tables = jnp.asarray(adam_kernel.lookup_tables(config))
   whole = lambda size: spec((size,), lambda i, j: (0,))
+  tables = adam_kernel.lookup_tables(config)
   in_specs = [
       whole(16),
       whole(tables.shape[0]), tile, packed, block_scale, packed
@@ -183,31 +214,24 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes,
     operands = tuple(second_scales)
   # Codes, block scales and params are rewritten in place: every program reads
   # its tile before writing it, and the step's donated buffers need no copies.
-  aliases = {
-      3: 1,
-      4: 2,
-      5: 3,
-      **({
-          6: 4
-      } if config.second_moment == "block" else {})
-  }
+  aliases = {3: 1, 4: 2, 5: 3}
+  if config.second_moment == "block":
+    aliases[6] = 4
   if params is not None:
     in_specs.append(tile)
     operands += (params,)
     aliases[6 + len(operands) - 1] = 0
-  outputs = pl.pallas_call(
-      functools.partial(_update_kernel, config, rows, params is not None),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      interpret=interpret,
-      compiler_params=adam_kernel.compiler_params(config, interpret),
-      name=adam_kernel.kernel_name(
-          "adam4bit_apply" if params is not None else "adam4bit_update", config,
-          grad),
-  )(flags, tables, grad, first_codes, first_scale, second_codes, *operands)
+  return (in_specs, out_specs, out_shape), operands, aliases
+
+
+def _with_rest_rows(outputs, flags, grad, first_codes, first_scale,
+                    second_codes, second_scales, new_second_scales, params,
+                    config, interpret, row_offset):
+  """The kernel's outputs with the rows past its grid's whole tiles stepped
+  too: as one more zero-padded tile of the buffers where they have room for it
+  (padding rows of a packed state), else written over the outputs."""
+  rows = grad.shape[0]
+  tile_rows = config.rows_per_program
   whole, pad_rest = adam_kernel.rest_tile(config, rows)
   if whole < rows and first_codes.shape[0] >= row_offset + whole + tile_rows:
     # the rest tile's codes and scales are rows of the buffers (padding past the
@@ -235,8 +259,4 @@ def fused_update(flags, grad, first_codes, first_scale, second_codes,
         x.at[whole:].set(r[:rows - whole])
         for x, r in zip(outputs, rest[:4] + (rest[4] if not rank1 else ()))
     ]
-  out, first_codes, first_scale, second_codes = outputs[:4]
-  second_scales = tuple(
-      outputs[4:]) if config.second_moment == "block" else tuple(
-          new_second_scales)
-  return out, first_codes, first_scale, second_codes, second_scales
+  return outputs

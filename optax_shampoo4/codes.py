@@ -152,8 +152,8 @@ def encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int,
     # x above midpoint_{candidate − 1} means code ≥ candidate
     candidate = index + half
     if spaced is not None:
-      midpoint = spaced[0] + spaced[1] * (candidate.astype(jnp.float32) - 0.5
-                                         )  # exact in fp32
+      # exact in fp32
+      midpoint = spaced[0] + spaced[1] * (candidate.astype(jnp.float32) - 0.5)
     elif midpoint_lookup is not None and half < 2**(
         bits - 1):  # the first level's midpoint is a constant
       midpoint = midpoint_lookup(candidate - 1)

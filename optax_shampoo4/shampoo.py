@@ -352,8 +352,8 @@ def scale_by_shampoo(
   _checks.check_number("error_feedback_beta", error_feedback_beta, 0.0, 1.0,
                        high_open=True)
   hyper = Hyper(beta, epsilon, error_feedback_beta)
-  counter = lambda: jnp.zeros([], jnp.int32
-                             )  # distinct buffers: the state may be donated
+  # distinct buffers: the state may be donated
+  counter = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params):
     if type(params).__name__ == "_ParamsPlaceholder":

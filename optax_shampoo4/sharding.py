@@ -103,11 +103,9 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str,
   replicated = NamedSharding(mesh, PartitionSpec())
   is_shampoo = lambda x: isinstance(x, ShampooState)
 
-  def moments(
-      tree
   # Adam-style moments: along the params' rows, or replicated without
   # params_sharding
-  ):
+  def moments(tree):
     if params_sharding is None:
       return jax.tree.map(lambda _: replicated, tree)
     shardings, treedef = jax.tree.flatten(params_sharding)

@@ -197,6 +197,49 @@ def _from_groups(plan, group_values, others):
   return out
 
 
+def _check_arguments(arguments: Dict[str, Any]) -> None:
+  """The checks of :func:`scale_by_soap`'s arguments (its ``locals()``)."""
+  config, moments = arguments["config"], arguments["moments"]
+  _checks.check_type("config", config, ShampooConfig)
+  _checks.check_type("moments", moments, AdamConfig)
+  if config.preconditioning_precision == "bf16":
+    raise ValueError(
+        "config.preconditioning_precision='bf16' is for Shampoo's roots; "
+        "SOAP's rotations must round-trip (use 'high', 'highest' or 'default')")
+  if config.storage != "eigenvectors":
+    raise ValueError(
+        "config.storage must be 'eigenvectors' for SOAP (its bases), got "
+        f"{config.storage!r}")
+  if moments.second_moment == "factored" or moments.implementation != "xla":
+    raise ValueError(
+        "moments: SOAP stores rank-1 or block-wise moments on the XLA path, "
+        f"got second_moment={moments.second_moment!r}, "
+        f"implementation={moments.implementation!r}")
+  for name in ("b1", "b2") + (
+      ("shampoo_beta",) if arguments["shampoo_beta"] is not None else ()):
+    _checks.check_number(name, arguments[name], 0.0, 1.0, high_open=True)
+  _checks.check_number("eps", arguments["eps"], 0.0)
+  _checks.check_interval("precondition_every", arguments["precondition_every"])
+  _checks.check_choice("moment_on_refresh", arguments["moment_on_refresh"],
+                       MOMENT_ON_REFRESH)
+
+
+def _plain_adam(plan, grads, mu, nu, constants):
+  """Adam's second moments and updates of the tensors without a
+  preconditioner (None for the others, which come from the block groups)."""
+  b2, eps, corrections = constants
+  plain = [layout is None for layout in plan.layouts]
+  nu = [
+      b2 * v + (1.0 - b2) * g * g if p else None
+      for v, g, p in zip(nu, grads, plain)
+  ]
+  updates = [
+      (m / corrections[0]) / (jnp.sqrt(v / corrections[1]) + eps) if p else None
+      for m, v, p in zip(mu, nu, plain)
+  ]
+  return nu, updates
+
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -236,40 +279,15 @@ def scale_by_soap(
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`SoapState`.
   """
-  _checks.check_type("config", config, ShampooConfig)
-  _checks.check_type("moments", moments, AdamConfig)
-  if config.preconditioning_precision == "bf16":
-    raise ValueError(
-        "config.preconditioning_precision='bf16' is for Shampoo's roots; "
-        "SOAP's rotations must "
-        "round-trip (use 'high', 'highest' or 'default')")
-  if config.storage != "eigenvectors":
-    raise ValueError(
-        f"config.storage must be 'eigenvectors' for SOAP (its bases), got "
-        f"{config.storage!r}")
-  if moments.second_moment == "factored" or moments.implementation != "xla":
-    raise ValueError(
-        "moments: SOAP stores rank-1 or block-wise moments on the XLA path, "
-        "got "
-        f"second_moment={moments.second_moment!r}, "
-        f"implementation={moments.implementation!r}")
-  _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
-  _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
-  _checks.check_number("eps", eps, 0.0)
-  _checks.check_interval("precondition_every", precondition_every)
-  if shampoo_beta is not None:
-    _checks.check_number("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
-  _checks.check_choice("moment_on_refresh", moment_on_refresh,
-                       MOMENT_ON_REFRESH)
+  _check_arguments(locals())
   layout = MomentLayout.from_config(moments)
   hyper = Hyper(b2 if shampoo_beta is None else shampoo_beta,
                 INITIAL_EIGENVALUE, 0.0)
   counter = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params):
-    if type(params
-            # optax.tree.map_params probing (see scale_by_shampoo)
-           ).__name__ == "_ParamsPlaceholder":
+    # optax.tree.map_params probing (see scale_by_shampoo)
+    if type(params).__name__ == "_ParamsPlaceholder":
       return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
                        counter())
     plan, _, _ = make_plan(config, params)
@@ -330,17 +348,10 @@ def scale_by_soap(
       group_updates, group_nu = rotation.apply(
           list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases,
           (b2, eps, corrections))
-    # tensors without a preconditioner: plain Adam (the preconditioned ones come
-    # from the groups)
-    nu = _from_groups(plan, group_nu, [
-        None if layout_ is not None else b2 * v + (1.0 - b2) * g * g
-        for v, g, layout_ in zip(nu, grads, plan.layouts)
-    ])
-    outputs = _from_groups(plan, group_updates, [
-        None if layout_ is not None else
-        (m / corrections[0]) / (jnp.sqrt(v / corrections[1]) + eps)
-        for m, v, layout_ in zip(mu, nu, plan.layouts)
-    ])
+    plain_nu, plain_updates = _plain_adam(plan, grads, mu, nu,
+                                          (b2, eps, corrections))
+    nu = _from_groups(plan, group_nu, plain_nu)
+    outputs = _from_groups(plan, group_updates, plain_updates)
 
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
                                          new, old)

@@ -31,14 +31,12 @@ def test_linalg_inverse_roots_agree_with_float64():
 @pytest.mark.parametrize(
     "condition, tolerance, factorizations_expected",
     [
-        (1e1, 3e-2, 1
         # after the first pass ‖XᵀX − I‖_F ≈ 0.02: both later passes are
         # first-order corrections
-        ),
-        (1e4, 3e-2, 2
+        (1e1, 3e-2, 1),
         # ≈ 4.6 after the first pass: a second factorization, then a correction
         # (≈ 0.03)
-        ),
+        (1e4, 3e-2, 2),
         (1e4, None, 3),
     ])
 def test_cholesky_qr_first_order_passes_match_qr(condition, tolerance,
