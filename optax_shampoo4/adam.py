@@ -262,6 +262,36 @@ def _leaf_step(layout, kernel_config, adam_constants, constants, corrections,
   return update, m, v
 
 
+def _init_state(layout: MomentLayout, kernel_config, packed: bool,
+                params) -> ScaleByAdam4bitState:
+  """Zero moments for ``params``, stored as ``layout`` says (packed into a
+  few arrays with ``packed``)."""
+
+  def second(p):
+    if layout.factored(p.shape):
+      return FactoredMoment(
+          jnp.zeros(p.shape[:-1], jnp.float32),
+          jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32))
+    return layout.store_second(jnp.zeros(p.shape, jnp.float32), p.shape)
+
+  mu = jax.tree.map(
+      lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape),
+      params)
+  nu = jax.tree.map(second, params)
+  if packed:
+    leaves, treedef = jax.tree.flatten(params)
+    shapes = [p.shape for p in leaves]
+    covered = [
+        layout.kernel_view(shape, kernel_config) is not None for shape in shapes
+    ]
+    mu, nu = (
+        pack_moment(
+            treedef.flatten_up_to(moment), covered, shapes, treedef,
+            kernel_config.rows_per_program) for moment in (mu, nu))
+  return ScaleByAdam4bitState(
+      jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+
+
 def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
                         config: AdamConfig = AdamConfig()):
   """``(init_fn, step_fn)`` of :func:`scale_by_adam_4bit` (same arguments):
@@ -282,32 +312,7 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
                                            layout.second_codebook,
                                            second_moment)
 
-  def init_leaf_second(p):
-    shape = p.shape
-    if layout.factored(shape):
-      return FactoredMoment(
-          jnp.zeros(shape[:-1], jnp.float32),
-          jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
-    return layout.store_second(jnp.zeros(shape, jnp.float32), shape)
-
-  def init_fn(params):
-    mu = jax.tree.map(
-        lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape),
-        params)
-    nu = jax.tree.map(init_leaf_second, params)
-    if packed:
-      leaves, treedef = jax.tree.flatten(params)
-      shapes = [p.shape for p in leaves]
-      covered = [
-          layout.kernel_view(shape, kernel_config) is not None
-          for shape in shapes
-      ]
-      mu, nu = (
-          pack_moment(
-              treedef.flatten_up_to(moment), covered, shapes, treedef,
-              kernel_config.rows_per_program) for moment in (mu, nu))
-    return ScaleByAdam4bitState(
-        jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+  init_fn = functools.partial(_init_state, layout, kernel_config, packed)
 
   def step_fn(updates, state, apply: Optional[ApplyStep] = None):
     leaves, treedef = jax.tree.flatten(updates)

@@ -152,7 +152,7 @@ def parameter_memory(
   (``AdamConfig(packed=True)``) and padding are in no row; their bytes are
   :func:`state_nbytes` minus the rows' sum.
   """
-  from optax_shampoo4.shampoo import make_plan, stack_key
+  from optax_shampoo4.stacks import make_plan, stack_key
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   moments = [0] * len(leaves_with_paths)
   is_params_shaped = lambda x: _params_shaped_parts(x, treedef) is not None

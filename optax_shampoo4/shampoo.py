@@ -18,7 +18,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Sequence
+from typing import Any, Dict, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +26,11 @@ import optax
 from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
-from optax_shampoo4.config import DimensionNumbers, ShampooConfig
+from optax_shampoo4.config import ShampooConfig
 from optax_shampoo4.preconditioners import Hyper, make_storage
+from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, make_plan, stack_key,
+                                   update_context)
 
-# Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5
-# relative error, about twice the fp32 rate on GPUs). XLA's CPU backend has no
-# faster path for the bf16 algorithms: CPUs use fp32.
-LINALG_PRECISIONS = {
-    "highest": lax.Precision.HIGHEST,
-    "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3
-}
 # fp32 order × order buffers one preconditioner's update holds at once
 # (statistic, basis, products, the orthonormalization's passes), and one block's
 # product (two roots, the block and its product).
@@ -61,152 +56,6 @@ class ShampooState(NamedTuple):
   preconditioners: Dict[str, Any]
   nonfinite_count: jax.Array
   failure_count: jax.Array
-
-
-class _NotParams:
-  """Marks, for ``optax.tree.map_params``, state that is not shaped like the
-  parameters."""
-
-  def __repr__(self):
-    return "NOT_PARAMS"
-
-
-NOT_PARAMS = _NotParams()
-
-
-def stack_key(order: int) -> str:
-  return f"order_{order}"
-
-
-def leaf_dimension_numbers(config: ShampooConfig, tree: Any, count: int):
-  """The per-leaf :class:`DimensionNumbers` (or ``None``) of
-  ``config.dimension_numbers`` for ``tree``."""
-  spec = config.dimension_numbers
-  if spec is None:
-    return None
-  if callable(spec):
-    spec = spec(tree)
-  leaves = jax.tree.leaves(
-      spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
-  if len(leaves) != count:
-    raise ValueError(
-        f"dimension_numbers has {len(leaves)} leaves for {count} parameters; "
-        "give one "
-        "DimensionNumbers or None per parameter")
-  return tuple(leaves)
-
-
-def make_plan(config: ShampooConfig, tree: Any):
-  """``(plan, treedef, leaves)`` of a params-shaped ``tree``."""
-  leaves, treedef = jax.tree.flatten(tree)
-  dims = leaf_dimension_numbers(config, tree, len(leaves))
-  plan = blocking.make_plan(
-      tuple(tuple(jnp.shape(x)) for x in leaves), config.max_order,
-      config.stack_multiple, dims)
-  return plan, treedef, leaves
-
-
-class UpdateContext(NamedTuple):
-  """What every update of a blocked transformation starts from
-  (:func:`update_context`)."""
-
-  plan: blocking.Plan
-  treedef: Any
-  leaves: Sequence[jax.Array]
-  stacks: "Stacks"
-  step: jax.Array  # this step's number (the state's count + 1)
-  finite: jax.Array  # whether every gradient leaf is finite
-
-
-def update_context(config: ShampooConfig, updates: Any,
-                   count: jax.Array) -> UpdateContext:
-  plan, treedef, leaves = make_plan(config, updates)
-  finite = jnp.all(
-      jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
-  return UpdateContext(plan, treedef, leaves, Stacks(config, plan), count + 1,
-                       finite)
-
-
-class Stacks:
-  """Sharding of the per-order stacks under ``config.shard_blocks`` (a no-op
-  without a NamedSharding)."""
-
-  def __init__(self, config: ShampooConfig, plan: blocking.Plan):
-    self.config, self.plan = config, plan
-    sharding = config.block_sharding
-    self.whole = None if sharding is None else jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec())
-
-  def constraint(self, order: int):
-    """Keeps arrays whose leading axis is the order's stack sharded along
-    ``shard_blocks``."""
-    sharding, length = self.config.block_sharding, self.plan.stack_length(order)
-    if sharding is None:
-      # spread by propagation alone: nothing to constrain, but linalg must not
-      # loop over the stack
-      return (lambda x: x) if self.config.stacks_spread else None
-
-    def constrain(x):
-      if getattr(x, "ndim", 0) < 1 or x.shape[0] != length:
-        return x
-      spec = jax.sharding.PartitionSpec(self.config.block_axes,
-                                        *([None] * (x.ndim - 1)))
-      return lax.with_sharding_constraint(
-          x, jax.sharding.NamedSharding(sharding.mesh, spec))
-
-    # for linalg.per_matrix
-    constrain.mesh, constrain.axes = sharding.mesh, self.config.block_axes
-    return constrain
-
-  def numerics(self, order: int) -> linalg.Numerics:
-    """The precision and sharding constraint of the order's statistics and
-    root updates."""
-    return linalg.Numerics(
-        linalg_precision(self.config), self.constraint(order))
-
-  def constrain(self, stack, order: int):
-    """The statistics of a stack stay sharded; the stored root is replicated
-    with ``replicate_roots``."""
-    constraint = self.constraint(order)
-    if constraint is None:
-      return stack
-    if not hasattr(stack, "inverse_root"):
-      return jax.tree.map(constraint, stack)
-    stack = stack._replace(
-        **{
-            name: jax.tree.map(constraint, getattr(stack, name))
-            for name in stack._fields
-            if name != "inverse_root"
-        })
-    if self.config.replicate_roots:
-      stack = stack._replace(
-          inverse_root=jax.tree.map(
-              lambda x: lax.with_sharding_constraint(x, self.whole),
-              stack.inverse_root))
-    return stack
-
-  def chunk(self, order: int, copies: int, length: Optional[int] = None) -> int:
-    """How many of ``length`` (default: the order's whole stack) matrices one
-    chunk processes."""
-    length = self.plan.stack_length(order) if length is None else length
-    if self.config.stacks_spread:  # a loop over a sharded axis would gather it
-      return length
-    return blocking.chunk_length(order, length, self.config.working_set_bytes,
-                                 copies)
-
-  def oriented(self, order: int, group_blocks):
-    """The stack of oriented gradient blocks whose Grams are this step's
-    statistics (see :func:`blocking.oriented_blocks`). Sharded, it is
-    constrained whole then slot-wise: each device slices its slots from its
-    replicated gradient (constrained sharded only, the concatenation became
-    all-to-alls; left to propagation, the sharding reached back into the
-    per-step product)."""
-    if self.whole is None:
-      return blocking.oriented_blocks(self.plan, order, group_blocks)
-    blocks = [lax.with_sharding_constraint(g, self.whole) for g in group_blocks]
-    oriented = lax.with_sharding_constraint(
-        blocking.oriented_blocks(self.plan, order, blocks), self.whole)
-    return self.constraint(order)(oriented)
 
 
 def update_statistics(stacks: Stacks, preconditioners, group_blocks,
@@ -294,12 +143,52 @@ def product_precision(config: ShampooConfig) -> str:
   ) != "cpu" else "high"
 
 
-def linalg_precision(config: ShampooConfig):
-  """The precision of the statistics and root updates on this backend (CPUs
-  always use fp32)."""
-  if jax.default_backend() == "cpu":
-    return lax.Precision.HIGHEST
-  return LINALG_PRECISIONS[config.linalg_precision_name]
+def graft_all(plan: blocking.Plan, leaves, matrices, new_matrices):
+  """The output leaves: each preconditioned tensor grafted to its gradient's
+  norm and put back in its shape and dtype, the others passed through."""
+  outputs = list(leaves)
+  for index, matrix in new_matrices.items():
+    grafted = graft(matrix, matrices[index])
+    outputs[index] = plan.layouts[index].from_matrices(
+        grafted, leaves[index].shape).astype(leaves[index].dtype)
+  return outputs
+
+
+def init_preconditioners(config: ShampooConfig, params, hyper: Hyper):
+  """Every order's stack of preconditioners for ``params``."""
+  plan, _, _ = make_plan(config, params)
+  return {
+      stack_key(order):
+          make_storage(config,
+                       order).init(plan.stack_length(order), order, hyper)
+      for order in plan.orders
+  }
+
+
+def update_when_due(stacks: Stacks, preconditioners, group_blocks, hyper: Hyper,
+                    due):
+  """The statistics and inverse-root updates that ``due = (statistics, roots)``
+  asks for; ``(preconditioners, failures)``.
+
+  XLA:GPU copies every conditional's predicate to the host and waits for it,
+  which drains the launch queue: a plain step reads one predicate (the outer
+  conditional), and each expensive branch is traced once.
+  """
+  do_statistics, do_roots = due
+  unchanged = lambda p: (p, jnp.zeros([], jnp.int32))
+
+  def update_due(preconditioners):
+    preconditioners, stat_failures = lax.cond(
+        do_statistics,
+        lambda p: update_statistics(stacks, p, group_blocks, hyper), unchanged,
+        preconditioners)
+    preconditioners, root_failures = lax.cond(
+        do_roots, lambda p: update_inverse_roots(stacks, p, hyper), unchanged,
+        preconditioners)
+    return preconditioners, stat_failures + root_failures
+
+  return lax.cond(do_statistics | do_roots, update_due, unchanged,
+                  preconditioners)
 
 
 def scale_by_shampoo(
@@ -361,14 +250,8 @@ def scale_by_shampoo(
       # params tree; the stacks are not params-shaped, so they are one
       # non-params leaf.
       return ShampooState(counter(), NOT_PARAMS, counter(), counter())
-    plan, _, _ = make_plan(config, params)
-    preconditioners = {
-        stack_key(order):
-            make_storage(config,
-                         order).init(plan.stack_length(order), order, hyper)
-        for order in plan.orders
-    }
-    return ShampooState(counter(), preconditioners, counter(), counter())
+    return ShampooState(counter(), init_preconditioners(config, params, hyper),
+                        counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -381,29 +264,12 @@ def scale_by_shampoo(
       ]
       group_blocks = blocking.gather_blocks(plan, matrices)
     active = finite & (step >= start_step)
-    do_statistics = active & (step % statistics_every == 0)
-    do_roots = active & (step % inverse_root_every == 0)
-
-    def unchanged(preconditioners):
-      return preconditioners, jnp.zeros([], jnp.int32)
-
-    def update_due(preconditioners):
-      preconditioners, stat_failures = lax.cond(
-          do_statistics,
-          lambda p: update_statistics(stacks, p, group_blocks, hyper),
-          unchanged, preconditioners)
-      preconditioners, root_failures = lax.cond(
-          do_roots, lambda p: update_inverse_roots(stacks, p, hyper), unchanged,
-          preconditioners)
-      return preconditioners, stat_failures + root_failures
-
-    # XLA:GPU copies every conditional's predicate to the host and waits for it,
-    # which drains the launch queue: a plain step reads one predicate (the
-    # outer cond), and each expensive branch is traced once. The named scopes
-    # label these steps in profiles (benchmarks/step_trace.py).
+    due = (active & (step % statistics_every == 0),
+           active & (step % inverse_root_every == 0))
+    # The named scopes label these steps in profiles (benchmarks/step_trace.py).
     with jax.named_scope("shampoo_update_preconditioners"):
-      preconditioners, failures = lax.cond(do_statistics | do_roots, update_due,
-                                           unchanged, state.preconditioners)
+      preconditioners, failures = update_when_due(stacks, state.preconditioners,
+                                                  group_blocks, hyper, due)
     preconditioners = {
         key: stacks.constrain(preconditioners[key], order)
         for order, key in ((o, stack_key(o)) for o in plan.orders)
@@ -411,12 +277,8 @@ def scale_by_shampoo(
     with jax.named_scope("shampoo_precondition"):
       new_matrices = blocking.scatter_blocks(
           plan, precondition(stacks, preconditioners, group_blocks))
-    outputs = list(leaves)
     with jax.named_scope("shampoo_graft"):
-      for index, matrix in new_matrices.items():
-        grafted = graft(matrix, matrices[index])
-        outputs[index] = plan.layouts[index].from_matrices(
-            grafted, leaves[index].shape).astype(leaves[index].dtype)
+      outputs = graft_all(plan, leaves, matrices, new_matrices)
     new_state = ShampooState(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         preconditioners=preconditioners,

@@ -41,9 +41,9 @@ from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
                                             make_codec)
-from optax_shampoo4.shampoo import (NOT_PARAMS, Stacks, linalg_precision,
-                                    make_plan, stack_key, update_context,
-                                    update_statistics)
+from optax_shampoo4.shampoo import update_statistics
+from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, linalg_precision,
+                                   make_plan, stack_key, update_context)
 
 # What happens to the second moment when the bases move: "project" it through
 # the change of basis, V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each
@@ -224,6 +224,34 @@ def _check_arguments(arguments: Dict[str, Any]) -> None:
                        MOMENT_ON_REFRESH)
 
 
+def _load_moments(layout, treedef, state, grads, b1):
+  """``(M, V)`` as fp32 lists: ``M`` already advanced by this step's gradient
+  (in the original basis), ``V`` as stored (its update happens per block, in
+  the rotated basis)."""
+  mu = [
+      b1 * layout.load_first(m, g.shape) + (1.0 - b1) * g
+      for m, g in zip(treedef.flatten_up_to(state.mu), grads)
+  ]
+  nu = [
+      layout.load_second(v, g.shape)
+      for v, g in zip(treedef.flatten_up_to(state.nu), grads)
+  ]
+  return mu, nu
+
+
+def _store_moments(layout, treedef, state, moments, shapes, finite):
+  """The stored ``(mu, nu)`` of the new state: the old ones unless
+  ``finite``."""
+  mu, nu = moments
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
+                                       new, old)
+  new_mu = treedef.unflatten(
+      [layout.store_first(m, s) for m, s in zip(mu, shapes)])
+  new_nu = treedef.unflatten(
+      [layout.store_second(v, s) for v, s in zip(nu, shapes)])
+  return keep(new_mu, state.mu), keep(new_nu, state.nu)
+
+
 def _plain_adam(plan, grads, mu, nu, constants):
   """Adam's second moments and updates of the tensors without a
   preconditioner (None for the others, which come from the block groups)."""
@@ -310,14 +338,7 @@ def scale_by_soap(
         config, updates, state.count)
     grads = [x.astype(jnp.float32) for x in leaves]
     shapes = [x.shape for x in leaves]
-    mu = [
-        b1 * layout.load_first(m, s) + (1.0 - b1) * g
-        for m, s, g in zip(treedef.flatten_up_to(state.mu), shapes, grads)
-    ]
-    nu = [
-        layout.load_second(v, s)
-        for v, s in zip(treedef.flatten_up_to(state.nu), shapes)
-    ]
+    mu, nu = _load_moments(layout, treedef, state, grads, b1)
     grad_groups, nu_groups = _to_groups(plan, grads), _to_groups(plan, nu)
     rotation = _Rotation(
         stacks, linalg.PRODUCT_PRECISIONS[config.preconditioning_precision or
@@ -353,14 +374,8 @@ def scale_by_soap(
     nu = _from_groups(plan, group_nu, plain_nu)
     outputs = _from_groups(plan, group_updates, plain_updates)
 
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                         new, old)
-    new_mu = keep(
-        treedef.unflatten(
-            [layout.store_first(m, s) for m, s in zip(mu, shapes)]), state.mu)
-    new_nu = keep(
-        treedef.unflatten(
-            [layout.store_second(v, s) for v, s in zip(nu, shapes)]), state.nu)
+    new_mu, new_nu = _store_moments(layout, treedef, state, (mu, nu), shapes,
+                                    finite)
     new_state = SoapState(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         bases=bases, mu=new_mu, nu=new_nu,

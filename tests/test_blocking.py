@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 import optax_shampoo4 as o4
-from optax_shampoo4 import blocking, linalg, shampoo
+from optax_shampoo4 import blocking, linalg, stacks
 
 
 class Model(nn.Module):
@@ -88,7 +88,7 @@ def test_3d_kernel_update_matches_float64_reference(override):
         dimension_numbers={"k": o4.DimensionNumbers(rows=(0,), cols=(2,))})
     expected = np.stack([reference_update(g[:, h, :]) for h in range(4)],
                         axis=1)
-    plan, _, _ = shampoo.make_plan(config, {"k": g})
+    plan, _, _ = stacks.make_plan(config, {"k": g})
     assert dict(plan.stack_sizes) == {16: 4, 32: 4}
   else:
     config = o4.ShampooConfig(**exact)
