@@ -150,9 +150,8 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str,
     return tuple(
         optimizer_state_sharding(s, mesh, axis, params_sharding,
                                  replicate_roots) for s in state)
-  if hasattr(
-      state, "_fields"
-  ):  # a NamedTuple wrapper (e.g. apply_if_finite, inject_hyperparams)
+  # a NamedTuple wrapper (e.g. skip_nonfinite's, inject_hyperparams')
+  if hasattr(state, "_fields"):
     return type(state)(*(optimizer_state_sharding(
         s, mesh, axis, params_sharding, replicate_roots) for s in state))
   return assign(state)
