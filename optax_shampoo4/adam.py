@@ -31,6 +31,7 @@ from optax_shampoo4 import _checks, adam_kernel, adam_update_kernel
 from optax_shampoo4.config import AdamConfig
 from optax_shampoo4.moments import (FactoredMoment, MomentLayout, PackedMoment,
                                     factored_estimate, pack_moment)
+from optax_shampoo4.nonfinite import all_finite
 from optax_shampoo4.quantization import QuantizedArray
 
 
@@ -44,21 +45,6 @@ class ScaleByAdam4bitState(NamedTuple):
   mu: Any
   nu: Any
   nonfinite_count: jax.Array
-
-
-def _all_finite(leaves) -> jax.Array:
-  """Whether every element of every leaf is finite, in one reduction per group
-  of same-shaped leaves (their elementwise AND fuses into it) instead of one or
-  two per leaf: a 24-layer model has 24 tensors of each shape, and the per-leaf
-  reductions were a third of the fused step's kernel launches."""
-  groups = {}
-  for x in leaves:
-    groups.setdefault(tuple(x.shape), []).append(jnp.isfinite(x))
-  flags = [
-      jnp.all(functools.reduce(jnp.logical_and, group))
-      for group in groups.values()
-  ]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def _keep_if(finite, new, old):
@@ -121,7 +107,7 @@ def _kernel_operands(config, view, g, stored_m, stored_v):
 def fused_leaf_maxima(config, view, constants, g, stored_v, *, interpret):
   """Phase 1 of the fused path: the new rank-1 scales (old scales for blocks)
   and whether ``g`` is finite (``None`` for blocks: no kernel reads ``g`` before
-  the update, see :func:`_all_finite`)."""
+  the update, see :func:`~optax_shampoo4.nonfinite.all_finite`)."""
   if config.second_moment != "rank1":
     return stored_v.scales, None
   rows, cols = view
@@ -243,7 +229,7 @@ def _finite_and_maxima(kernel_config, constants, leaves, nu_leaves, views,
       unchecked.append(g)
     else:
       finite_leaves.append(leaf_finite)
-  return jnp.all(jnp.stack(finite_leaves + [_all_finite(unchecked)])), maxima
+  return jnp.all(jnp.stack(finite_leaves + [all_finite(unchecked)])), maxima
 
 
 def _leaf_step(layout, kernel_config, adam_constants, constants, corrections,
@@ -351,7 +337,7 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
             "packed=True: the state must come from this transformation's init "
             "on params with the "
             "structure of the updates")
-      finite = _all_finite(leaves)
+      finite = all_finite(leaves)
       out, mu, nu = _packed_step(layout, kernel_config, (b1, b2, eps, eps_root),
                                  leaves, state.mu, state.nu, corrections,
                                  constants, finite, applied,

@@ -13,6 +13,7 @@ counters and checkpoints written under ``optax.apply_if_finite`` work unchanged.
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import jax
@@ -22,10 +23,18 @@ import optax
 
 def all_finite(tree) -> jax.Array:
   """Whether every element of every array in ``tree`` is finite (a scalar
-  bool)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
-                           ])) if leaves else jnp.array(True)
+  bool), in one reduction per group of same-shaped leaves (their elementwise
+  AND fuses into it) instead of one or two per leaf: a 24-layer model has 24
+  tensors of each shape, and per-leaf reductions were a third of 4-bit Adam's
+  fused step's kernel launches."""
+  groups = {}
+  for x in jax.tree.leaves(tree):
+    groups.setdefault(tuple(x.shape), []).append(jnp.isfinite(x))
+  flags = [
+      jnp.all(functools.reduce(jnp.logical_and, group))
+      for group in groups.values()
+  ]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def skip_nonfinite(

@@ -17,6 +17,7 @@ from jax import lax
 
 from optax_shampoo4 import blocking, linalg
 from optax_shampoo4.config import DimensionNumbers, ShampooConfig
+from optax_shampoo4.nonfinite import all_finite
 
 # Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5
 # relative error, about twice the fp32 rate on GPUs). XLA's CPU backend has no
@@ -85,8 +86,7 @@ class UpdateContext(NamedTuple):
 def update_context(config: ShampooConfig, updates: Any,
                    count: jax.Array) -> UpdateContext:
   plan, treedef, leaves = make_plan(config, updates)
-  finite = jnp.all(
-      jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+  finite = all_finite(leaves)
   return UpdateContext(plan, treedef, leaves, Stacks(config, plan), count + 1,
                        finite)
 

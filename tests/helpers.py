@@ -5,18 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_shampoo4.fused import find_state
 from optax_shampoo4.quantization import unpack_nibbles
 
 
 def substate(state, kind):
   """The one sub-state of type ``kind`` inside an optimizer state (chains,
-  apply_if_finite, injections)."""
-  found = [
-      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
-      if isinstance(s, kind)
-  ]
-  assert len(found) == 1, f"expected one {kind.__name__}, found {len(found)}"
-  return found[0]
+  guards, injections)."""
+  return find_state(state, kind)
 
 
 def digits_mlp_problem():
