@@ -68,8 +68,16 @@ def optimizers(args, base=None):
       "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
       "shampoo 4-bit, 100/500":
           (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
+      "shampoo 4-bit, 100/100":
+          (args.lr, shampoo(statistics_every=100, inverse_root_every=100)),
+      "shampoo 4-bit, 256 MiB working set":
+          (args.lr,
+           shampoo(dataclasses.replace(base, working_set_bytes=256 * 2**20))),
       "soap 4-bit lr 3e-3": (3e-3, soap()),
       "soap 4-bit lr 1e-3": (1e-3, soap()),
+      "soap 4-bit, bf16 rotations lr 1e-3":
+          (1e-3,
+           soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
       "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
       "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
       "soap 4-bit, 8-bit moments lr 1e-3":

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from optax_shampoo4.config import DimensionNumbers
 
@@ -327,31 +328,41 @@ def chunk_length(order: int, length: int, working_set_bytes: Optional[int],
 
 
 def map_chunks(fn: Callable[..., Any], chunk: int, *stacks: Any) -> Any:
-  """``fn`` over the leading (stack) axis of every array in ``stacks``,
+  """``fn`` over the leading (stack) axis of every array in ``stacks``, at most
   ``chunk`` entries at a time.
 
-  ``fn`` takes and returns batched pytrees (stack axis first). Chunks run one
-  after another in a ``lax.map`` (a loop, not ``vmap``: the conditionals inside
-  ``fn`` stay conditionals), so only one chunk's temporaries are live. A short
-  last chunk is padded with copies of the stack's last entry.
+  ``fn`` takes and returns batched pytrees (stack axis first) and must treat
+  the entries of a batch independently. Chunks run one after another in a loop
+  (not ``vmap``: the conditionals inside ``fn`` stay conditionals), so only one
+  chunk's temporaries are live. The chunks are of equal size; the last one
+  starts early enough to end at the stack's end, so it may redo a few entries
+  of the one before, instead of padding the stack (a copy of every input) and
+  cutting the padding off the outputs (another).
   """
   length = jax.tree.leaves(stacks)[0].shape[0]
   if chunk >= length:
     return fn(*stacks)
   count = -(-length // chunk)
-  pad = count * chunk - length
+  size = -(-length // count)
 
-  def split(a):
-    if pad:
-      a = jnp.concatenate([a, jnp.broadcast_to(a[-1:], (pad,) + a.shape[1:])])
-    return a.reshape((count, chunk) + a.shape[1:])
+  def take(start):
+    return _restack(stacks, lambda a: lax.dynamic_slice_in_dim(a, start, size),
+                    size)
 
-  def join(a):
-    return a.reshape((count * chunk,) + a.shape[2:])[:length]
+  shapes = jax.eval_shape(lambda: fn(*take(0)))
+  zeros = _restack(shapes, lambda s: jnp.zeros(
+      (length,) + s.shape[1:], s.dtype), length)
+  treedef = jax.tree.structure(zeros)
 
-  out = jax.lax.map(lambda xs: fn(*_restack(xs, lambda a: a, chunk)),
-                    _restack(stacks, split, count))
-  return _restack(out, join, length)
+  def body(index, out):
+    start = jnp.minimum(index * size, length - size)
+    pieces = jax.tree.leaves(fn(*take(start)))
+    return treedef.unflatten([
+        lax.dynamic_update_slice_in_dim(o, p, start, 0)
+        for o, p in zip(jax.tree.leaves(out), pieces)
+    ])
+
+  return lax.fori_loop(0, count, body, zeros)
 
 
 def _restack(tree: Any, fn: Callable[[jax.Array], jax.Array],

@@ -117,13 +117,14 @@ class ShampooConfig:
     error_feedback: ``"cholesky"`` only: quantize ``C + E`` and carry the
       quantization error.
     preconditioning_precision: precision of the per-step products, Shampoo's
-      ``L̂ G R̂`` and SOAP's
-      rotations: ``"bf16"`` (operands rounded to bf16, fp32 accumulation),
-        ``"high"`` (TF32 on GPUs, 3
-      bf16 passes on TPUs), ``"highest"`` or ``"default"``. Default (``None``):
-      ``"bf16"`` for Shampoo's quantized roots, whose 4 or 8 bits bf16's 8-bit
-      significand holds, on GPUs and TPUs; ``"high"`` otherwise and for SOAP,
-      whose rotations must round-trip.
+      ``L̂ G R̂`` and SOAP's rotations (with each step's rectification of its
+      4-bit bases): ``"bf16"`` (operands rounded to bf16, fp32 accumulation),
+      ``"high"`` (TF32 on GPUs, 3 bf16 passes on TPUs), ``"highest"`` or
+      ``"default"``. Default (``None``): ``"bf16"`` for Shampoo's quantized
+      roots, whose 4 or 8 bits bf16's 8-bit significand holds, on GPUs and
+      TPUs; ``"high"`` otherwise and for SOAP, where bf16 changed the update by
+      under 1 % and the byte-level LM's loss within noise
+      (``docs/benchmarks.md``).
     linalg_precision: precision of the statistics and root updates:
       ``"highest"`` (fp32) or ``"bf16_3x"`` (three bf16 passes, relative error
       ≈1e-5; CPUs use fp32 either way). Default: ``"highest"`` at 32 bits,
@@ -134,7 +135,10 @@ class ShampooConfig:
     working_set_bytes: fp32 bytes the statistics, root and preconditioning work
       may hold at once per order class; stacks are processed chunk by chunk
       within it. ``None``: whole stacks at once (fastest compile on small
-      models, largest memory). Default 256 MiB.
+      models, largest memory). Default 1 GiB: on GPUs a batched Cholesky
+      factorization runs several times faster per matrix in batches a few
+      times larger than 256 MiB allows, and the per-step products of an 86 M
+      model's stacks fit without a loop (``docs/benchmarks.md``).
     shard_blocks: an int pads every stack to a multiple of it; a
       ``NamedSharding`` such as ``NamedSharding(mesh, P("blocks"))`` also keeps
       the updates' stacks sharded along that mesh axis (each device does the
@@ -156,7 +160,7 @@ class ShampooConfig:
   preconditioning_precision: Optional[str] = None
   linalg_precision: Optional[str] = None
   dimension_numbers: DimensionNumbersSpec = None
-  working_set_bytes: Optional[int] = 256 * MIB
+  working_set_bytes: Optional[int] = 1024 * MIB
   shard_blocks: Union[int, jax.sharding.NamedSharding] = 1
   replicate_roots: bool = False
 

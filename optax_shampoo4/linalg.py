@@ -60,6 +60,7 @@ def constrain(x: jax.Array, numerics: Numerics = FP32) -> jax.Array:
 
 
 PRODUCT_PRECISIONS = {
+    "bf16": lax.DotAlgorithmPreset.BF16_BF16_F32,
     "default": lax.Precision.DEFAULT,
     "high": lax.Precision.HIGH,
     "highest": lax.Precision.HIGHEST
@@ -70,7 +71,8 @@ def product(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
   """``a @ b`` of the per-step products; ``precision`` is a
   ``ShampooConfig.preconditioning_precision`` name. ``"bf16"`` rounds both
   operands to bf16 and accumulates in fp32 (half the bytes of an fp32 operand,
-  and bf16 tensor-core rate)."""
+  and bf16 tensor-core rate); rounding before the product lets XLA fuse it
+  into the dequantization that makes the operand."""
   if precision == "bf16":
     return jnp.matmul(
         a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),

@@ -23,18 +23,26 @@ import optax
 
 def all_finite(tree) -> jax.Array:
   """Whether every element of every array in ``tree`` is finite (a scalar
-  bool), in one reduction per group of same-shaped leaves (their elementwise
-  AND fuses into it) instead of one or two per leaf: a 24-layer model has 24
-  tensors of each shape, and per-leaf reductions were a third of 4-bit Adam's
-  fused step's kernel launches."""
+  bool).
+
+  The sum of ``x · 0`` is 0 when every element is finite and NaN otherwise
+  (``0 · ±Inf`` and ``0 · NaN`` are NaN, and it cannot overflow), so the check
+  is a float sum, the reduction XLA:GPU does fastest: an AND-reduction of
+  ``isfinite`` over the same leaves took about 8× the time of reading them
+  (0.8 ms per step on the 86 M-param GPT of ``docs/benchmarks.md``). Leaves of
+  one shape are added first, into one reduction per shape: a 24-layer model
+  has 24 tensors of each shape, and per-leaf reductions were a third of 4-bit
+  Adam's fused step's kernel launches.
+  """
   groups = {}
   for x in jax.tree.leaves(tree):
-    groups.setdefault(tuple(x.shape), []).append(jnp.isfinite(x))
-  flags = [
-      jnp.all(functools.reduce(jnp.logical_and, group))
-      for group in groups.values()
+    groups.setdefault(tuple(x.shape),
+                      []).append(jnp.asarray(x, jnp.float32) * 0.0)
+  sums = [
+      jnp.sum(functools.reduce(jnp.add, group)) for group in groups.values()
   ]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+  return jnp.isfinite(functools.reduce(jnp.add,
+                                       sums)) if sums else jnp.asarray(True)
 
 
 def skip_nonfinite(

@@ -85,18 +85,20 @@ class SoapState(NamedTuple):
   failure_count: jax.Array
 
 
-def _rotate(left, matrix, right, precision):
-  """``left @ matrix @ rightᵀ`` over a stack."""
-  product = jnp.matmul(left, matrix, precision=precision)
-  return jnp.matmul(product, jnp.swapaxes(right, -1, -2), precision=precision)
+def _rotate(left, matrix, right, precision: str):
+  """``left @ matrix @ rightᵀ`` over a stack (``precision``: a
+  ``preconditioning_precision`` name)."""
+  return linalg.product(
+      linalg.product(left, matrix, precision), linalg.transpose(right),
+      precision)
 
 
 def _project_second_moment(v, new_left, new_right, old_left, old_right,
-                           precision):
+                           precision: str):
   """``V`` carried from the old rotated basis to the new one, entry variances
   moved by ``P∘P``."""
   transfer = lambda new, old: jnp.square(
-      jnp.matmul(new, jnp.swapaxes(old, -1, -2), precision=precision))
+      linalg.product(new, linalg.transpose(old), precision))
   return _rotate(
       transfer(new_left, old_left), v, transfer(new_right, old_right),
       precision)
@@ -107,13 +109,13 @@ class _Rotation(NamedTuple):
   within the working set)."""
 
   stacks: Stacks
-  precision: Any
+  precision: str  # of the rotations: a preconditioning_precision name
 
   def _loaders(self, group, bjorck_precision):
     """Loaders of the group's left and right bases and its chunk length. A 4-bit
     basis is rectified at ``bjorck_precision``: each step's at the rotations'
-    (TF32 on GPUs by default; at the refresh's fp32 a 4-bit step was far slower
-    than an fp32-basis one)."""
+    (at the refresh's fp32 a 4-bit step was far slower than an fp32-basis
+    one)."""
     config = self.stacks.config
     numerics = linalg.Numerics(bjorck_precision)
     loader = lambda order: functools.partial(load_basis,
@@ -136,7 +138,8 @@ class _Rotation(NamedTuple):
     updates, second_moments = [], []
     for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups,
                                                self._slices(bases)):
-      load_left, load_right, chunk = self._loaders(group, self.precision)
+      load_left, load_right, chunk = self._loaders(
+          group, linalg.PRODUCT_PRECISIONS[self.precision])
 
       def step(g, m, v, left, right):
         u_left, u_right = load_left(left), load_right(right)
@@ -145,10 +148,10 @@ class _Rotation(NamedTuple):
         normalized = (_rotate(u_left, m, u_right, self.precision) /
                       corrections[0]) / (
                           jnp.sqrt(v / corrections[1]) + eps)
-        update = jnp.matmul(
-            jnp.matmul(
-                jnp.swapaxes(u_left, -1, -2), normalized,
-                precision=self.precision), u_right, precision=self.precision)
+        update = linalg.product(
+            linalg.product(
+                linalg.transpose(u_left), normalized, self.precision), u_right,
+            self.precision)
         return update, v
 
       update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
@@ -202,10 +205,6 @@ def _check_arguments(arguments: Dict[str, Any]) -> None:
   config, moments = arguments["config"], arguments["moments"]
   _checks.check_type("config", config, ShampooConfig)
   _checks.check_type("moments", moments, AdamConfig)
-  if config.preconditioning_precision == "bf16":
-    raise ValueError(
-        "config.preconditioning_precision='bf16' is for Shampoo's roots; "
-        "SOAP's rotations must round-trip (use 'high', 'highest' or 'default')")
   if config.storage != "eigenvectors":
     raise ValueError(
         "config.storage must be 'eigenvectors' for SOAP (its bases), got "
@@ -340,9 +339,7 @@ def scale_by_soap(
     shapes = [x.shape for x in leaves]
     mu, nu = _load_moments(layout, treedef, state, grads, b1)
     grad_groups, nu_groups = _to_groups(plan, grads), _to_groups(plan, nu)
-    rotation = _Rotation(
-        stacks, linalg.PRODUCT_PRECISIONS[config.preconditioning_precision or
-                                          "high"])
+    rotation = _Rotation(stacks, config.preconditioning_precision or "high")
 
     def refresh(bases, nu_groups):
       new_bases, failures = update_statistics(stacks, bases, grad_groups, hyper)

@@ -158,6 +158,32 @@ def test_chunked_updates_equal_whole_stack_updates(storage, bits, tolerance,
         assert cosine > 0.999, cosine
 
 
+def test_map_chunks_overlaps_its_last_chunk_instead_of_padding():
+  # 7 entries at most 3 at a time: chunks of 3 starting at 0, 3 and 4 (entry 4
+  # done twice, same value); fn sees no padded chunk and no other size.
+  sizes = []
+
+  def fn(x, quantized):
+    sizes.append(x.shape[0])
+    return x * 2.0, quantized.dequantize().sum(axis=(1, 2))
+
+  x = jnp.arange(7 * 8 * 8, dtype=jnp.float32).reshape(7, 8, 8)
+  quantized = o4.quantize(
+      jax.random.normal(jax.random.PRNGKey(0), (7, 8, 8)), bits=4,
+      block_size=16)
+  doubled, sums = blocking.map_chunks(fn, 3, x, quantized)
+  assert set(sizes) == {3}
+  np.testing.assert_array_equal(np.asarray(doubled), 2.0 * np.asarray(x))
+  np.testing.assert_allclose(
+      np.asarray(sums),
+      np.asarray(quantized.dequantize()).sum(axis=(1, 2)), rtol=1e-6)
+  # one loop of three iterations, no concatenation of the inputs
+  jaxpr = str(
+      jax.make_jaxpr(lambda a, q: blocking.map_chunks(fn, 3, a, q))(x,
+                                                                    quantized))
+  assert "concatenate" not in jaxpr and "length=3" in jaxpr, jaxpr
+
+
 class Tiny(nn.Module):
 
   @nn.compact

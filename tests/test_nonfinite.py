@@ -52,3 +52,28 @@ def test_states_that_keep_themselves_are_passed_through():
   for a, b in zip(
       jax.tree.leaves(adam_state), jax.tree.leaves(state.inner_state[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_finite_against_numpy_on_mixed_dtypes_and_huge_finite_values():
+  """A NaN or ±Inf anywhere, in any leaf, of fp32, bf16 or int dtype, against
+  numpy's ``isfinite``; finite values near fp32's largest do not overflow the
+  check (it sums ``x · 0``, never ``x``)."""
+  from optax_shampoo4.nonfinite import all_finite
+  big = np.float32(3e38)
+  base = {
+      "a": jnp.full((4, 5), big),
+      "b": jnp.full((4, 5), -big),  # same shape as "a": summed together
+      "c": jnp.ones((3,), jnp.bfloat16),
+      "n": jnp.arange(6)
+  }
+  check = jax.jit(all_finite)
+  assert bool(check(base))
+  for leaf, bad in [("a", np.nan), ("b", -np.inf), ("c", np.inf),
+                    ("a", np.inf)]:
+    tree = dict(base)
+    tree[leaf] = tree[leaf].at[(1,) * tree[leaf].ndim].set(bad)
+    expected = all(
+        np.isfinite(np.asarray(x, np.float64)).all()
+        for x in jax.tree.leaves(tree))
+    assert bool(check(tree)) == expected == False, (leaf, bad)
+  assert bool(check({})) and bool(check({"n": jnp.arange(3)}))

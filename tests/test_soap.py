@@ -96,6 +96,32 @@ def test_4bit_bases_track_fp32_soap_and_both_beat_adamw(moment_bits):
                                                           adamw)
 
 
+def test_bf16_rotations_stay_within_two_percent_of_fp32_rotations():
+  # Same gradients through refreshes (every 3 steps); the bases come from the
+  # statistics alone, so only the rotations' rounding separates the runs
+  # (measured: 0.3-0.7 %).
+  params = {"w": jnp.zeros((96, 64))}
+  txs = [
+      o4.scale_by_soap(
+          config=o4.ShampooConfig(preconditioning_precision=precision),
+          precondition_every=3) for precision in ("highest", "bf16")
+  ]
+  states = [tx.init(params) for tx in txs]
+  steps = [jax.jit(tx.update) for tx in txs]
+  for i in range(8):
+    grads = {
+        "w":
+            jax.random.normal(jax.random.PRNGKey(i),
+                              (96, 64)) * jnp.linspace(0.1, 3.0, 64)
+    }
+    outs = []
+    for k in range(2):
+      updates, states[k] = steps[k](grads, states[k])
+      outs.append(updates["w"])
+    error = jnp.linalg.norm(outs[1] - outs[0]) / jnp.linalg.norm(outs[0])
+    assert 0 < float(error) < 0.02, (i, float(error))
+
+
 def test_state_bytes_per_parameter_on_gpt2_shapes():
   params = gpt2_small_shapes()
   count = sum(np.prod(p.shape) for p in params.values())
@@ -175,8 +201,6 @@ def test_a_failed_basis_update_is_counted_and_keeps_the_old_basis():
     (dict(moment_on_refresh="reset"), "moment_on_refresh"),
     (dict(shampoo_beta=1.0), "shampoo_beta"),
     (dict(config="4bit"), "config"),
-    (dict(config=o4.ShampooConfig(preconditioning_precision="bf16")),
-     "preconditioning_precision"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
