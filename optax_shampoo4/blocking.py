@@ -246,6 +246,25 @@ def scatter_blocks(plan: Plan,
   return matrices
 
 
+def to_groups(plan: Plan, leaves: Sequence[jax.Array]) -> List[jax.Array]:
+  """The block groups (:func:`gather_blocks`) of params-shaped ``leaves``."""
+  return gather_blocks(plan, [
+      None if layout is None else layout.to_matrices(x)
+      for x, layout in zip(leaves, plan.layouts)
+  ])
+
+
+def to_leaves(plan: Plan, group_values: Sequence[jax.Array],
+              others: Sequence[Any]) -> List[Any]:
+  """Params-shaped leaves from block groups (the inverse of :func:`to_groups`);
+  ``others`` gives the leaves without a preconditioner (its entries for
+  preconditioned leaves are ignored)."""
+  out = list(others)
+  for index, matrix in scatter_blocks(plan, group_values).items():
+    out[index] = plan.layouts[index].from_matrices(matrix, plan.shapes[index])
+  return out
+
+
 def assemble_stack(plan: Plan, order: int, left: Sequence[jax.Array],
                    right: Sequence[jax.Array], fill: jax.Array) -> jax.Array:
   """The stack ``(stack_length, order, …)`` of per-group left and right

@@ -164,16 +164,6 @@ def product_precision(config: ShampooConfig) -> str:
   ) != "cpu" else "high"
 
 
-def from_blocks(plan: blocking.Plan, leaves, group_values):
-  """The output leaves: each preconditioned tensor put back together from its
-  blocks, in its shape and dtype; the others passed through."""
-  outputs = list(leaves)
-  for index, matrix in blocking.scatter_blocks(plan, group_values).items():
-    outputs[index] = plan.layouts[index].from_matrices(
-        matrix, leaves[index].shape).astype(leaves[index].dtype)
-  return outputs
-
-
 def init_preconditioners(config: ShampooConfig, params, hyper: Hyper):
   """Every order's stack of preconditioners for ``params``."""
   plan, _, _ = make_plan(config, params)
@@ -281,11 +271,8 @@ def scale_by_shampoo(
     plan, treedef, leaves, stacks, step, finite = update_context(
         config, updates, state.count)
     with jax.named_scope("shampoo_blocks"):
-      matrices = [
-          None if layout is None else layout.to_matrices(x.astype(jnp.float32))
-          for x, layout in zip(leaves, plan.layouts)
-      ]
-      group_blocks = blocking.gather_blocks(plan, matrices)
+      group_blocks = blocking.to_groups(plan,
+                                        [x.astype(jnp.float32) for x in leaves])
     active = finite & (step >= start_step)
     due = (active & (step % statistics_every == 0),
            active & (step % inverse_root_every == 0))
@@ -300,8 +287,9 @@ def scale_by_shampoo(
     with jax.named_scope("shampoo_precondition"):
       preconditioned = precondition(stacks, preconditioners, group_blocks)
     with jax.named_scope("shampoo_graft"):
-      outputs = from_blocks(plan, leaves,
-                            graft(plan, group_blocks, preconditioned))
+      grafted = graft(plan, group_blocks, preconditioned)
+      outputs = blocking.to_leaves(plan, grafted, leaves)
+    outputs = [y.astype(x.dtype) for y, x in zip(outputs, leaves)]
     new_state = ShampooState(
         count=jnp.where(finite, step, state.count).astype(jnp.int32),
         preconditioners=preconditioners,

@@ -181,25 +181,6 @@ class _Rotation(NamedTuple):
     return out
 
 
-def _to_groups(plan, values):
-  """The block groups of params-shaped ``values`` (fp32 leaves)."""
-  matrices = [
-      None if layout is None else layout.to_matrices(x)
-      for x, layout in zip(values, plan.layouts)
-  ]
-  return blocking.gather_blocks(plan, matrices)
-
-
-def _from_groups(plan, group_values, others):
-  """Params-shaped leaves from block groups (inverse of :func:`_to_groups`);
-  ``others`` gives the leaves without a preconditioner (its entries for
-  preconditioned leaves are ignored)."""
-  out = list(others)
-  for index, matrix in blocking.scatter_blocks(plan, group_values).items():
-    out[index] = plan.layouts[index].from_matrices(matrix, plan.shapes[index])
-  return out
-
-
 def _check_arguments(arguments: Dict[str, Any]) -> None:
   """The checks of :func:`scale_by_soap`'s arguments (its ``locals()``)."""
   config, moments = arguments["config"], arguments["moments"]
@@ -338,7 +319,9 @@ def scale_by_soap(
     grads = [x.astype(jnp.float32) for x in leaves]
     shapes = [x.shape for x in leaves]
     mu, nu = _load_moments(layout, treedef, state, grads, b1)
-    grad_groups, nu_groups = _to_groups(plan, grads), _to_groups(plan, nu)
+    grad_groups, nu_groups = blocking.to_groups(plan,
+                                                grads), blocking.to_groups(
+                                                    plan, nu)
     rotation = _Rotation(stacks, config.preconditioning_precision or "high")
 
     def refresh(bases, nu_groups):
@@ -364,12 +347,12 @@ def scale_by_soap(
     corrections = (1.0 - b1**step, 1.0 - b2**step)
     with jax.named_scope("soap_rotated_adam"):
       group_updates, group_nu = rotation.apply(
-          list(zip(grad_groups, _to_groups(plan, mu), nu_groups)), bases,
-          (b2, eps, corrections))
+          list(zip(grad_groups, blocking.to_groups(plan, mu), nu_groups)),
+          bases, (b2, eps, corrections))
     plain_nu, plain_updates = _plain_adam(plan, grads, mu, nu,
                                           (b2, eps, corrections))
-    nu = _from_groups(plan, group_nu, plain_nu)
-    outputs = _from_groups(plan, group_updates, plain_updates)
+    nu = blocking.to_leaves(plan, group_nu, plain_nu)
+    outputs = blocking.to_leaves(plan, group_updates, plain_updates)
 
     new_mu, new_nu = _store_moments(layout, treedef, state, (mu, nu), shapes,
                                     finite)
