@@ -62,7 +62,7 @@ def test_all_finite_against_numpy_on_mixed_dtypes_and_huge_finite_values():
   big = np.float32(3e38)
   base = {
       "a": jnp.full((4, 5), big),
-      "b": jnp.full((4, 5), -big),  # same shape as "a": summed together
+      "b": jnp.full((4, 5), big),  # same shape as "a": added to it first
       "c": jnp.ones((3,), jnp.bfloat16),
       "n": jnp.arange(6)
   }
