@@ -153,10 +153,17 @@ def main():
   parser.add_argument("--t2", type=int, default=500)
   parser.add_argument("--bits", default="32,4",
                       help="comma-separated; 4/32 ratios need both")
+  parser.add_argument(
+      "--working-set-mib", type=int, default=None,
+      help="ShampooConfig.working_set_bytes in MiB (default: the config's)")
   parser.add_argument("--no-breakdown", action="store_true",
                       help="skip the per-order-class timings")
   args = parser.parse_args()
   bit_widths = [int(b) for b in args.bits.split(",")]
+  working_set = ({} if args.working_set_mib is None else {
+      "working_set_bytes": args.working_set_mib * 2**20
+  })
+  config = lambda bits: o4.ShampooConfig(bits=bits, **working_set)
   models = {
       "gpt2_small": common.gpt2_small_shapes(),
       "vit_s16": common.vit_s16_shapes()
@@ -201,17 +208,17 @@ def main():
           "inverse_root": (NEVER, 1)
       }.items():
         tx = shampoo_adamw(1e-3, statistics_every=t1, inverse_root_every=t2,
-                           shampoo=o4.ShampooConfig(bits=bits))
+                           shampoo=config(bits))
         kinds[kind], state_bytes = time_step(tx, params, grads, args.repeats)
       plain = kinds["plain"]
       kinds["plain_pipelined"] = pipelined_step_time(
           shampoo_adamw(1e-3, statistics_every=NEVER, inverse_root_every=NEVER,
-                        shampoo=o4.ShampooConfig(bits=bits)), params, grads)
+                        shampoo=config(bits)), params, grads)
       amortized = plain + (kinds["statistics"] - plain) / args.t1 + (
           kinds["inverse_root"] - plain) / args.t2
       precond_bytes = state_nbytes(
           jax.eval_shape(
-              o4.scale_by_shampoo(o4.ShampooConfig(bits=bits)).init, params))
+              o4.scale_by_shampoo(config(bits)).init, params))
       rows.append([
           f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={bits}))", plain * 1e3,
           kinds["plain_pipelined"] * 1e3, kinds["statistics"] * 1e3,

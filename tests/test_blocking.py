@@ -199,9 +199,9 @@ class Tiny(nn.Module):
 def test_chunked_training_step_extra_temp_within_three_shampoo_states_on_cpu():
   """Compiled on CPU: with a 1 MiB working set the step's temp bytes over
   AdamW's stay within 3× the Shampoo state's bytes, and below what whole stacks
-  need (on this 1 M-param model the default 256 MiB budget covers whole stacks:
+  need (on this 1 M-param model the default 1 GiB budget covers whole stacks:
   about 5.5× the state). On an H100, GPT of 85.6 M params at the default, the
-  extra temp was 0.06× the state: docs/benchmarks.md."""
+  extra temp was 0.02× the state: docs/benchmarks.md."""
   model = Tiny()
   tokens = jnp.zeros((4, 32), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
