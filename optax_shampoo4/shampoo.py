@@ -280,10 +280,7 @@ def scale_by_shampoo(
     with jax.named_scope("shampoo_update_preconditioners"):
       preconditioners, failures = update_when_due(stacks, state.preconditioners,
                                                   group_blocks, hyper, due)
-    preconditioners = {
-        key: stacks.constrain(preconditioners[key], order)
-        for order, key in ((o, stack_key(o)) for o in plan.orders)
-    }
+    preconditioners = stacks.constrain_all(preconditioners)
     with jax.named_scope("shampoo_precondition"):
       preconditioned = precondition(stacks, preconditioners, group_blocks)
     with jax.named_scope("shampoo_graft"):

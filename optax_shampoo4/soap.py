@@ -181,6 +181,45 @@ class _Rotation(NamedTuple):
     return out
 
 
+def _init_bases(config: ShampooConfig, params, hyper: Hyper):
+  """Every order's stack of bases for ``params`` (identity rows)."""
+  plan, _, _ = make_plan(config, params)
+  return {
+      stack_key(order):
+          init_basis(
+              make_codec(config, order), plan.stack_length(order), order, hyper)
+      for order in plan.orders
+  }
+
+
+def _init_moments(layout: MomentLayout, params):
+  """Zero ``(mu, nu)`` like ``params``, stored per ``layout``."""
+  zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+  mu = jax.tree.map(lambda p: layout.store_first(zeros(p), jnp.shape(p)),
+                    params)
+  nu = jax.tree.map(lambda p: layout.store_second(zeros(p), jnp.shape(p)),
+                    params)
+  return mu, nu
+
+
+def _refresh_when_due(rotation: _Rotation, bases, grad_groups, nu_groups,
+                      hyper: Hyper, due, project: bool):
+  """``(bases, V blocks, failures)`` after the basis refresh that ``due``
+  asks for: Shampoo's statistics step, with ``V`` projected onto the new bases
+  when ``project``. One conditional per step (XLA:GPU waits on each predicate;
+  see :func:`optax_shampoo4.shampoo.update_when_due`)."""
+
+  def refresh(bases, nu_groups):
+    new_bases, failures = update_statistics(rotation.stacks, bases, grad_groups,
+                                            hyper)
+    if project:
+      nu_groups = rotation.project(nu_groups, new_bases, bases)
+    return new_bases, nu_groups, failures
+
+  unchanged = lambda b, v: (b, v, jnp.zeros([], jnp.int32))
+  return lax.cond(due, refresh, unchanged, bases, nu_groups)
+
+
 def _check_arguments(arguments: Dict[str, Any]) -> None:
   """The checks of :func:`scale_by_soap`'s arguments (its ``locals()``)."""
   config, moments = arguments["config"], arguments["moments"]
@@ -298,19 +337,9 @@ def scale_by_soap(
     if type(params).__name__ == "_ParamsPlaceholder":
       return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
                        counter())
-    plan, _, _ = make_plan(config, params)
-    bases = {
-        stack_key(order):
-            init_basis(
-                make_codec(config, order), plan.stack_length(order), order,
-                hyper) for order in plan.orders
-    }
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
-    mu = jax.tree.map(lambda p: layout.store_first(zeros(p), jnp.shape(p)),
-                      params)
-    nu = jax.tree.map(lambda p: layout.store_second(zeros(p), jnp.shape(p)),
-                      params)
-    return SoapState(counter(), bases, mu, nu, counter(), counter())
+    mu, nu = _init_moments(layout, params)
+    return SoapState(counter(), _init_bases(config, params, hyper), mu, nu,
+                     counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -319,27 +348,14 @@ def scale_by_soap(
     grads = [x.astype(jnp.float32) for x in leaves]
     shapes = [x.shape for x in leaves]
     mu, nu = _load_moments(layout, treedef, state, grads, b1)
-    grad_groups, nu_groups = blocking.to_groups(plan,
-                                                grads), blocking.to_groups(
-                                                    plan, nu)
+    grad_groups = blocking.to_groups(plan, grads)
     rotation = _Rotation(stacks, config.preconditioning_precision or "high")
-
-    def refresh(bases, nu_groups):
-      new_bases, failures = update_statistics(stacks, bases, grad_groups, hyper)
-      if moment_on_refresh == "project":
-        nu_groups = rotation.project(nu_groups, new_bases, bases)
-      return new_bases, nu_groups, failures
-
-    # one conditional per step (XLA:GPU waits on each predicate; see
-    # scale_by_shampoo)
     with jax.named_scope("soap_refresh"):
-      bases, nu_groups, failures = lax.cond(
-          finite & (step % precondition_every == 0), refresh, lambda b, v:
-          (b, v, jnp.zeros([], jnp.int32)), state.bases, nu_groups)
-    bases = {
-        key: stacks.constrain(bases[key], order)
-        for order, key in ((o, stack_key(o)) for o in plan.orders)
-    }
+      bases, nu_groups, failures = _refresh_when_due(
+          rotation, state.bases, grad_groups, blocking.to_groups(plan, nu),
+          hyper, finite & (step % precondition_every == 0),
+          moment_on_refresh == "project")
+    bases = stacks.constrain_all(bases)
 
     # an integer power, as optax.scale_by_adam takes it: a float power rounds
     # differently when the betas are traced (optax.inject_hyperparams) than when

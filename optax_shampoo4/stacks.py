@@ -9,7 +9,7 @@ in one stack ``(k, order, order)``, stored under :func:`stack_key`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,13 @@ class Stacks:
               lambda x: lax.with_sharding_constraint(x, self.whole),
               stack.inverse_root))
     return stack
+
+  def constrain_all(self, stacks: Dict[str, Any]) -> Dict[str, Any]:
+    """:meth:`constrain` on every order's stack (keyed by :func:`stack_key`)."""
+    return {
+        stack_key(order): self.constrain(stacks[stack_key(order)], order)
+        for order in self.plan.orders
+    }
 
   def chunk(self, order: int, copies: int, length: Optional[int] = None) -> int:
     """How many of ``length`` (default: the order's whole stack) matrices one
