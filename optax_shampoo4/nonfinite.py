@@ -28,11 +28,11 @@ def all_finite(tree) -> jax.Array:
   The sum of ``x · 0`` is 0 when every element is finite and NaN otherwise
   (``0 · ±Inf`` and ``0 · NaN`` are NaN, and it cannot overflow), so the check
   is a float sum, the reduction XLA:GPU does fastest: an AND-reduction of
-  ``isfinite`` over the same leaves took about 8× the time of reading them
-  (0.8 ms per step on the 86 M-param GPT of ``docs/benchmarks.md``). Leaves of
-  one shape are added first, into one reduction per shape: a 24-layer model
-  has 24 tensors of each shape, and per-leaf reductions were a third of 4-bit
-  Adam's fused step's kernel launches.
+  ``isfinite`` over the same leaves took several times as long as reading them
+  (``docs/benchmarks.md``). Leaves of one shape are added first, into one
+  reduction per shape: a 24-layer model has 24 tensors of each shape, and
+  per-leaf reductions were a third of 4-bit Adam's fused step's kernel
+  launches.
   """
   groups = {}
   for x in jax.tree.leaves(tree):
