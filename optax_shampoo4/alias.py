@@ -12,7 +12,7 @@ changes neither the params nor any state but the counters
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import jax
 import optax
@@ -119,6 +119,18 @@ def adamw_4bit(
                             config))
 
 
+# scale_by_shampoo's numbers: top-level arguments of the aliases too, so that
+# plain optax.inject_hyperparams traces them
+SHAMPOO_NUMBERS = ("statistics_every", "inverse_root_every", "beta", "epsilon",
+                   "start_step", "error_feedback_beta")
+
+
+def _scale_by_shampoo(arguments: Dict[str, Any]):
+  """:func:`scale_by_shampoo` from an alias's arguments (its ``locals()``)."""
+  return scale_by_shampoo(arguments["shampoo"],
+                          **{name: arguments[name] for name in SHAMPOO_NUMBERS})
+
+
 def shampoo_adamw(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -165,10 +177,7 @@ def shampoo_adamw(
   _checks.check_type("adam", adam, AdamConfig)
   return _finalize(
       optax.chain(
-          scale_by_shampoo(shampoo, statistics_every=statistics_every,
-                           inverse_root_every=inverse_root_every, beta=beta,
-                           epsilon=epsilon, start_step=start_step,
-                           error_feedback_beta=error_feedback_beta),
+          _scale_by_shampoo(locals()),
           _adam(b1, b2, eps, adam),
           optax.add_decayed_weights(weight_decay, mask),
           optax.scale_by_learning_rate(learning_rate),
@@ -212,10 +221,7 @@ def shampoo_sgdm(
   _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
   return _finalize(
       optax.chain(
-          scale_by_shampoo(shampoo, statistics_every=statistics_every,
-                           inverse_root_every=inverse_root_every, beta=beta,
-                           epsilon=epsilon, start_step=start_step,
-                           error_feedback_beta=error_feedback_beta),
+          _scale_by_shampoo(locals()),
           optax.add_decayed_weights(weight_decay, mask),
           optax.trace(decay=momentum, nesterov=nesterov),
           optax.scale_by_learning_rate(learning_rate),

@@ -189,13 +189,17 @@ class MomentLayout:
     halves = self.bits == 4 and length % HALVES_SPAN == 0
     return "halves" if halves else "interleaved"
 
+  def _store_blocks(self, x, codebook: str):
+    """``x`` flattened and quantized block-wise with ``codebook``."""
+    flat = x.reshape(-1)
+    return quantize(flat, codebook=codebook, bits=self.bits,
+                    block_size=self.block_size,
+                    pairing=self.pairing(flat.shape[0]))
+
   def store_first(self, m, shape):
     if not self.quantized(shape):
       return m
-    flat = m.reshape(-1)
-    return quantize(flat, codebook=self.first_codebook, bits=self.bits,
-                    block_size=self.block_size,
-                    pairing=self.pairing(flat.shape[0]))
+    return self._store_blocks(m, self.first_codebook)
 
   def load_first(self, stored, shape):
     return dequantize(stored).reshape(shape) if isinstance(
@@ -210,14 +214,10 @@ class MomentLayout:
       return quantize(v, codebook=self.second_codebook, bits=self.bits,
                       block_size=self.block_size, normalization="rank1",
                       pairing=self.pairing(v.shape[-1]))
-    flat = v.reshape(-1)
-    return quantize(flat, codebook=self.second_codebook, bits=self.bits,
-                    block_size=self.block_size,
-                    pairing=self.pairing(flat.shape[0]))
+    return self._store_blocks(v, self.second_codebook)
 
-  def load_second(self, stored, shape):
-    return dequantize(stored).reshape(shape) if isinstance(
-        stored, QuantizedArray) else stored
+  # both moments are stored the same way once quantized
+  load_second = load_first
 
   def kernel_view(self, shape, config):
     """The ``(rows, cols)`` view of the fused kernels for this tensor, or
