@@ -68,6 +68,8 @@ def optimizers(args, base=None):
       "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
       "shampoo 4-bit, 100/500":
           (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
+      "shampoo 4-bit, 50/250":
+          (args.lr, shampoo(statistics_every=50, inverse_root_every=250)),
       "shampoo 4-bit, 100/100":
           (args.lr, shampoo(statistics_every=100, inverse_root_every=100)),
       "shampoo 4-bit, 256 MiB working set":
