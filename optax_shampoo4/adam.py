@@ -31,7 +31,7 @@ from optax_shampoo4 import _checks, adam_kernel, adam_update_kernel
 from optax_shampoo4.config import AdamConfig
 from optax_shampoo4.moments import (FactoredMoment, MomentLayout, PackedMoment,
                                     factored_estimate, pack_moment)
-from optax_shampoo4.nonfinite import all_finite
+from optax_shampoo4.nonfinite import all_finite, step_counters
 from optax_shampoo4.quantization import QuantizedArray
 
 
@@ -252,18 +252,7 @@ def _init_state(layout: MomentLayout, kernel_config, packed: bool,
                 params) -> ScaleByAdam4bitState:
   """Zero moments for ``params``, stored as ``layout`` says (packed into a
   few arrays with ``packed``)."""
-
-  def second(p):
-    if layout.factored(p.shape):
-      return FactoredMoment(
-          jnp.zeros(p.shape[:-1], jnp.float32),
-          jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32))
-    return layout.store_second(jnp.zeros(p.shape, jnp.float32), p.shape)
-
-  mu = jax.tree.map(
-      lambda p: layout.store_first(jnp.zeros(p.shape, jnp.float32), p.shape),
-      params)
-  nu = jax.tree.map(second, params)
+  mu, nu = layout.zeros(params)
   if packed:
     leaves, treedef = jax.tree.flatten(params)
     shapes = [p.shape for p in leaves]
@@ -276,6 +265,53 @@ def _init_state(layout: MomentLayout, kernel_config, packed: bool,
             kernel_config.rows_per_program) for moment in (mu, nu))
   return ScaleByAdam4bitState(
       jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+
+
+def _step_constants(hyper, count: jax.Array):
+  """``(bias corrections, kernel constants)`` of step ``count`` for ``hyper =
+  (b1, b2, eps, eps_root)``."""
+  b1, b2, eps, eps_root = hyper
+  corrections = jnp.stack([
+      1.0 - b1**count.astype(jnp.float32), 1.0 - b2**count.astype(jnp.float32)
+  ])
+  # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float
+  # arithmetic does)
+  constants = jnp.stack([
+      jnp.asarray(c, jnp.float32)
+      for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)
+  ])
+  return corrections, constants
+
+
+def _applied_leaves(apply: Optional[ApplyStep], treedef, count: int):
+  """Per leaf, ``(param, step size, weight decay)`` to apply, or None."""
+  if apply is None:
+    return [None] * count
+  return [(p, apply.step_size, wd) for p, wd in zip(
+      treedef.flatten_up_to(apply.params),
+      treedef.flatten_up_to(apply.weight_decay))]
+
+
+def _leaf_steps(layout, kernel_config, hyper, treedef, state, leaves, step):
+  """``(finite, outputs, mu, nu)`` of a per-tensor state, leaf by leaf;
+  ``step = (corrections, constants, applied, interpret, implementation)``."""
+  corrections, constants, applied, interpret, implementation = step
+  nu_leaves = treedef.flatten_up_to(state.nu)
+  views = [
+      layout.kernel_view(g.shape, kernel_config)
+      if implementation == "pallas" else None for g in leaves
+  ]
+  finite, maxima = _finite_and_maxima(kernel_config, constants, leaves,
+                                      nu_leaves, views, interpret)
+  out, new_mu, new_nu = [], [], []
+  for leaf in zip(leaves, treedef.flatten_up_to(state.mu), nu_leaves, views,
+                  maxima, applied):
+    update, m, v = _leaf_step(layout, kernel_config, hyper, constants,
+                              corrections, finite, leaf, interpret)
+    out.append(update)
+    new_mu.append(m)
+    new_nu.append(v)
+  return finite, out, treedef.unflatten(new_mu), treedef.unflatten(new_nu)
 
 
 def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
@@ -291,76 +327,40 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_number("eps", eps, 0.0)
   _checks.check_number("eps_root", eps_root, 0.0)
-  second_moment = config.second_moment
-  implementation, packed = config.implementation, config.packed
+  hyper = (b1, b2, eps, eps_root)
   layout = MomentLayout.from_config(config)
   kernel_config = adam_kernel.MomentConfig(layout.first_codebook,
                                            layout.second_codebook,
-                                           second_moment)
-
-  init_fn = functools.partial(_init_state, layout, kernel_config, packed)
+                                           config.second_moment)
+  init_fn = functools.partial(_init_state, layout, kernel_config, config.packed)
 
   def step_fn(updates, state, apply: Optional[ApplyStep] = None):
     leaves, treedef = jax.tree.flatten(updates)
     count = state.count + 1
-    corrections = jnp.stack([
-        1.0 - b1**count.astype(jnp.float32), 1.0 - b2**count.astype(jnp.float32)
-    ])
-    # 1 − b is taken before rounding to fp32 (as the XLA path's Python-float
-    # arithmetic does)
-    constants = jnp.stack([
-        jnp.asarray(c, jnp.float32)
-        for c in (b1, 1.0 - b1, b2, 1.0 - b2, eps, eps_root)
-    ])
-    applied = ([None] * len(leaves)
-               if apply is None else [(p, apply.step_size, wd) for p, wd in zip(
-                   treedef.flatten_up_to(apply.params),
-                   treedef.flatten_up_to(apply.weight_decay))])
+    corrections, constants = _step_constants(hyper, count)
+    applied = _applied_leaves(apply, treedef, len(leaves))
     # off GPU the kernels run in the Pallas interpreter
     interpret = adam_kernel.FORCE_INTERPRET or jax.default_backend() != "gpu"
-
-    def outputs(out):
-      # Updates keep the gradient's dtype (the Optax contract); with ``apply``
-      # they are the params, already in the params' dtypes.
-      if apply is None:
-        out = [u.astype(g.dtype) for u, g in zip(out, leaves)]
-      return treedef.unflatten(out)
-
-    def new_state(finite, mu, nu):
-      return ScaleByAdam4bitState(
-          jnp.where(finite, count, state.count).astype(jnp.int32), mu, nu,
-          state.nonfinite_count + (~finite).astype(jnp.int32))
-
-    if packed:
+    if config.packed:
       if not isinstance(state.mu, PackedMoment) or state.mu.treedef != treedef:
         raise ValueError(
             "packed=True: the state must come from this transformation's init "
             "on params with the "
             "structure of the updates")
       finite = all_finite(leaves)
-      out, mu, nu = _packed_step(layout, kernel_config, (b1, b2, eps, eps_root),
-                                 leaves, state.mu, state.nu, corrections,
-                                 constants, finite, applied,
-                                 interpret=interpret)
-      return outputs(out), new_state(finite, mu, nu)
-
-    nu_leaves = treedef.flatten_up_to(state.nu)
-    views = [
-        layout.kernel_view(g.shape, kernel_config)
-        if implementation == "pallas" else None for g in leaves
-    ]
-    finite, maxima = _finite_and_maxima(kernel_config, constants, leaves,
-                                        nu_leaves, views, interpret)
-    out, new_mu, new_nu = [], [], []
-    for step in zip(leaves, treedef.flatten_up_to(state.mu), nu_leaves, views,
-                    maxima, applied):
-      update, m, v = _leaf_step(layout, kernel_config, (b1, b2, eps, eps_root),
-                                constants, corrections, finite, step, interpret)
-      out.append(update)
-      new_mu.append(m)
-      new_nu.append(v)
-    return outputs(out), new_state(finite, treedef.unflatten(new_mu),
-                                   treedef.unflatten(new_nu))
+      out, mu, nu = _packed_step(layout, kernel_config, hyper, leaves, state.mu,
+                                 state.nu, corrections, constants, finite,
+                                 applied, interpret=interpret)
+    else:
+      finite, out, mu, nu = _leaf_steps(
+          layout, kernel_config, hyper, treedef, state, leaves,
+          (corrections, constants, applied, interpret, config.implementation))
+    # Updates keep the gradient's dtype (the Optax contract); with ``apply``
+    # they are the params, already in the params' dtypes.
+    if apply is None:
+      out = [u.astype(g.dtype) for u, g in zip(out, leaves)]
+    return treedef.unflatten(out), ScaleByAdam4bitState(
+        mu=mu, nu=nu, **step_counters(state, count, finite))
 
   return init_fn, step_fn
 

@@ -219,6 +219,23 @@ class MomentLayout:
   # both moments are stored the same way once quantized
   load_second = load_first
 
+  def zeros(self, params):
+    """Zero ``(mu, nu)`` like ``params``, stored per this layout (a factored
+    second moment as its fp32 row and column factors)."""
+
+    def second(p):
+      if self.factored(jnp.shape(p)):
+        return FactoredMoment(
+            jnp.zeros(p.shape[:-1], jnp.float32),
+            jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32))
+      return self.store_second(
+          jnp.zeros(jnp.shape(p), jnp.float32), jnp.shape(p))
+
+    mu = jax.tree.map(
+        lambda p: self.store_first(
+            jnp.zeros(jnp.shape(p), jnp.float32), jnp.shape(p)), params)
+    return mu, jax.tree.map(second, params)
+
   def kernel_view(self, shape, config):
     """The ``(rows, cols)`` view of the fused kernels for this tensor, or
     ``None`` (XLA path)."""

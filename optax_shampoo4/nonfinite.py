@@ -14,7 +14,7 @@ counters and checkpoints written under ``optax.apply_if_finite`` work unchanged.
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +88,12 @@ def skip_nonfinite(
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def step_counters(state: Any, step: jax.Array,
+                  finite: jax.Array) -> Dict[str, jax.Array]:
+  """The ``count`` and ``nonfinite_count`` fields of ``state`` after a step: a
+  step whose gradient held a NaN/Inf is skipped, not counted."""
+  return dict(
+      count=jnp.where(finite, step, state.count).astype(jnp.int32),
+      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))

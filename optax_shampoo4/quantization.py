@@ -231,6 +231,29 @@ def quantize(x: jax.Array, *, codebook: str = "linear2", bits: int = 4,
   validate_quantization_args(codebook=codebook, bits=bits,
                              block_size=block_size, normalization=normalization)
   x = jnp.asarray(x)
+  normalization, block_size, keep_diagonal = _settle_layout(
+      x, bits, block_size, keep_diagonal, normalization, pairing)
+  x = x.astype(jnp.float32)
+  n = x.shape[-1]
+  diagonal = None
+  if keep_diagonal:
+    diagonal = jnp.diagonal(x, axis1=-2, axis2=-1)
+    x = jnp.where(jnp.eye(n, dtype=bool), 0.0, x)
+  take_scales, expand = _SCALINGS[normalization]
+  scales = take_scales(x, block_size)
+  codes = encode_scaled(x, expand(scales, block_size, n), codebook, bits)
+  if bits == 4:
+    codes = pack_nibbles(codes, pairing)
+  spec = QuantizationSpec(
+      tuple(x.shape), codebook, bits, block_size, normalization, keep_diagonal,
+      pairing)
+  return QuantizedArray(codes, scales, diagonal, spec)
+
+
+def _settle_layout(x: jax.Array, bits: int, block_size: int,
+                   keep_diagonal: bool, normalization: str, pairing: str):
+  """``(normalization, block_size, keep_diagonal)`` as :func:`quantize` applies
+  them to ``x``; raises naming the argument that ``x`` does not fit."""
   if x.ndim < 1:
     raise ValueError(
         f"quantize needs an array of rank >= 1, got shape {x.shape}")
@@ -257,35 +280,30 @@ def quantize(x: jax.Array, *, codebook: str = "linear2", bits: int = 4,
     raise ValueError(
         f"keep_diagonal=True needs square matrices in the last two axes, got "
         f"shape {x.shape}")
+  return normalization, block_size, keep_diagonal
 
-  x = x.astype(jnp.float32)
-  n = x.shape[-1]
-  diagonal = None
-  if keep_diagonal:
-    diagonal = jnp.diagonal(x, axis1=-2, axis2=-1)
-    x = jnp.where(jnp.eye(n, dtype=bool), 0.0, x)
 
-  if normalization == "block":
-    scales = (_block_absmax(x, block_size),)
-    elementwise_scale = _expand_blocks(scales[0], block_size, n)
-  elif normalization == "rank1":
-    scales = _rank1_scales(x)
-    elementwise_scale = _expand_rank1(scales)
-  else:
-    lower, upper = _triangle_masks(n)
-    scales = (_block_absmax(jnp.where(lower, x, 0.0), block_size),
-              _block_absmax(jnp.where(upper, x, 0.0), block_size))
-    elementwise_scale = jnp.where(lower, _expand_blocks(scales[0], block_size,
-                                                        n),
-                                  _expand_blocks(scales[1], block_size, n))
+def _triangle_scales(x: jax.Array, block_size: int):
+  lower, upper = _triangle_masks(x.shape[-1])
+  return (_block_absmax(jnp.where(lower, x, 0.0), block_size),
+          _block_absmax(jnp.where(upper, x, 0.0), block_size))
 
-  codes = encode_scaled(x, elementwise_scale, codebook, bits)
-  if bits == 4:
-    codes = pack_nibbles(codes, pairing)
-  spec = QuantizationSpec(
-      tuple(x.shape), codebook, bits, block_size, normalization, keep_diagonal,
-      pairing)
-  return QuantizedArray(codes, scales, diagonal, spec)
+
+def _expand_triangle_scales(scales, block_size: int, n: int) -> jax.Array:
+  lower, _ = _triangle_masks(n)
+  return jnp.where(lower, _expand_blocks(scales[0], block_size, n),
+                   _expand_blocks(scales[1], block_size, n))
+
+
+# normalization -> (the scales of x, given the block size; each element's scale,
+# given the scales, the block size and the last axis's length)
+_SCALINGS = {
+    "block": (lambda x, block: (_block_absmax(x, block),),
+              lambda scales, block, n: _expand_blocks(scales[0], block, n)),
+    "rank1": (lambda x, _: _rank1_scales(x),
+              lambda scales, _, __: _expand_rank1(scales)),
+    "triangular": (_triangle_scales, _expand_triangle_scales),
+}
 
 
 def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
@@ -298,16 +316,9 @@ def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
   n = spec.shape[-1]
   codes = unpack_nibbles(q.codes, n,
                          spec.pairing) if spec.bits == 4 else q.codes
-  values = decode(codes, spec.codebook, spec.bits)
-  if spec.normalization == "block":
-    out = values * _expand_blocks(q.scales[0], spec.block_size, n)
-  elif spec.normalization == "rank1":
-    out = values * _expand_rank1(q.scales)
-  else:
-    lower, _ = _triangle_masks(n)
-    out = values * jnp.where(lower,
-                             _expand_blocks(q.scales[0], spec.block_size, n),
-                             _expand_blocks(q.scales[1], spec.block_size, n))
+  expand = _SCALINGS[spec.normalization][1]
+  out = decode(codes, spec.codebook, spec.bits) * expand(
+      q.scales, spec.block_size, n)
   if spec.keep_diagonal:
     out = jnp.where(jnp.eye(n, dtype=bool), q.diagonal[..., None, :], out)
   return out.astype(dtype)

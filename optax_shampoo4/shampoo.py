@@ -29,8 +29,9 @@ from jax import lax
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import ShampooConfig
 from optax_shampoo4.preconditioners import Hyper, make_storage
-from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, make_plan, stack_key,
-                                   update_context)
+from optax_shampoo4.nonfinite import step_counters
+from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
+                                   make_plan, stack_key, update_context)
 
 # fp32 order × order buffers one preconditioner's update holds at once
 # (statistic, basis, products, the orthonormalization's passes), and one block's
@@ -201,6 +202,30 @@ def update_when_due(stacks: Stacks, preconditioners, group_blocks, hyper: Hyper,
                   preconditioners)
 
 
+def precondition_and_graft(stacks: Stacks, preconditioners, group_blocks,
+                           leaves: Sequence[jax.Array]) -> List[jax.Array]:
+  """Every leaf's Shampoo output in the leaf's dtype: its blocks
+  preconditioned, grafted per tensor, and put back together (leaves without a
+  preconditioner pass through)."""
+  with jax.named_scope("shampoo_precondition"):
+    preconditioned = precondition(stacks, preconditioners, group_blocks)
+  with jax.named_scope("shampoo_graft"):
+    grafted = graft(stacks.plan, group_blocks, preconditioned)
+    outputs = blocking.to_leaves(stacks.plan, grafted, leaves)
+  return [y.astype(x.dtype) for y, x in zip(outputs, leaves)]
+
+
+def _check_arguments(arguments: Dict[str, Any]) -> None:
+  """The checks of :func:`scale_by_shampoo`'s arguments (its ``locals()``)."""
+  _checks.check_type("config", arguments["config"], ShampooConfig)
+  for name in ("statistics_every", "inverse_root_every", "start_step"):
+    _checks.check_interval(name, arguments[name])
+  _checks.check_number("beta", arguments["beta"], 0.0, 1.0, high_open=True)
+  _checks.check_number("epsilon", arguments["epsilon"], 0.0, low_open=True)
+  _checks.check_number("error_feedback_beta", arguments["error_feedback_beta"],
+                       0.0, 1.0, high_open=True)
+
+
 def scale_by_shampoo(
     config: ShampooConfig = ShampooConfig(),
     *,
@@ -245,23 +270,13 @@ def scale_by_shampoo(
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ShampooState`.
   """
-  _checks.check_type("config", config, ShampooConfig)
-  _checks.check_interval("statistics_every", statistics_every)
-  _checks.check_interval("inverse_root_every", inverse_root_every)
-  _checks.check_interval("start_step", start_step)
-  _checks.check_number("beta", beta, 0.0, 1.0, high_open=True)
-  _checks.check_number("epsilon", epsilon, 0.0, low_open=True)
-  _checks.check_number("error_feedback_beta", error_feedback_beta, 0.0, 1.0,
-                       high_open=True)
+  _check_arguments(locals())
   hyper = Hyper(beta, epsilon, error_feedback_beta)
   # distinct buffers: the state may be donated
   counter = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params):
-    if type(params).__name__ == "_ParamsPlaceholder":
-      # optax.tree.map_params probes the state with a placeholder for the whole
-      # params tree; the stacks are not params-shaped, so they are one
-      # non-params leaf.
+    if is_params_placeholder(params):
       return ShampooState(counter(), NOT_PARAMS, counter(), counter())
     return ShampooState(counter(), init_preconditioners(config, params, hyper),
                         counter(), counter())
@@ -281,17 +296,11 @@ def scale_by_shampoo(
       preconditioners, failures = update_when_due(stacks, state.preconditioners,
                                                   group_blocks, hyper, due)
     preconditioners = stacks.constrain_all(preconditioners)
-    with jax.named_scope("shampoo_precondition"):
-      preconditioned = precondition(stacks, preconditioners, group_blocks)
-    with jax.named_scope("shampoo_graft"):
-      grafted = graft(plan, group_blocks, preconditioned)
-      outputs = blocking.to_leaves(plan, grafted, leaves)
-    outputs = [y.astype(x.dtype) for y, x in zip(outputs, leaves)]
-    new_state = ShampooState(
-        count=jnp.where(finite, step, state.count).astype(jnp.int32),
-        preconditioners=preconditioners,
-        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-        failure_count=state.failure_count + failures)
+    outputs = precondition_and_graft(stacks, preconditioners, group_blocks,
+                                     leaves)
+    new_state = ShampooState(preconditioners=preconditioners,
+                             failure_count=state.failure_count + failures,
+                             **step_counters(state, step, finite))
     return jax.tree.unflatten(treedef, outputs), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

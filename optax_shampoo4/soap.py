@@ -42,8 +42,10 @@ from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
                                             make_codec)
 from optax_shampoo4.shampoo import update_statistics
-from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, linalg_precision,
-                                   make_plan, stack_key, update_context)
+from optax_shampoo4.nonfinite import step_counters
+from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
+                                   linalg_precision, make_plan, stack_key,
+                                   update_context)
 
 # What happens to the second moment when the bases move: "project" it through
 # the change of basis, V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each
@@ -192,16 +194,6 @@ def _init_bases(config: ShampooConfig, params, hyper: Hyper):
   }
 
 
-def _init_moments(layout: MomentLayout, params):
-  """Zero ``(mu, nu)`` like ``params``, stored per ``layout``."""
-  zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
-  mu = jax.tree.map(lambda p: layout.store_first(zeros(p), jnp.shape(p)),
-                    params)
-  nu = jax.tree.map(lambda p: layout.store_second(zeros(p), jnp.shape(p)),
-                    params)
-  return mu, nu
-
-
 def _refresh_when_due(rotation: _Rotation, bases, grad_groups, nu_groups,
                       hyper: Hyper, due, project: bool):
   """``(bases, V blocks, failures)`` after the basis refresh that ``due``
@@ -287,6 +279,24 @@ def _plain_adam(plan, grads, mu, nu, constants):
   return nu, updates
 
 
+def _rotated_adam(rotation: _Rotation, bases, gradients, moments, constants):
+  """``(updates, V)`` as leaves: Adam in the bases for the blocked tensors
+  (``V`` in the rotated basis), plain Adam for the others.
+
+  ``gradients`` is ``(leaves, block groups)`` and ``moments`` ``(M leaves, V
+  leaves, V block groups)``, all fp32.
+  """
+  plan = rotation.stacks.plan
+  (grads, grad_groups), (mu, nu, nu_groups) = gradients, moments
+  with jax.named_scope("soap_rotated_adam"):
+    group_updates, group_nu = rotation.apply(
+        list(zip(grad_groups, blocking.to_groups(plan, mu), nu_groups)), bases,
+        constants)
+  plain_nu, plain_updates = _plain_adam(plan, grads, mu, nu, constants)
+  return (blocking.to_leaves(plan, group_updates, plain_updates),
+          blocking.to_leaves(plan, group_nu, plain_nu))
+
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -333,11 +343,10 @@ def scale_by_soap(
   counter = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params):
-    # optax.tree.map_params probing (see scale_by_shampoo)
-    if type(params).__name__ == "_ParamsPlaceholder":
+    if is_params_placeholder(params):
       return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
                        counter())
-    mu, nu = _init_moments(layout, params)
+    mu, nu = layout.zeros(params)
     return SoapState(counter(), _init_bases(config, params, hyper), mu, nu,
                      counter(), counter())
 
@@ -361,22 +370,13 @@ def scale_by_soap(
     # differently when the betas are traced (optax.inject_hyperparams) than when
     # they are constants
     corrections = (1.0 - b1**step, 1.0 - b2**step)
-    with jax.named_scope("soap_rotated_adam"):
-      group_updates, group_nu = rotation.apply(
-          list(zip(grad_groups, blocking.to_groups(plan, mu), nu_groups)),
-          bases, (b2, eps, corrections))
-    plain_nu, plain_updates = _plain_adam(plan, grads, mu, nu,
-                                          (b2, eps, corrections))
-    nu = blocking.to_leaves(plan, group_nu, plain_nu)
-    outputs = blocking.to_leaves(plan, group_updates, plain_updates)
-
+    outputs, nu = _rotated_adam(rotation, bases, (grads, grad_groups),
+                                (mu, nu, nu_groups), (b2, eps, corrections))
     new_mu, new_nu = _store_moments(layout, treedef, state, (mu, nu), shapes,
                                     finite)
-    new_state = SoapState(
-        count=jnp.where(finite, step, state.count).astype(jnp.int32),
-        bases=bases, mu=new_mu, nu=new_nu,
-        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-        failure_count=state.failure_count + failures)
+    new_state = SoapState(bases=bases, mu=new_mu, nu=new_nu,
+                          failure_count=state.failure_count + failures,
+                          **step_counters(state, step, finite))
     return treedef.unflatten(
         [u.astype(x.dtype) for u, x in zip(outputs, leaves)]), new_state
 

@@ -91,6 +91,14 @@ def update_context(config: ShampooConfig, updates: Any,
                        finite)
 
 
+def is_params_placeholder(params: Any) -> bool:
+  """Whether ``init`` was given the placeholder with which
+  ``optax.tree.map_params`` probes a state for the whole params tree; the
+  stacks are not params-shaped, so they are then one :data:`NOT_PARAMS`
+  leaf."""
+  return type(params).__name__ == "_ParamsPlaceholder"
+
+
 class Stacks:
   """Sharding of the per-order stacks under ``config.shard_blocks`` (a no-op
   without a NamedSharding)."""
