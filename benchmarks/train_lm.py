@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 import numpy as np
 
@@ -109,7 +110,17 @@ def data_parallel(state, devices):
                                  mesh, P("data"))
 
 
-def run_one(name, args):
+class Setup(NamedTuple):
+  """One optimizer's training run before its first step."""
+  model: Any
+  state: Any  # a flax TrainState
+  corpus: Tuple[np.ndarray, np.ndarray]  # train and held-out bytes
+  size: Dict[str, int]
+  jit: Callable  # jax.jit with the state donated (and sharded)
+  place: Callable  # puts a batch (x, y) where the step expects it
+
+
+def setup(name, args) -> Setup:
   import jax
   import jax.numpy as jnp
   import optax
@@ -118,7 +129,6 @@ def run_one(name, args):
   import optax_shampoo4 as o4
 
   size = lm.SIZES[args.size]
-  train, held_out = lm.load_corpus(args.max_bytes)
   model = lm.ByteTransformer(size["width"], size["layers"], size["heads"],
                              size["context"], jnp.bfloat16)
   params = model.init(
@@ -145,104 +155,118 @@ def run_one(name, args):
                                                                 None))
     place = lambda x, y: (jax.device_put(x, batch_sharding),
                           jax.device_put(y, batch_sharding))
+  return Setup(model, state, lm.load_corpus(args.max_bytes), size, jit, place)
+
+
+def loss_function(model):
+  import optax
 
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss_fn
+
+
+def batch(run: Setup, data, rng):
+  import lm
+  return run.place(
+      *lm.batches(data, run.size["context"], run.size["batch"], rng))
+
+
+def train(run: Setup, steps: int):
+  """``(compiled step, state, last batch, record)``: the run's steps, each
+  waited for; ``record`` has the losses, step seconds and dispatch seconds
+  (until the call returned, the step enqueued), and the compile's seconds
+  and temp bytes."""
+  import jax
+  loss_fn = loss_function(run.model)
 
   def step(state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
     return state.apply_gradients(grads=grads), loss
 
   rng = np.random.default_rng(0)
-  x, y = place(*lm.batches(train, size["context"], size["batch"], rng))
+  x, y = batch(run, run.corpus[0], rng)
   start = time.perf_counter()
-  compiled = jit(step).lower(state, x, y).compile()
-  compile_s = time.perf_counter() - start
-  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-  losses, times, dispatch = [], [], []
-  for _ in range(args.steps):
-    x, y = place(*lm.batches(train, size["context"], size["batch"], rng))
+  compiled = run.jit(step).lower(run.state, x, y).compile()
+  record = dict(compile_s=time.perf_counter() - start,
+                temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+                losses=[], step_s=[], dispatch=[])
+  state = run.state
+  for _ in range(steps):
+    x, y = batch(run, run.corpus[0], rng)
     start = time.perf_counter()
     state, loss = compiled(state, x, y)
-    dispatch.append(time.perf_counter() -
-                    start)  # the call returns once the step is enqueued
-    losses.append(float(loss))  # waits for the step
-    times.append(time.perf_counter() - start)
-  evaluate = jax.jit(loss_fn)
-  eval_rng = np.random.default_rng(1234)
-  held = [
-      float(
-          evaluate(
-              state.params,
-              *lm.batches(held_out, size["context"], size["batch"], eval_rng)))
-      for _ in range(16)
-  ]
-  profile = None
+    record["dispatch"].append(time.perf_counter() - start)
+    record["losses"].append(float(loss))  # waits for the step
+    record["step_s"].append(time.perf_counter() - start)
+  return compiled, state, (x, y), record
+
+
+def held_out_loss(run: Setup, params) -> float:
+  import jax
+  evaluate = jax.jit(loss_function(run.model))
+  rng = np.random.default_rng(1234)
+  return float(
+      np.mean([
+          float(evaluate(params, *batch(run, run.corpus[1], rng)))
+          for _ in range(16)
+      ]))
+
+
+def profile(name, args, compiled, state, xy):
+  """``(state, breakdown)`` after tracing ``args.profile_steps`` plain steps
+  (``benchmarks/step_trace.py``); the trace and the compiled HLO are written
+  next to the results."""
+  from benchmarks import step_trace
+  stem = os.path.join(args.out, re.sub(r"[^A-Za-z0-9.-]+", "_", name))
+  carry = [state]
+
+  def one_step():
+    carry[0], loss = compiled(carry[0], *xy)
+    return loss
+
+  kernels = step_trace.kernel_events(one_step, args.profile_steps,
+                                     raw_path=stem + "_trace.json.gz")
+  breakdown = step_trace.breakdown(kernels, compiled.as_text(),
+                                   args.profile_steps)
+  with gzip.open(stem + "_hlo.txt.gz", "wt") as f:
+    f.write(compiled.as_text())
+  return carry[0], breakdown
+
+
+def run_one(name, args):
+  import jax
+  import optax_shampoo4 as o4
+
+  run = setup(name, args)
+  compiled, state, xy, record = train(run, args.steps)
+  held = held_out_loss(run, state.params)
+  breakdown = None
   # plain steps after the run: where each millisecond goes
   if args.profile_steps:
-    from benchmarks import step_trace
-    carry = [state]
-
-    def one_step():
-      carry[0], loss = compiled(carry[0], x, y)
-      return loss
-
-    kernels = step_trace.kernel_events(
-        one_step, args.profile_steps, raw_path=os.path.join(
-            args.out,
-            re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_trace.json.gz"))
-    profile = step_trace.breakdown(kernels, compiled.as_text(),
-                                   args.profile_steps)
-    with gzip.open(
-        os.path.join(args.out,
-                     re.sub(r"[^A-Za-z0-9.-]+", "_", name) + "_hlo.txt.gz"),
-        "wt") as f:
-      f.write(compiled.as_text())
-    state = carry[0]
+    state, breakdown = profile(name, args, compiled, state, xy)
   peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
                    for d in jax.devices()[:args.devices])
-  return {
-      "name":
-          name,
-      "devices":
-          args.devices,
-      "state_bytes_per_device":
-          int(o4.state_nbytes(state.opt_state, per_device=True)),
-      "params":
-          int(sum(p.size for p in jax.tree.leaves(params))),
-      "final_loss":
-          float(np.mean(losses[-SMOOTH:])),
-      "held_out_loss":
-          float(np.mean(held)),
-      "ms_median":
-          1e3 * float(np.median(times[5:])),
-      "ms_mean":
-          1e3 * float(np.mean(times[5:])),
-      "dispatch_ms_median":
-          1e3 * float(np.median(dispatch[5:])),
-      "state_bytes":
-          int(o4.state_nbytes(state.opt_state)),
-      "peak_bytes":
-          int(peak_bytes),
-      "temp_bytes":
-          int(temp_bytes),
-      "compile_s":
-          compile_s,
-      "losses":
-          losses,
-      "step_s":
-          times,
-      "device":
-          str(jax.devices()[0].device_kind),
-      "jax":
-          jax.__version__,
-      "profile":
-          profile
-  }
+  times, losses = record["step_s"], record["losses"]
+  ms = lambda f, x: 1e3 * float(f(x[5:]))
+  return dict(
+      name=name, devices=args.devices, state_bytes_per_device=int(
+          o4.state_nbytes(state.opt_state, per_device=True)),
+      params=int(sum(p.size for p in jax.tree.leaves(state.params))),
+      final_loss=float(np.mean(losses[-SMOOTH:])), held_out_loss=held,
+      ms_median=ms(np.median, times), ms_mean=ms(np.mean, times),
+      dispatch_ms_median=ms(np.median, record["dispatch"]), state_bytes=int(
+          o4.state_nbytes(state.opt_state)), peak_bytes=int(peak_bytes),
+      temp_bytes=int(record["temp_bytes"]), compile_s=record["compile_s"],
+      losses=losses, step_s=times, device=str(jax.devices()[0].device_kind),
+      jax=jax.__version__, profile=breakdown)
 
 
 def time_to_target(result, target):
+  if len(result["losses"]) < SMOOTH:
+    return None, None
   smooth = np.convolve(result["losses"], np.ones(SMOOTH) / SMOOTH, mode="valid")
   elapsed = np.cumsum(result["step_s"])[SMOOTH - 1:]
   hit = np.nonzero(smooth <= target)[0]
@@ -252,6 +276,10 @@ def time_to_target(result, target):
 
 def summarize(results, out):
   adamw = [r for r in results if r["name"].startswith("adamw")]
+  if not adamw:
+    print("The table's target and ratios are AdamW's: add 'adamw lr 1e-3' to "
+          "--only (each optimizer's results are in OUT/parts).")
+    return
   best = min(adamw, key=lambda r: r["final_loss"])
   target, (base_time,
            _) = best["final_loss"], time_to_target(best, best["final_loss"])
@@ -276,8 +304,7 @@ def summarize(results, out):
         f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}", reach,
         f"{r['state_bytes'] / 2**20:.0f}" +
         (f" ({r['state_bytes_per_device'] / 2**20:.0f} per device)" if r.get(
-            "devices", 1) > 1 else ""),
-        f"{r['peak_bytes'] / 2**30:.2f} "
+            "devices", 1) > 1 else ""), f"{r['peak_bytes'] / 2**30:.2f} "
         f"({ratio(r['peak_bytes'], best['peak_bytes'])})",
         f"{r['temp_bytes'] / 2**30:.2f}",
         f"{r['compile_s']:.1f} ({ratio(r['compile_s'], best['compile_s'])})")
@@ -299,8 +326,7 @@ def print_profiles(results):
       f"{p} ms" for p in parts)
   print(
       "\nPlain steps, from a profiler trace (ms per step; device time by part "
-      "of the program)"
-  )
+      "of the program)")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   for r in profiled:
     p = r["profile"]
@@ -347,8 +373,7 @@ def main(argv=None):
       "--devices", type=int, default=1,
       help="data-parallel over this many GPUs, params and "
       "optimizer state FSDP-sharded, Shampoo's and SOAP's stacks spread over "
-      "them"
-  )
+      "them")
   parser.add_argument("--precondition-every", type=int, default=10,
                       help="SOAP's basis interval")
   parser.add_argument(
@@ -359,8 +384,7 @@ def main(argv=None):
       "--profile-steps", type=int, default=0,
       help="after the run, trace this many plain "
       "steps and split their wall-clock by part of the program "
-      "(benchmarks/step_trace.py)"
-  )
+      "(benchmarks/step_trace.py)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default="benchmarks/results/train_lm")
   args = parser.parse_args(argv)

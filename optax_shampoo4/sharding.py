@@ -24,7 +24,7 @@ anything that does not divide are replicated.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -100,58 +100,79 @@ def optimizer_state_sharding(state: Any, mesh: Mesh, axis: str,
   Use it for ``jax.jit(update, out_shardings=...)``, ``jax.device_put`` and
   Orbax restore targets.
   """
-  replicated = NamedSharding(mesh, PartitionSpec())
-  is_shampoo = lambda x: isinstance(x, ShampooState)
+  return _state_sharding(state,
+                         _Target(mesh, axis, params_sharding, replicate_roots))
 
-  # Adam-style moments: along the params' rows, or replicated without
-  # params_sharding
-  def moments(tree):
-    if params_sharding is None:
-      return jax.tree.map(lambda _: replicated, tree)
-    shardings, treedef = jax.tree.flatten(params_sharding)
+
+class _Target(NamedTuple):
+  """The arguments of :func:`optimizer_state_sharding`."""
+
+  mesh: Mesh
+  axis: str
+  params_sharding: Any
+  replicate_roots: bool
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def stacks(self, tree):
+    return jax.tree.map(
+        lambda leaf: _stack_sharding(leaf, self.mesh, self.axis), tree)
+
+  def moments(self, tree):
+    """Adam-style moments: along the params' rows, or replicated without
+    params_sharding."""
+    if self.params_sharding is None:
+      return jax.tree.map(lambda _: self.replicated, tree)
+    shardings, treedef = jax.tree.flatten(self.params_sharding)
     return treedef.unflatten([
-        _moment_sharding(m, s, mesh)
+        _moment_sharding(m, s, self.mesh)
         for m, s in zip(treedef.flatten_up_to(tree), shardings)
     ])
 
-  def assign(node):
-    if is_shampoo(node):
-      stacks = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis),
-                            node.preconditioners)
-      if replicate_roots:
-        stacks = {
-            key:
-                stack._replace(
-                    inverse_root=jax.tree.map(lambda _: replicated,
-                                              stack.inverse_root))
-            for key, stack in stacks.items()
-        }
-      return ShampooState(count=replicated, preconditioners=stacks,
-                          nonfinite_count=replicated, failure_count=replicated)
-    if isinstance(
-        node, SoapState):  # bases like Shampoo's stacks, moments like Adam's
-      bases = jax.tree.map(lambda leaf: _stack_sharding(leaf, mesh, axis),
-                           node.bases)
-      return SoapState(replicated, bases, moments(node.mu), moments(node.nu),
-                       replicated, replicated)
-    if isinstance(node, ScaleByAdam4bitState):
-      return ScaleByAdam4bitState(replicated, moments(node.mu),
-                                  moments(node.nu), replicated)
-    if params_sharding is not None and jax.tree.structure(
-        node) == jax.tree.structure(params_sharding):
-      return jax.tree.map(lambda _, s: s, node, params_sharding)
-    return jax.tree.map(lambda _: replicated, node)
 
+def _shampoo_state_sharding(node: ShampooState, target: _Target):
+  stacks = target.stacks(node.preconditioners)
+  replicated = target.replicated
+  if target.replicate_roots:
+    stacks = {
+        key:
+            stack._replace(
+                inverse_root=jax.tree.map(lambda _: replicated,
+                                          stack.inverse_root))
+        for key, stack in stacks.items()
+    }
+  return ShampooState(count=replicated, preconditioners=stacks,
+                      nonfinite_count=replicated, failure_count=replicated)
+
+
+def _leaf_state_sharding(node: Any, target: _Target):
+  """The sharding of one transformation's state."""
+  replicated = target.replicated
+  if isinstance(node, ShampooState):
+    return _shampoo_state_sharding(node, target)
+  if isinstance(node, SoapState):  # bases like Shampoo's stacks
+    return SoapState(replicated, target.stacks(node.bases),
+                     target.moments(node.mu), target.moments(node.nu),
+                     replicated, replicated)
+  if isinstance(node, ScaleByAdam4bitState):
+    return ScaleByAdam4bitState(replicated, target.moments(node.mu),
+                                target.moments(node.nu), replicated)
+  params = target.params_sharding
+  if params is not None and jax.tree.structure(node) == jax.tree.structure(
+      params):
+    return jax.tree.map(lambda _, s: s, node, params)
+  return jax.tree.map(lambda _: replicated, node)
+
+
+def _state_sharding(state: Any, target: _Target):
   if isinstance(state, (ShampooState, SoapState, ScaleByAdam4bitState)):
-    return assign(state)
-  if isinstance(
-      state,
-      tuple) and not hasattr(state, "_fields"):  # optax.chain's tuple of states
-    return tuple(
-        optimizer_state_sharding(s, mesh, axis, params_sharding,
-                                 replicate_roots) for s in state)
+    return _leaf_state_sharding(state, target)
+  if isinstance(state, tuple) and not hasattr(state, "_fields"):
+    # optax.chain's tuple of states
+    return tuple(_state_sharding(s, target) for s in state)
   # a NamedTuple wrapper (e.g. skip_nonfinite's, inject_hyperparams')
   if hasattr(state, "_fields"):
-    return type(state)(*(optimizer_state_sharding(
-        s, mesh, axis, params_sharding, replicate_roots) for s in state))
-  return assign(state)
+    return type(state)(*(_state_sharding(s, target) for s in state))
+  return _leaf_state_sharding(state, target)
