@@ -26,8 +26,8 @@ import optax
 
 from benchmarks import common
 import optax_shampoo4 as o4
-from optax_shampoo4 import (
-    blocking, linalg, preconditioners, shampoo_adamw, state_nbytes)
+from optax_shampoo4 import (blocking, linalg, preconditioners, shampoo_adamw,
+                            state_nbytes)
 
 NEVER = 2**30
 
@@ -145,7 +145,111 @@ def tf32_error():
   return {"tf32_vs_fp32": rel(tf), "4bit_root_vs_fp32_root": rel(q4)}
 
 
-def main():
+KINDS = {  # step kind -> (statistics_every, inverse_root_every)
+    "plain": (NEVER, NEVER),
+    "statistics": (1, NEVER),
+    "inverse_root": (NEVER, 1)
+}
+
+
+def adamw_row(params, grads, repeats):
+  """``(table row, results)`` of ``optax.adamw``."""
+  seconds, state_bytes = time_step(optax.adamw(1e-3), params, grads, repeats)
+  pipelined = pipelined_step_time(optax.adamw(1e-3), params, grads)
+  row = [
+      "optax.adamw", seconds * 1e3, pipelined * 1e3, "-", "-", seconds * 1e3,
+      state_bytes / 2**20
+  ]
+  return row, dict(step_s=seconds, pipelined_step_s=pipelined,
+                   state_bytes=state_bytes)
+
+
+def shampoo_row(config, params, grads, args):
+  """``(table row, results)`` of ``shampoo_adamw`` with ``config``: each step
+  kind timed, and the step amortized over ``args.t1``/``args.t2``."""
+  tx = lambda t1, t2: shampoo_adamw(1e-3, statistics_every=t1,
+                                    inverse_root_every=t2, shampoo=config)
+  kinds = {}
+  for kind, intervals in KINDS.items():
+    kinds[kind], state_bytes = time_step(
+        tx(*intervals), params, grads, args.repeats)
+  plain = kinds["plain"]
+  kinds["plain_pipelined"] = pipelined_step_time(
+      tx(NEVER, NEVER), params, grads)
+  amortized = plain + (kinds["statistics"] - plain) / args.t1 + (
+      kinds["inverse_root"] - plain) / args.t2
+  row = [
+      f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={config.bits}))",
+      plain * 1e3, kinds["plain_pipelined"] * 1e3, kinds["statistics"] * 1e3,
+      kinds["inverse_root"] * 1e3, amortized * 1e3, state_bytes / 2**20
+  ]
+  precond_bytes = state_nbytes(
+      jax.eval_shape(o4.scale_by_shampoo(config).init, params))
+  return row, dict({
+      f"{k}_s": v for k, v in kinds.items()
+  }, amortized_s=amortized, state_bytes=state_bytes,
+                   preconditioner_bytes=precond_bytes)
+
+
+def ratio_rows(results):
+  """Rows of the 4-bit / 32-bit ratios (``results["ratios"]`` set), or none
+  without both widths."""
+  if not {"shampoo4", "shampoo32"} <= set(results):
+    return []
+  four, fp32 = results["shampoo4"], results["shampoo32"]
+  results["ratios"] = {
+      "amortized_4bit_over_32bit":
+          four["amortized_s"] / fp32["amortized_s"],
+      "preconditioner_state_32bit_over_4bit":
+          fp32["preconditioner_bytes"] / four["preconditioner_bytes"]
+  }
+  labels = ("amortized 4-bit / 32-bit", "preconditioner state 32-bit / 4-bit")
+  return [
+      [label, value] for label, value in zip(labels, results["ratios"].values())
+  ]
+
+
+def measure_model(model, shapes, args, config, rates):
+  """``(results, tables)`` of one model's parameter shapes."""
+  params = common.random_tree(shapes, seed=1)
+  grads = common.random_tree(shapes, seed=2)
+  row, adamw = adamw_row(params, grads, args.repeats)
+  rows, results = [row], {"adamw": adamw}
+  for bits in [int(b) for b in args.bits.split(",")]:
+    row, results[f"shampoo{bits}"] = shampoo_row(
+        config(bits), params, grads, args)
+    rows.append(row)
+  flops = preconditioning_flops(shapes, 1200)
+  results["preconditioning_gflop"] = flops / 1e9
+  results["preconditioning_floor_ms"] = {
+      k: flops / v * 1e3 for k, v in rates.items()
+  }
+  n = common.parameter_count(shapes)
+  tables = [
+      common.print_table(
+          f"{model} ({n / 1e6:.1f}M params), T1/T2 = {args.t1}/{args.t2}", [
+              "optimizer", "plain ms", "plain ms (pipelined)", "statistics ms",
+              "inverse-root ms", "amortized ms", "state MiB"
+          ], rows),
+      common.print_table(
+          f"{model}: ratios and floor", ["quantity", "value"],
+          ratio_rows(results) +
+          [["preconditioning GFLOP per step", flops / 1e9]] +
+          [[f"floor of L̂GR̂ at {k} (ms)", v]
+           for k, v in results["preconditioning_floor_ms"].items()])
+  ]
+  if not args.no_breakdown:
+    breakdown = order_breakdown(shapes, 4, max(3, args.repeats // 2))
+    results["order_breakdown"] = breakdown
+    tables.append(
+        common.print_table(f"{model}: 4-bit work per order class", [
+            "order", "count", "statistics ms", "of which orth. ms",
+            "inverse root ms"
+        ], breakdown))
+  return results, tables
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", default="gpt2_small,vit_s16")
   parser.add_argument("--repeats", type=int, default=10)
@@ -158,129 +262,37 @@ def main():
       help="ShampooConfig.working_set_bytes in MiB (default: the config's)")
   parser.add_argument("--no-breakdown", action="store_true",
                       help="skip the per-order-class timings")
-  args = parser.parse_args()
-  bit_widths = [int(b) for b in args.bits.split(",")]
+  args = parser.parse_args(argv)
   working_set = ({} if args.working_set_mib is None else {
       "working_set_bytes": args.working_set_mib * 2**20
   })
   config = lambda bits: o4.ShampooConfig(bits=bits, **working_set)
   models = {
-      "gpt2_small": common.gpt2_small_shapes(),
-      "vit_s16": common.vit_s16_shapes()
+      "gpt2_small": common.gpt2_small_shapes,
+      "vit_s16": common.vit_s16_shapes
   }
-  payload, tables = {}, []
   rates = matmul_rates()
-  tables.append(
+  payload = {
+      "matmul_tflops": {
+          k: v / 1e12 for k, v in rates.items()
+      },
+      "preconditioning_error": tf32_error()
+  }
+  tables = [
       common.print_table(f"Matmul rates, 8192^3 ({common.machine()})",
                          ["precision", "TFLOP/s"],
-                         [[k, v / 1e12] for k, v in rates.items()]))
-  payload["matmul_tflops"] = {k: v / 1e12 for k, v in rates.items()}
-  payload["preconditioning_error"] = tf32_error()
-  tables.append(
+                         [[k, v / 1e12] for k, v in rates.items()]),
       common.print_table(
           "Error of the per-step preconditioning product L̂ G R̂ (order 768)",
           ["comparison", "relative error"],
-          [[k, v] for k, v in payload["preconditioning_error"].items()]))
+          [[k, v] for k, v in payload["preconditioning_error"].items()])
+  ]
   for model in args.models.split(","):
-    shapes = models[model]
-    params = common.random_tree(shapes, seed=1)
-    grads = common.random_tree(shapes, seed=2)
-    rows = []
-    adam_time, adam_bytes = time_step(
-        optax.adamw(1e-3), params, grads, args.repeats)
-    adam_pipelined = pipelined_step_time(optax.adamw(1e-3), params, grads)
-    rows.append([
-        "optax.adamw", adam_time * 1e3, adam_pipelined * 1e3, "-", "-",
-        adam_time * 1e3, adam_bytes / 2**20
-    ])
-    results = {
-        "adamw": {
-            "step_s": adam_time,
-            "pipelined_step_s": adam_pipelined,
-            "state_bytes": adam_bytes
-        }
-    }
-    for bits in bit_widths:
-      kinds = {}
-      for kind, (t1, t2) in {
-          "plain": (NEVER, NEVER),
-          "statistics": (1, NEVER),
-          "inverse_root": (NEVER, 1)
-      }.items():
-        tx = shampoo_adamw(1e-3, statistics_every=t1, inverse_root_every=t2,
-                           shampoo=config(bits))
-        kinds[kind], state_bytes = time_step(tx, params, grads, args.repeats)
-      plain = kinds["plain"]
-      kinds["plain_pipelined"] = pipelined_step_time(
-          shampoo_adamw(1e-3, statistics_every=NEVER, inverse_root_every=NEVER,
-                        shampoo=config(bits)), params, grads)
-      amortized = plain + (kinds["statistics"] - plain) / args.t1 + (
-          kinds["inverse_root"] - plain) / args.t2
-      precond_bytes = state_nbytes(
-          jax.eval_shape(
-              o4.scale_by_shampoo(config(bits)).init, params))
-      rows.append([
-          f"shampoo_adamw(shampoo=o4.ShampooConfig(bits={bits}))", plain * 1e3,
-          kinds["plain_pipelined"] * 1e3, kinds["statistics"] * 1e3,
-          kinds["inverse_root"] * 1e3, amortized * 1e3, state_bytes / 2**20
-      ])
-      results[f"shampoo{bits}"] = {
-          **{
-              f"{k}_s": v for k, v in kinds.items()
-          }, "amortized_s": amortized,
-          "state_bytes": state_bytes,
-          "preconditioner_bytes": precond_bytes
-      }
-    flops = preconditioning_flops(shapes, 1200)
-    results["preconditioning_gflop"] = flops / 1e9
-    results["preconditioning_floor_ms"] = {
-        k: flops / v * 1e3 for k, v in rates.items()
-    }
-    ratio_rows = []
-    if {4, 32} <= set(bit_widths):
-      results["ratios"] = {
-          "amortized_4bit_over_32bit":
-              results["shampoo4"]["amortized_s"] /
-              results["shampoo32"]["amortized_s"],
-          "preconditioner_state_32bit_over_4bit":
-              results["shampoo32"]["preconditioner_bytes"] /
-              results["shampoo4"]["preconditioner_bytes"]
-      }
-      ratio_rows = [
-          [
-              "amortized 4-bit / 32-bit",
-              results["ratios"]["amortized_4bit_over_32bit"]
-          ],
-          [
-              "preconditioner state 32-bit / 4-bit",
-              results["ratios"]["preconditioner_state_32bit_over_4bit"]
-          ]
-      ]
-    n = common.parameter_count(shapes)
-    tables.append(
-        common.print_table(
-            f"{model} ({n / 1e6:.1f}M params), T1/T2 = {args.t1}/{args.t2}", [
-                "optimizer", "plain ms", "plain ms (pipelined)",
-                "statistics ms", "inverse-root ms", "amortized ms", "state MiB"
-            ], rows))
-    tables.append(
-        common.print_table(
-            f"{model}: ratios and floor", ["quantity", "value"],
-            ratio_rows + [["preconditioning GFLOP per step", flops / 1e9]] +
-            [[f"floor of L̂GR̂ at {k} (ms)", v]
-             for k, v in results["preconditioning_floor_ms"].items()]))
-    if not args.no_breakdown:
-      breakdown = order_breakdown(shapes, 4, max(3, args.repeats // 2))
-      results["order_breakdown"] = breakdown
-      tables.append(
-          common.print_table(f"{model}: 4-bit work per order class", [
-              "order", "count", "statistics ms", "of which orth. ms",
-              "inverse root ms"
-          ], breakdown))
-    payload[model] = results
-    common.write_json("shampoo_step", {
-        **payload, "tables": tables
-    })  # after each model: runs can be long
+    payload[model], model_tables = measure_model(model, models[model](), args,
+                                                 config, rates)
+    tables += model_tables
+    # after each model: runs can be long
+    common.write_json("shampoo_step", {**payload, "tables": tables})
 
 
 if __name__ == "__main__":
