@@ -167,7 +167,6 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
   collections during the loop, with the collector on and off. Device
   (``jax.profiler`` trace, Python tracer off): busy time (union of kernel
   intervals) against the loop's span, and the largest gaps."""
-  from jax.profiler import ProfileData, ProfileOptions
   from benchmarks.shampoo_step import step_program
   step = step_program(tx)
   carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
@@ -183,23 +182,7 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
     return (time.perf_counter() - start) / n, sorted(calls)
 
   loop(3)
-  report = {"steps": steps}
-  # the host cost of passing the state alone: an identity step (donated) on the
-  # same params and state
-  identity = jax.jit(lambda p, s, g: (p, s), donate_argnums=(0, 1))
-  for label, state_of in (("identity step", lambda s: s),
-                          ("identity step, leaves as a list", jax.tree.leaves)):
-    moved = [
-        jax.tree.map(jnp.copy, carry[0]),
-        jax.tree.map(jnp.copy, state_of(carry[1]))
-    ]
-    calls = []
-    for _ in range(steps):
-      t = time.perf_counter()
-      moved[:] = identity(moved[0], moved[1], grads)
-      calls.append(time.perf_counter() - t)
-    jax.block_until_ready(moved)
-    report[label] = {"call_ms_median": sorted(calls)[steps // 2] * 1e3}
+  report = {"steps": steps, **identity_call_times(carry, grads, steps)}
   for collector in ("gc on", "gc off"):
     gc.collect()
     if collector == "gc off":
@@ -216,6 +199,35 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
         "collections": timer.counts,
         "collection_ms_per_step": timer.seconds / steps * 1e3
     }
+  report["traced"] = device_trace(loop, steps, top)
+  return report
+
+
+def identity_call_times(carry, grads, steps: int):
+  """The host cost of passing the state alone: an identity step (donated) on
+  the same params and state, with the state as its tree and as a list."""
+  identity = jax.jit(lambda p, s, g: (p, s), donate_argnums=(0, 1))
+  report = {}
+  for label, state_of in (("identity step", lambda s: s),
+                          ("identity step, leaves as a list", jax.tree.leaves)):
+    moved = [
+        jax.tree.map(jnp.copy, carry[0]),
+        jax.tree.map(jnp.copy, state_of(carry[1]))
+    ]
+    calls = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      moved[:] = identity(moved[0], moved[1], grads)
+      calls.append(time.perf_counter() - t)
+    jax.block_until_ready(moved)
+    report[label] = {"call_ms_median": sorted(calls)[steps // 2] * 1e3}
+  return report
+
+
+def device_trace(loop, steps: int, top: int):
+  """``loop(steps)`` under ``jax.profiler``: per step, the device's span and
+  busy time, the largest gaps between kernels, and the host's time by event."""
+  from jax.profiler import ProfileData, ProfileOptions
   options = ProfileOptions()
   options.python_tracer_level = 0
   directory = tempfile.mkdtemp()
@@ -246,13 +258,11 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
       gaps.append((lo - end, name))
     busy += max(0, hi - max(lo, end))
     end = max(end, hi)
-  span = end - intervals[0][0]
   gaps.sort(reverse=True)
-  report["traced"] = {
+  return {
       "ms_per_step":
           traced * 1e3,
-      "device_span_ms_per_step":
-          span / steps / 1e6,
+      "device_span_ms_per_step": (end - intervals[0][0]) / steps / 1e6,
       "device_busy_ms_per_step":
           busy / steps / 1e6,
       "largest_gaps_us":
@@ -260,7 +270,6 @@ def pipeline_trace(tx, params, grads, steps: int = 60, top: int = 6):
       "host_ms_per_step":
           [[name, round(ns / 1e6, 3)] for name, ns in host.most_common(3 * top)]
   }
-  return report
 
 
 def synthetic_loss(params, inputs):
@@ -303,7 +312,7 @@ def train_step_times(optimizers, params, tokens: int, steps: int = 20,
   return times
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--profile", action="store_true")
@@ -327,11 +336,11 @@ def main():
       "--skip-slow-baselines", action="store_true",
       help="leave out factored and 8-bit (the 8-bit decode's gather takes "
       "minutes to compile)")
-  args = parser.parse_args()
-  shapes = common.gpt2_medium_shapes()
-  n = common.parameter_count(shapes)
-  params = common.random_tree(shapes, seed=1)
-  grads = common.random_tree(shapes, seed=2)
+  return parser.parse_args(argv)
+
+
+def make_optimizers(args):
+  """name -> optimizer (a GradientTransformation or a common.FusedRow)."""
   optimizers = {"optax.adamw": optax.adamw(1e-3)}
   for second_moment in ("rank1", "block"):
     optimizers[f"adamw_4bit {second_moment}"] = adamw_4bit(
@@ -352,13 +361,16 @@ def main():
     optimizers["adamw 8-bit (block 256)"] = adamw_4bit(
         1e-3, config=o4.AdamConfig(bits=8, second_moment="block"))
   if args.only:
-    optimizers = {
-        k: v
-        for k, v in optimizers.items()
-        if k in args.only.split(";") or k == "optax.adamw"
-    }
-  rows, results, tables = [], {}, []
-  for name, tx in ({} if args.agreement_only else optimizers).items():
+    wanted = args.only.split(";") + ["optax.adamw"]
+    optimizers = {k: v for k, v in optimizers.items() if k in wanted}
+  return optimizers
+
+
+def time_optimizers(optimizers, params, grads, args):
+  """name -> blocked and pipelined step seconds, state bytes and arrays (and
+  ``pipeline_trace`` with ``--trace``)."""
+  results = {}
+  for name, tx in optimizers.items():
     seconds, nbytes = time_step(tx, params, grads, args.repeats)
     pipelined = pipelined_step_time(tx, params, grads)
     results[name] = {
@@ -373,91 +385,119 @@ def main():
     print(
         f"{name}: {seconds * 1e3:.3f} ms/step, {pipelined * 1e3:.3f} "
         f"pipelined, {nbytes / 2**20:.1f} MiB", flush=True)
-  base = results.get("optax.adamw")
-  for name, r in results.items():
-    rows.append([
-        name, r["step_s"] * 1e3, r["step_s"] / base["step_s"],
-        r["pipelined_step_s"] * 1e3,
-        r["pipelined_step_s"] / base["pipelined_step_s"],
-        r["state_bytes"] / 2**20, r["state_bytes"] / n, r["state_arrays"]
-    ])
-  tables += [] if args.agreement_only else [
-      common.print_table(
-          f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, "
-          f"{common.machine()})", [
-              "optimizer", "ms/step (blocked)", "x optax.adamw",
-              "ms/step (pipelined)", "x optax.adamw ", "state MiB",
-              "state B/param", "state arrays"
-          ], rows)
-  ]
-  if args.train_step:
-    times = train_step_times(
-        {
-            k: v for k, v in optimizers.items() if k in results
-        }, params, args.train_step)
-    payload_train = {"tokens": args.train_step, "step_s": times}
-    base_share = times["optax.adamw"] - times["optax.sgd"]
-    tables.append(
-        common.print_table(
-            f"Training step (gradient over {args.train_step} tokens + "
-            "optimizer, pipelined), GPT-2 medium shapes", [
-                "optimizer", "train step ms", "x optax.adamw",
-                "optimizer share ms (step - sgd step)", "x optax.adamw "
-            ], [[
-                name, t * 1e3, t / times["optax.adamw"],
-                (t - times["optax.sgd"]) * 1e3,
-                (t - times["optax.sgd"]) / base_share
-            ] for name, t in times.items()]))
-  # the embedding and two blocks: every leaf shape of the model, at a fraction
-  # of the interpreter's cost
+  return results
+
+
+def step_table(results, n: int) -> str:
+  base = results["optax.adamw"]
+  rows = [[
+      name, r["step_s"] * 1e3, r["step_s"] / base["step_s"],
+      r["pipelined_step_s"] * 1e3,
+      r["pipelined_step_s"] / base["pipelined_step_s"],
+      r["state_bytes"] / 2**20, r["state_bytes"] / n, r["state_arrays"]
+  ] for name, r in results.items()]
+  return common.print_table(
+      f"AdamW step, GPT-2 medium shapes ({n / 1e6:.0f}M params, "
+      f"{common.machine()})", [
+          "optimizer", "ms/step (blocked)", "x optax.adamw",
+          "ms/step (pipelined)", "x optax.adamw ", "state MiB", "state B/param",
+          "state arrays"
+      ], rows)
+
+
+def train_step_table(optimizers, params, tokens: int):
+  """``(payload, table)`` of whole training steps over ``tokens`` tokens."""
+  times = train_step_times(optimizers, params, tokens)
+  share = lambda t: t - times["optax.sgd"]
+  base = times["optax.adamw"]
+  table = common.print_table(
+      f"Training step (gradient over {tokens} tokens + "
+      "optimizer, pipelined), GPT-2 medium shapes", [
+          "optimizer", "train step ms", "x optax.adamw",
+          "optimizer share ms (step - sgd step)", "x optax.adamw "
+      ], [[name, t * 1e3, t / base,
+           share(t) * 1e3,
+           share(t) / share(base)] for name, t in times.items()])
+  return {"tokens": tokens, "step_s": times}, table
+
+
+def agreement_table(params, grads, second_moments):
+  """``(rows, table)`` of the kernels against the XLA path on the embedding
+  and two blocks: every leaf shape of the model, at a fraction of the
+  interpreter's cost."""
   subset = lambda tree: {
       k: v for k, v in tree.items() if k.split(".")[0] in ("wte", "h0", "h1")
   }
   rows = []
-  for second_moment in () if args.skip_agreement else ("rank1", "block"):
+  for second_moment in second_moments:
     rows += agreement(subset(params), subset(grads), second_moment)
     print(rows[-3:], flush=True)
-  tables.append(
-      common.print_table(
-          "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path "
-          "after 3 steps (wte, h0, h1)", [
-              "second moment", "paths", "max |Δ update| / max |update|",
-              "worst leaf", "at", "values", "differing state bytes",
-              "largest code step"
-          ], rows))
-  payload = {
-      "results": results,
-      "params": n,
-      "agreement": rows,
-      **({
-          "train_step": payload_train
-      } if args.train_step else {})
-  }
+  return rows, common.print_table(
+      "Pallas kernels (Triton, and the Pallas interpreter) vs the XLA path "
+      "after 3 steps (wte, h0, h1)", [
+          "second moment", "paths", "max |Δ update| / max |update|",
+          "worst leaf", "at", "values", "differing state bytes",
+          "largest code step"
+      ], rows)
+
+
+PROFILED = ("optax.adamw", "adamw_4bit block, Pallas kernels",
+            "fused_step(adamw_4bit block)",
+            "fused_step(adamw_4bit block), per-tensor state",
+            "fused_step(adamw_4bit rank1)")
+
+
+def profile_optimizers(optimizers, params, grads):
+  """``(payload, tables)``: device time per op of one step of each of
+  :data:`PROFILED`; each compiled step's HLO is written next to the JSON."""
+  from benchmarks.profile import device_times, summarize
+  from benchmarks.shampoo_step import step_program
+  payload, tables = {}, []
+  for name in (n for n in PROFILED if n in optimizers):
+    step = step_program(optimizers[name])
+    carry = [jax.tree.map(jnp.copy, params), optimizers[name].init(params)]
+
+    def run():
+      carry[0], carry[1] = step(carry[0], carry[1], grads)
+      return carry[1]
+
+    launches = collections.Counter()
+    per_op, _ = device_times(run, launches=launches)
+    new_tables, payload[f"profile {name}"] = summarize(name, per_op, 12,
+                                                       launches)
+    with open(
+        common.output_path(common.file_name(f"hlo_adam_step_{name}.txt")),
+        "w") as f:
+      f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
+    tables += new_tables
+  return payload, tables
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  shapes = common.gpt2_medium_shapes()
+  n = common.parameter_count(shapes)
+  params = common.random_tree(shapes, seed=1)
+  grads = common.random_tree(shapes, seed=2)
+  optimizers = make_optimizers(args)
+  payload, tables = {"params": n}, []
+  if not args.agreement_only:
+    payload["results"] = time_optimizers(optimizers, params, grads, args)
+    tables.append(step_table(payload["results"], n))
+  if args.train_step:
+    payload["train_step"], table = train_step_table(
+        {
+            k: v for k, v in optimizers.items() if k in payload["results"]
+        }, params, args.train_step)
+    tables.append(table)
+  payload["agreement"], table = agreement_table(params, grads,
+                                                () if args.skip_agreement else
+                                                ("rank1", "block"))
+  tables.append(table)
   if args.profile:
-    from benchmarks.profile import device_times, summarize
-    from benchmarks.shampoo_step import step_program
-    for name in ("optax.adamw", "adamw_4bit block, Pallas kernels",
-                 "fused_step(adamw_4bit block)",
-                 "fused_step(adamw_4bit block), per-tensor state",
-                 "fused_step(adamw_4bit rank1)"):
-      if name not in optimizers:
-        continue
-      step = step_program(optimizers[name])
-      carry = [jax.tree.map(jnp.copy, params), optimizers[name].init(params)]
-
-      def run():
-        carry[0], carry[1] = step(carry[0], carry[1], grads)
-        return carry[1]
-
-      launches = collections.Counter()
-      per_op, _ = device_times(run, launches=launches)
-      new_tables, payload[f"profile {name}"] = summarize(
-          name, per_op, 12, launches)
-      with open(
-          common.output_path(common.file_name(f"hlo_adam_step_{name}.txt")),
-          "w") as f:
-        f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
-      tables += new_tables
+    profiled, profile_tables = profile_optimizers(optimizers, params, grads)
+    payload.update(profiled)
+    tables += profile_tables
   common.write_json(
       "adam_step_agreement" if args.agreement_only else "adam_step", {
           **payload, "tables": tables
