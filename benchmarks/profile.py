@@ -160,15 +160,10 @@ def factorizations(order: int = 1200, count: int = 101):
           for name, (fn, *args) in programs.items()]
 
 
-def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
-  """The eigenvector statistics update of an order-1200 stack under each dot
-  algorithm and number of Cholesky-QR passes: time (4-bit storage, ``count``
-  blocks), and the error of the inverse root after ``updates`` updates (2
-  blocks, fp32 and 4-bit storage) against a float64 reference; for fp32 storage
-  also the difference from the HIGHEST, 3-pass pipeline."""
-  import functools
-  from optax_shampoo4 import linalg, preconditioners
-  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
+def statistics_problem(order: int, updates: int):
+  """``(grams, reference)``: ``updates`` Gram matrices of two blocks whose
+  gradients have a spectrum spanning three decades, and the float64 inverse
+  4th root of their EMA."""
   rng = np.random.default_rng(0)
   basis = np.linalg.qr(rng.standard_normal(
       (order, order)))[0] * np.logspace(0, -3, order)
@@ -185,7 +180,19 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
     statistic = 0.95 * statistic + 0.05 * g
   values, vectors = np.linalg.eigh(statistic)
   damped = values + 1e-6 * values[:, -1:]
-  reference = np.einsum("kij,kj,klj->kil", vectors, damped**-0.25, vectors)
+  return grams, np.einsum("kij,kj,klj->kil", vectors, damped**-0.25, vectors)
+
+
+def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
+  """The eigenvector statistics update of an order-1200 stack under each dot
+  algorithm and number of Cholesky-QR passes: time (4-bit storage, ``count``
+  blocks), and the error of the inverse root after ``updates`` updates (2
+  blocks, fp32 and 4-bit storage) against a float64 reference; for fp32 storage
+  also the difference from the HIGHEST, 3-pass pipeline."""
+  import functools
+  from optax_shampoo4 import linalg, preconditioners
+  hyper = preconditioners.Hyper(0.95, 1e-6, 0.0)
+  grams, reference = statistics_problem(order, updates)
   timing_grams = linalg.gram(
       jax.random.normal(jax.random.PRNGKey(order), (count, order, 256)))
   original_orthonormalize = linalg.orthonormalize_columns
@@ -235,7 +242,14 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
   return rows
 
 
-def main():
+STEP_KINDS = {  # step kind -> (statistics_every, inverse_root_every)
+    "plain": (NEVER, NEVER),
+    "statistics": (1, NEVER),
+    "inverse_root": (NEVER, 1)
+}
+
+
+def parse_args(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--model", default="gpt2_small")
   parser.add_argument("--bits", type=int, default=4)
@@ -253,79 +267,92 @@ def main():
       "--skip-extras", action="store_true",
       help="skip the dot-algorithm, statistics-variant and factorization "
       "timings")
-  args = parser.parse_args()
-  shapes = {
-      "gpt2_small": common.gpt2_small_shapes(),
-      "vit_s16": common.vit_s16_shapes()
-  }[args.model]
-  params, grads = common.random_tree(shapes, seed=1), common.random_tree(
-      shapes, seed=2)
-  tables, payload = [], {}
-  schedules = {
-      "plain": (NEVER, NEVER),
-      "statistics": (1, NEVER),
-      "inverse_root": (NEVER, 1)
-  }
+  return parser.parse_args(argv)
+
+
+def profile_step(args, kind: str, label: str, params, grads):
+  """``(per-op device times, trace lines)`` of one Shampoo step of ``kind``
+  (its optimized HLO written with ``--dump-hlo``)."""
+  tx = shampoo_adamw(1e-3, statistics_every=STEP_KINDS[kind][0],
+                     inverse_root_every=STEP_KINDS[kind][1],
+                     shampoo=o4.ShampooConfig(bits=args.bits))
+  step = step_program(tx)
+  carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+  def run():
+    carry[0], carry[1] = step(carry[0], carry[1], grads)
+    return carry[1]
+
+  per_op, lines = device_times(run)
+  if args.dump_hlo:
+    name = common.file_name(f"hlo_{args.model}_{args.bits}bit_{label}.txt")
+    with open(common.output_path(name), "w") as f:
+      f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
+  return per_op, lines
+
+
+def profile_steps(args, params, grads):
+  """``(payload, tables)`` of every step kind asked for."""
   default_tolerance = linalg.CHOLESKY_QR_CORRECTION_TOLERANCE
   # (step kind, label, Cholesky-QR correction tolerance while it is traced)
   programs = [(kind, kind, default_tolerance) for kind in args.kinds.split(",")
              ] if not args.skip_steps else []
   if args.cholesky_every_pass:
     programs.append(("statistics", "statistics, Cholesky every pass", None))
+  payload, tables = {}, []
   for kind, label, tolerance in programs:
     linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = tolerance
     try:
-      tx = shampoo_adamw(1e-3, statistics_every=schedules[kind][0],
-                         inverse_root_every=schedules[kind][1],
-                         shampoo=o4.ShampooConfig(bits=args.bits))
-      step = step_program(tx)
-      carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
-
-      def run():
-        carry[0], carry[1] = step(carry[0], carry[1], grads)
-        return carry[1]
-
-      per_op, lines = device_times(run)
-      if args.dump_hlo:
-        text = step.lower(carry[0], carry[1], grads).compile().as_text()
-        with open(
-            common.output_path(
-                common.file_name(
-                    f"hlo_{args.model}_{args.bits}bit_{label}.txt")), "w") as f:
-          f.write(text)
+      per_op, lines = profile_step(args, kind, label, params, grads)
     finally:
       linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = default_tolerance
     new_tables, payload[label] = summarize(
         f"{args.model} {label} step, bits={args.bits}", per_op, args.top)
     payload[label]["trace_lines"] = lines
     tables += new_tables
-  if args.skip_extras:
-    common.write_json(f"profile_{args.model}_{args.bits}bit", {
-        **payload, "tables": tables
-    })
-    return
-  rows = algorithms()
-  tables.append(
+  return payload, tables
+
+
+def extra_tables():
+  """``(payload, tables)``: dot algorithms, statistics-update variants and
+  batched factorizations of order-1200 stacks."""
+  payload = {
+      "algorithms": algorithms(),
+      "statistics_variants": statistics_variants(),
+      "factorizations": factorizations()
+  }
+  tables = [
       common.print_table(
           f"Dot algorithms, (101, 1200, 1200) fp32 products "
           f"({common.machine()})",
-          ["algorithm", "ms", "TFLOP/s", "rel. error vs HIGHEST"], rows))
-  payload["algorithms"] = rows
-  rows = statistics_variants()
-  tables.append(
+          ["algorithm", "ms", "TFLOP/s", "rel. error vs HIGHEST"],
+          payload["algorithms"]),
       common.print_table(
           "Eigenvector statistics update of a (101, 1200, 1200) stack by dot "
           "algorithm and Cholesky-QR passes", [
               "algorithm", "passes", "4-bit update ms", "fp32 root err vs fp64",
               "fp32 root diff vs HIGHEST/3", "4-bit root err vs fp64",
               "rejected"
-          ], rows))
-  payload["statistics_variants"] = rows
-  rows = factorizations()
-  tables.append(
+          ], payload["statistics_variants"]),
       common.print_table("Batched factorizations, (101, 1200, 1200) fp32",
-                         ["op", "ms"], rows))
-  payload["factorizations"] = rows
+                         ["op", "ms"], payload["factorizations"])
+  ]
+  return payload, tables
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  shapes = {
+      "gpt2_small": common.gpt2_small_shapes,
+      "vit_s16": common.vit_s16_shapes
+  }[args.model]()
+  params, grads = common.random_tree(shapes, seed=1), common.random_tree(
+      shapes, seed=2)
+  payload, tables = profile_steps(args, params, grads)
+  if not args.skip_extras:
+    extra_payload, new_tables = extra_tables()
+    payload.update(extra_payload)
+    tables += new_tables
   common.write_json(f"profile_{args.model}_{args.bits}bit", {
       **payload, "tables": tables
   })
