@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.shampoo_step import NEVER, step_program
+from benchmarks.shampoo_step import STEP_KINDS, step_program
 import optax_shampoo4 as o4
 from optax_shampoo4 import linalg, shampoo_adamw
 
@@ -240,13 +240,6 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
     finally:
       linalg.orthonormalize_columns = original_orthonormalize
   return rows
-
-
-STEP_KINDS = {  # step kind -> (statistics_every, inverse_root_every)
-    "plain": (NEVER, NEVER),
-    "statistics": (1, NEVER),
-    "inverse_root": (NEVER, 1)
-}
 
 
 def parse_args(argv=None):

@@ -145,7 +145,7 @@ def tf32_error():
   return {"tf32_vs_fp32": rel(tf), "4bit_root_vs_fp32_root": rel(q4)}
 
 
-KINDS = {  # step kind -> (statistics_every, inverse_root_every)
+STEP_KINDS = {  # step kind -> (statistics_every, inverse_root_every)
     "plain": (NEVER, NEVER),
     "statistics": (1, NEVER),
     "inverse_root": (NEVER, 1)
@@ -170,7 +170,7 @@ def shampoo_row(config, params, grads, args):
   tx = lambda t1, t2: shampoo_adamw(1e-3, statistics_every=t1,
                                     inverse_root_every=t2, shampoo=config)
   kinds = {}
-  for kind, intervals in KINDS.items():
+  for kind, intervals in STEP_KINDS.items():
     kinds[kind], state_bytes = time_step(
         tx(*intervals), params, grads, args.repeats)
   plain = kinds["plain"]
