@@ -102,7 +102,7 @@ def copy_rates(shape=(50304, 1024)):
   return rows
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--second-moment", default="rank1")
   parser.add_argument("--copy-rates", action="store_true",
@@ -113,7 +113,94 @@ def main():
       help="rows:warps[:interleaved][:selects] (selects: no table lookups)")
   parser.add_argument("--apply", action="store_true",
                       help="time the kernels that also apply the update")
-  args = parser.parse_args()
+  return parser.parse_args(argv)
+
+
+def kernel_configs(text: str):
+  """``(rows per program, warps, pairing, table lookups)`` of each
+  ``rows:warps[:interleaved][:selects]``."""
+  configs = []
+  for item in text.split(","):
+    fields = item.split(":")
+    configs.append(
+        (int(fields[0]), int(fields[1]),
+         "interleaved" if "interleaved" in fields else "halves", "selects"
+         not in fields))
+  return configs
+
+
+def warm_leaf(base, shape, second_moment):
+  """``(xla program, inputs)``: the moments after three XLA steps, and a
+  fourth step's gradient and bias corrections."""
+  g = 1e-2 * jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
+  layout, xla, _ = leaf_programs(base, shape, second_moment)
+  m = layout.store_first(jnp.zeros(shape), shape)
+  v = layout.store_second(jnp.zeros(shape), shape)
+  for t in range(3):
+    corrections = jnp.asarray([1 - 0.9**(t + 1), 1 - 0.999**(t + 1)],
+                              jnp.float32)
+    _, m, v = xla(g * (1 + t), m, v, corrections)
+  corrections = jnp.asarray([1 - 0.9**4, 1 - 0.999**4], jnp.float32)
+  g = g * jax.random.uniform(
+      jax.random.PRNGKey(1), shape, minval=0.5, maxval=2.0)
+  return xla, (g, m, v, corrections)
+
+
+def compare(result, reference, same_format: bool):
+  """``(max |Δ update| / max |update|, worst index, fraction of differing
+  state bytes or "-")`` of a kernel's step against the XLA path's."""
+  difference = np.abs(np.asarray(result[0]) - np.asarray(reference[0]))
+  worst = np.unravel_index(np.argmax(difference), difference.shape)
+  scale = float(np.max(np.abs(np.asarray(reference[0]))))
+  fraction = "-"
+  # the stored format: its codes compare with the XLA path's
+  if same_format:
+    states = zip(jax.tree.leaves(result[1:]), jax.tree.leaves(reference[1:]))
+    differing = sum(
+        int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in states)
+    fraction = differing / sum(a.size for a in jax.tree.leaves(reference[1:]))
+  return (float(difference.max()) / scale, str(tuple(int(i) for i in worst)),
+          fraction)
+
+
+def shape_rows(shape, configs, args):
+  """One row per kernel configuration on a leaf of ``shape``."""
+  base = adam_kernel.MomentConfig("dynamic_tree", "linear_nozero",
+                                  args.second_moment)
+  xla, inputs = warm_leaf(base, shape, args.second_moment)
+  reference = xla(*inputs)
+  xla_ms = common.time_call(xla, *inputs) * 1e3
+  size = inputs[0].size
+  # read g, write update, read + write the 4-bit codes of two moments; with
+  # apply, params read and written instead of the update written
+  nbytes = size * (4 + 4 + 2) + (8 * size if args.apply else 0)
+  params = jnp.ones(shape, jnp.float32) if args.apply else None
+  rows = []
+  for rows_per_program, warps, pairing, lookups in configs:
+    config = base._replace(rows_per_program=rows_per_program, num_warps=warps,
+                           pairing=pairing, table_lookups=lookups)
+    label = pairing + ("" if lookups else ", selects")
+    _, _, fused = leaf_programs(config, shape, args.second_moment)
+    try:
+      result = fused(*inputs)
+      ms = kernel_device_ms(fused, *inputs, params)
+    except Exception as e:  # a configuration Triton rejects
+      rows.append([
+          str(shape), rows_per_program, warps, label, "failed",
+          str(e)[:80], "-", "-", "-", "-"
+      ])
+      continue
+    rows.append([
+        str(shape), rows_per_program, warps, label, ms, xla_ms,
+        nbytes / ms / 1e9,
+        *compare(result, reference, config.pairing == base.pairing)
+    ])
+    print(rows[-1], flush=True)
+  return rows
+
+
+def main(argv=None):
+  args = parse_args(argv)
   tables = []
   if args.copy_rates:
     tables.append(
@@ -123,70 +210,8 @@ def main():
             ["tile", "warps", "strided halves", "ms", "GB/s"], copy_rates()))
   # vocabulary padded to a multiple of 128 rows
   shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-  configs = []
-  for text in args.configs.split(","):
-    fields = text.split(":")
-    configs.append(
-        (int(fields[0]), int(fields[1]),
-         "interleaved" if "interleaved" in fields else "halves", "selects"
-         not in fields))
-  rows = []
-  for shape in shapes:
-    key = jax.random.PRNGKey(0)
-    g = 1e-2 * jax.random.normal(key, shape, jnp.float32)
-    base = adam_kernel.MomentConfig("dynamic_tree", "linear_nozero",
-                                    args.second_moment)
-    layout, xla, _ = leaf_programs(base, shape, args.second_moment)
-    m = layout.store_first(jnp.zeros(shape), shape)
-    v = layout.store_second(jnp.zeros(shape), shape)
-    for t in range(3):
-      corrections = jnp.asarray([1 - 0.9**(t + 1), 1 - 0.999**(t + 1)],
-                                jnp.float32)
-      _, m, v = xla(g * (1 + t), m, v, corrections)
-    corrections = jnp.asarray([1 - 0.9**4, 1 - 0.999**4], jnp.float32)
-    g = g * jax.random.uniform(
-        jax.random.PRNGKey(1), shape, minval=0.5, maxval=2.0)
-    reference = xla(g, m, v, corrections)
-    xla_ms = common.time_call(xla, g, m, v, corrections) * 1e3
-    # read g, write update, read + write the 4-bit codes of two moments
-    nbytes = g.size * (4 + 4 + 2)
-    params = jnp.ones(shape, jnp.float32) if args.apply else None
-    # params read and written instead of the update written
-    nbytes += 8 * g.size if args.apply else 0
-    for rows_per_program, warps, pairing, lookups in configs:
-      config = base._replace(rows_per_program=rows_per_program, num_warps=warps,
-                             pairing=pairing, table_lookups=lookups)
-      pairing += "" if lookups else ", selects"
-      _, _, fused = leaf_programs(config, shape, args.second_moment)
-      try:
-        result = fused(g, m, v, corrections)
-        ms = kernel_device_ms(fused, g, m, v, corrections, params)
-      except Exception as e:  # a configuration Triton rejects
-        rows.append([
-            str(shape), rows_per_program, warps, pairing, "failed",
-            str(e)[:80], "-", "-", "-", "-"
-        ])
-        continue
-      difference = np.abs(np.asarray(result[0]) - np.asarray(reference[0]))
-      worst = np.unravel_index(np.argmax(difference), shape)
-      scale = float(np.max(np.abs(np.asarray(reference[0]))))
-      # the stored format: its codes compare with the XLA path's
-      if config.pairing == base.pairing:
-        states = zip(
-            jax.tree.leaves(result[1:]), jax.tree.leaves(reference[1:]))
-        differing = sum(
-            int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in states)
-        fraction = differing / sum(
-            a.size for a in jax.tree.leaves(reference[1:]))
-      else:
-        fraction = "-"
-      rows.append([
-          str(shape), rows_per_program, warps, pairing, ms, xla_ms,
-          nbytes / ms / 1e9,
-          float(difference.max()) / scale,
-          str(tuple(int(i) for i in worst)), fraction
-      ])
-      print(rows[-1], flush=True)
+  configs = kernel_configs(args.configs)
+  rows = [row for shape in shapes for row in shape_rows(shape, configs, args)]
   table = common.print_table(
       f"Fused 4-bit Adam leaf step ({args.second_moment}) vs XLA, "
       f"{common.machine()}", [
