@@ -96,6 +96,12 @@ def vit_s16_shapes(classes: int = 1000) -> Dict[str, tuple]:
   return shapes
 
 
+def model_shapes(name: str) -> Dict[str, tuple]:
+  """Parameter shapes of a model the optimizer-only benchmarks time:
+  ``"gpt2_small"`` or ``"vit_s16"``."""
+  return {"gpt2_small": gpt2_small_shapes, "vit_s16": vit_s16_shapes}[name]()
+
+
 def gpt2_medium_shapes() -> Dict[str, tuple]:
   """Parameter shapes of GPT-2 medium (355M parameters)."""
   d, vocab, context = 1024, 50257, 1024

@@ -335,10 +335,7 @@ def extra_tables():
 
 def main(argv=None):
   args = parse_args(argv)
-  shapes = {
-      "gpt2_small": common.gpt2_small_shapes,
-      "vit_s16": common.vit_s16_shapes
-  }[args.model]()
+  shapes = common.model_shapes(args.model)
   params, grads = common.random_tree(shapes, seed=1), common.random_tree(
       shapes, seed=2)
   payload, tables = profile_steps(args, params, grads)

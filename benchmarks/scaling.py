@@ -113,10 +113,7 @@ def measure(shapes, counts, args):
 
 def main(argv=None):
   args = parse_args(argv)
-  shapes = {
-      "gpt2_small": common.gpt2_small_shapes,
-      "vit_s16": common.vit_s16_shapes
-  }[args.model]()
+  shapes = common.model_shapes(args.model)
   counts = [int(c) for c in args.devices.split(",")
            ] if args.devices else sorted({1, jax.device_count()})
   results = measure(shapes, counts, args)

@@ -267,10 +267,6 @@ def main(argv=None):
       "working_set_bytes": args.working_set_mib * 2**20
   })
   config = lambda bits: o4.ShampooConfig(bits=bits, **working_set)
-  models = {
-      "gpt2_small": common.gpt2_small_shapes,
-      "vit_s16": common.vit_s16_shapes
-  }
   rates = matmul_rates()
   payload = {
       "matmul_tflops": {
@@ -288,8 +284,9 @@ def main(argv=None):
           [[k, v] for k, v in payload["preconditioning_error"].items()])
   ]
   for model in args.models.split(","):
-    payload[model], model_tables = measure_model(model, models[model](), args,
-                                                 config, rates)
+    payload[model], model_tables = measure_model(model,
+                                                 common.model_shapes(model),
+                                                 args, config, rates)
     tables += model_tables
     # after each model: runs can be long
     common.write_json("shampoo_step", {**payload, "tables": tables})
