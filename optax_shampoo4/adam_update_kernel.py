@@ -33,6 +33,41 @@ def _encode_block(values, codebook: str, midpoint_lookup=None):
   return scale, _pack(*codes)
 
 
+def _adam_step(flags_ref, grads, first_old, second_old):
+  """``(first moments, second moments, updates)`` of both halves of the tile;
+  ``first_old`` and ``second_old`` are ``(decoded values, their scales)``."""
+  # same operation order as the XLA path, so both agree to the rounding of fused
+  # multiply-adds
+  (correction1, correction2, b1, one_minus_b1, b2, one_minus_b2, eps,
+   eps_root) = (
+       flags_ref[k] for k in range(8))
+  (first_values, first_scale), (second_values, second_scales) = (first_old,
+                                                                 second_old)
+  first = [
+      b1 * (m * first_scale) + one_minus_b1 * g
+      for m, g in zip(first_values, grads)
+  ]
+  second = [
+      b2 * (v * s) + one_minus_b2 * g * g
+      for v, s, g in zip(second_values, second_scales, grads)
+  ]
+  updates = [(m / correction1) / (jnp.sqrt(v / correction2 + eps_root) + eps)
+             for m, v in zip(first, second)]
+  return first, second, updates
+
+
+def _apply_updates(config, flags_ref, params_ref, updates, finite):
+  """The new params of both halves: optax.add_decayed_weights,
+  scale_by_learning_rate and apply_updates, in their order; a non-finite step
+  keeps the params."""
+  step_size, weight_decay = flags_ref[9], flags_ref[10]
+  params = adam_kernel.even_odd(config, params_ref)
+  return [
+      jnp.where(finite, p + step_size * (u + weight_decay * p), p)
+      for u, p in zip(updates, params)
+  ]
+
+
 def _update_kernel(config: adam_kernel.MomentConfig, rows: int, apply: bool,
                    flags_ref, tables_ref, grad_ref, first_codes_ref,
                    first_scale_ref, second_codes_ref, *refs):
@@ -57,33 +92,13 @@ def _update_kernel(config: adam_kernel.MomentConfig, rows: int, apply: bool,
                                        first_value)
   second_old = adam_kernel.unpack_codes(second_codes_ref,
                                         config.second_codebook, second_value)
-  first_scale = first_scale_ref[...]
-  # same operation order as the XLA path, so both agree to the rounding of fused
-  # multiply-adds
-  (correction1, correction2, b1, one_minus_b1, b2, one_minus_b2, eps,
-   eps_root) = (
-       flags_ref[k] for k in range(8))
   # a non-finite step keeps the old codes and scales (and params)
   finite = flags_ref[8] > 0
-  first = [
-      b1 * (m * first_scale) + one_minus_b1 * g
-      for m, g in zip(first_old, grads)
-  ]
-  second = [
-      b2 * (v * s) + one_minus_b2 * g * g
-      for v, s, g in zip(second_old, old_scales, grads)
-  ]
-  updates = [(m / correction1) / (jnp.sqrt(v / correction2 + eps_root) + eps)
-             for m, v in zip(first, second)]
-  # optax.add_decayed_weights, scale_by_learning_rate and apply_updates, in
-  # their order
+  first, second, updates = _adam_step(flags_ref, grads,
+                                      (first_old, first_scale_ref[...]),
+                                      (second_old, old_scales))
   if apply:
-    step_size, weight_decay = flags_ref[9], flags_ref[10]
-    params = adam_kernel.even_odd(config, params_ref)
-    updates = [
-        jnp.where(finite, p + step_size * (u + weight_decay * p), p)
-        for u, p in zip(updates, params)
-    ]
+    updates = _apply_updates(config, flags_ref, params_ref, updates, finite)
   for k in (0, 1):
     out_ref[:,
             adam_kernel.columns(config, k)] = updates[k].astype(out_ref.dtype)

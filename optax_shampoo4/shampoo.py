@@ -28,8 +28,8 @@ from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import ShampooConfig
-from optax_shampoo4.preconditioners import Hyper, make_storage
 from optax_shampoo4.nonfinite import step_counters
+from optax_shampoo4.preconditioners import Hyper, make_storage
 from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
                                    make_plan, stack_key, update_context)
 

@@ -39,10 +39,10 @@ from jax import lax
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
+from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
                                             make_codec)
 from optax_shampoo4.shampoo import update_statistics
-from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
                                    linalg_precision, make_plan, stack_key,
                                    update_context)
