@@ -128,7 +128,9 @@ class ShampooConfig:
     linalg_precision: precision of the statistics and root updates:
       ``"highest"`` (fp32) or ``"bf16_3x"`` (three bf16 passes, relative error
       ≈1e-5; CPUs use fp32 either way). Default: ``"highest"`` at 32 bits,
-      ``"bf16_3x"`` for quantized storage.
+      ``"bf16_3x"`` for quantized storage, the fastest precision with
+      fp32-level eigenvalues (``docs/benchmarks.md``, "Precision of the
+      statistics step").
     dimension_numbers: per-leaf :class:`DimensionNumbers` overriding the default
       blocking rule (a pytree like the params with ``None`` for "default", or a
       function of the params returning one).

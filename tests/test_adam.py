@@ -135,3 +135,37 @@ def test_zero_point_makes_the_update_explode_and_linear_nozero_does_not():
   assert largest[None] < 2.0  # fp32 Adam: m̂/√v̂ stays O(1)
   assert largest["dynamic_tree_unsigned"] > 1e4, largest  # explodes
   assert largest["linear_nozero"] < 2.0, largest  # bounded
+
+
+@pytest.mark.parametrize("config", [
+    o4.AdamConfig(),
+    o4.AdamConfig(second_moment="block"),
+    o4.AdamConfig(second_moment="factored"),
+    o4.AdamConfig(bits=8),
+    o4.AdamConfig(bits=32),
+])
+def test_zero_moments_decode_to_zeros_of_every_params_shape(config):
+  """``MomentLayout.zeros`` (Adam's and SOAP's init): every stored moment
+  decodes to exact zeros of its parameter's shape, whatever its storage."""
+  from optax_shampoo4.moments import (FactoredMoment, MomentLayout,
+                                      factored_estimate)
+  layout = MomentLayout.from_config(config)
+  params = {
+      "w": jnp.ones((96, 128)),
+      "conv": jnp.ones((3, 3, 16, 256)),
+      "b": jnp.ones((7,)),
+      "s": jnp.ones(())
+  }
+  mu, nu = layout.zeros(params)
+  for name, p in params.items():
+    assert np.array_equal(layout.load_first(mu[name], p.shape),
+                          np.zeros(p.shape))
+    v = nu[name]
+    if isinstance(v, FactoredMoment):
+      assert layout.factored(p.shape)
+      v = factored_estimate(v)
+    else:
+      v = layout.load_second(v, p.shape)
+    assert np.array_equal(v, np.zeros(p.shape))
+  # the large matrix is stored compressed unless the layout is fp32
+  assert isinstance(mu["w"], o4.QuantizedArray) == (config.bits != 32)
