@@ -158,8 +158,8 @@ def test_zero_moments_decode_to_zeros_of_every_params_shape(config):
   }
   mu, nu = layout.zeros(params)
   for name, p in params.items():
-    assert np.array_equal(layout.load_first(mu[name], p.shape),
-                          np.zeros(p.shape))
+    assert np.array_equal(
+        layout.load_first(mu[name], p.shape), np.zeros(p.shape))
     v = nu[name]
     if isinstance(v, FactoredMoment):
       assert layout.factored(p.shape)
