@@ -223,18 +223,19 @@ class MomentLayout:
     """Zero ``(mu, nu)`` like ``params``, stored per this layout (a factored
     second moment as its fp32 row and column factors)."""
 
-    def second(p):
-      if self.factored(jnp.shape(p)):
-        return FactoredMoment(
-            jnp.zeros(p.shape[:-1], jnp.float32),
-            jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32))
-      return self.store_second(
-          jnp.zeros(jnp.shape(p), jnp.float32), jnp.shape(p))
+    def first(p):
+      shape = jnp.shape(p)
+      return self.store_first(jnp.zeros(shape, jnp.float32), shape)
 
-    mu = jax.tree.map(
-        lambda p: self.store_first(
-            jnp.zeros(jnp.shape(p), jnp.float32), jnp.shape(p)), params)
-    return mu, jax.tree.map(second, params)
+    def second(p):
+      shape = jnp.shape(p)
+      if self.factored(shape):
+        return FactoredMoment(
+            jnp.zeros(shape[:-1], jnp.float32),
+            jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
+      return self.store_second(jnp.zeros(shape, jnp.float32), shape)
+
+    return jax.tree.map(first, params), jax.tree.map(second, params)
 
   def kernel_view(self, shape, config):
     """The ``(rows, cols)`` view of the fused kernels for this tensor, or
