@@ -460,11 +460,20 @@ def test_fsdp_sharded_statistics_and_root_steps_finish():
   10 update the preconditioners; then 4-bit stacks spread by a NamedSharding:
   both hung forever when every device thread ran a batched LAPACK kernel at once
   (linalg.per_matrix). Run in its own process, so that a hang fails the test
-  instead of the suite."""
+  instead of the suite.
+
+  A second attempt is made only when XLA:CPU's own collective runtime aborts the
+  process at its rendezvous deadline (seen once in CI, in an all-reduce inside a
+  conditional, with 7 of 8 device threads arrived; never reproduced in 14 local
+  runs, up to 8 of them side by side). That abort is XLA's thread scheduling, not the
+  LAPACK hang named above, which never ends and so fails at the 240 s limit."""
   import subprocess
   import sys
-  done = subprocess.run([sys.executable, "-c", HANG_REPRO], capture_output=True,
-                        text=True, timeout=240)
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-c", HANG_REPRO],
+                          capture_output=True, text=True, timeout=240)
+    if "Termination timeout for" not in done.stderr:
+      break
   assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
 
 
