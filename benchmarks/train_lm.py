@@ -76,6 +76,10 @@ def optimizers(args, base=None):
       "shampoo 4-bit, 256 MiB working set":
           (args.lr,
            shampoo(dataclasses.replace(base, working_set_bytes=256 * 2**20))),
+      "shampoo 4-bit, max order 768":
+          (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
+      "shampoo 4-bit, NaN steps not skipped":
+          (args.lr, shampoo(skip_nonfinite=False)),
       "soap 4-bit lr 3e-3": (3e-3, soap()),
       "soap 4-bit lr 1e-3": (1e-3, soap()),
       "soap 4-bit, bf16 rotations lr 1e-3":
@@ -360,7 +364,8 @@ def plot(results, out):
       os.path.join(out, "loss_vs_time.png"), dpi=120, bbox_inches="tight")
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+  """The command line, which ``benchmarks/compile_time.py`` shares."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=1200)
   parser.add_argument("--size", default="base")
@@ -387,7 +392,11 @@ def main(argv=None):
       "(benchmarks/step_trace.py)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default="benchmarks/results/train_lm")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None):
+  args = parser().parse_args(argv)
   if args.child:
     print(json.dumps(run_one(args.child, args)))
     return
