@@ -5,15 +5,16 @@ feedback [CQ], and 4-bit AdamW / 4-bit Factor [A4], as pure-functional Optax
 transformations whose states are pytrees.
 
 Public API:
-  Optimizers:       shampoo_adamw, shampoo_sgdm, soap, adamw_4bit
-  Fused apply:      fused_step, apply_gradients (4-bit AdamW's kernels that also
-  apply the update) NaN safety:       skip_nonfinite
-  Transformations:  scale_by_shampoo, scale_by_soap, scale_by_adam_4bit
-  Configs:          ShampooConfig, AdamConfig, DimensionNumbers
-  Quantization:     quantize, dequantize, codebook, QuantizedArray
-  Memory:           state_nbytes, memory_report, format_memory_report,
-    parameter_memory,
-                    format_parameter_memory
+
+- Optimizers: shampoo_adamw, shampoo_sgdm, soap, adamw_4bit.
+- Fused apply (4-bit AdamW's kernels that also apply the update): fused_step,
+  apply_gradients.
+- NaN safety: skip_nonfinite.
+- Transformations: scale_by_shampoo, scale_by_soap, scale_by_adam_4bit.
+- Configs: ShampooConfig, AdamConfig, DimensionNumbers.
+- Quantization: quantize, dequantize, codebook, QuantizedArray.
+- Memory: state_nbytes, memory_report, format_memory_report, parameter_memory,
+  format_parameter_memory.
 """
 
 import os as _os
