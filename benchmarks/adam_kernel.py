@@ -2,15 +2,14 @@
 agreement with the XLA path.
 
 Run: ``PYTHONPATH=. python benchmarks/adam_kernel.py`` (GPU). For each shape and
-  each configuration
-(rows per program, warps, nibble pairing, table loads) measures the device time
-of one leaf's kernels — rank-1 maxima + fused update, or with ``--apply`` the
-kernel that also applies it — and XLA's step of the same leaf, from the same
-state (after three XLA steps, so the codes are not trivial), and reports the
-update difference, where it is largest, and the fraction of differing stored
-bytes. The "interleaved" pairing (columns 2j and 2j + 1 in one byte, stride-2
-accesses) is timed to measure the cost of strided access; it is not the stored
-format ("halves": columns j and j + 64 of each 128).
+each configuration (rows per program, warps, nibble pairing, table loads)
+measures the device time of one leaf's kernels — rank-1 maxima + fused update,
+or with ``--apply`` the kernel that also applies it — and XLA's step of the same
+leaf, from the same state (after three XLA steps, so the codes are not trivial),
+and reports the update difference, where it is largest, and the fraction of
+differing stored bytes. The "interleaved" pairing (columns 2j and 2j + 1 in one
+byte, stride-2 accesses) is timed to measure the cost of strided access; it is
+not the stored format ("halves": columns j and j + 64 of each 128).
 """
 
 from __future__ import annotations

@@ -2,22 +2,21 @@
 GPT-2-medium shapes (355M params).
 
 Run: ``PYTHONPATH=. python benchmarks/adam_step.py [--profile]``. The step is
-  update + apply_updates,
-jitted with the params and state donated, as in a training loop, timed two ways:
-blocking on every step (median), and 20 steps dispatched back to back (median of
-3 such loops) (what a training loop sees: the host dispatches a step while the
-device runs the previous one; the host's work grows with the arrays passed in
-and out: a per-tensor 4-bit state has ~1.5× as many as optax.adamw's, a packed
-one a handful). Every 4-bit configuration the fused kernels cover is timed
-twice: through XLA (the default) and with the experimental Pallas kernels
-  (``implementation="pallas"``). A second table checks that both paths compute
-  the same step on these shapes (update difference, fraction of differing stored
-  codes). ``--profile`` adds the device
-time per kernel of the default 4-bit step (jax.profiler trace). ``--trace``
-adds, per optimizer, what bounds a loop of back-to-back steps (host time per
-call, garbage collections, device busy time and gaps); ``--train-step TOKENS``
-times whole training steps (gradient of a synthetic loss + optimizer) and each
-optimizer's share of them; ``--only "name;name"`` times a subset.
+update + apply_updates, jitted with the params and state donated, as in a
+training loop, timed two ways: blocking on every step (median), and 20 steps
+dispatched back to back (median of 3 such loops) (what a training loop sees: the
+host dispatches a step while the device runs the previous one; the host's work
+grows with the arrays passed in and out: a per-tensor 4-bit state has ~1.5× as
+many as optax.adamw's, a packed one a handful). Every 4-bit configuration the
+fused kernels cover is timed twice: through XLA (the default) and with the
+experimental Pallas kernels (``implementation="pallas"``). A second table checks
+that both paths compute the same step on these shapes (update difference,
+fraction of differing stored codes). ``--profile`` adds the device time per
+kernel of the default 4-bit step (jax.profiler trace). ``--trace`` adds, per
+optimizer, what bounds a loop of back-to-back steps (host time per call, garbage
+collections, device busy time and gaps); ``--train-step TOKENS`` times whole
+training steps (gradient of a synthetic loss + optimizer) and each optimizer's
+share of them; ``--only "name;name"`` times a subset.
 """
 
 import argparse

@@ -2,8 +2,8 @@
 / Cholesky storages).
 
 Run: ``PYTHONPATH=. python benchmarks/inverse_root.py``. Stacks shaped like
-  GPT-2 small's largest order
-classes; statistics are EMAs of G Gᵀ with a decaying spectrum. Accuracy:
+GPT-2 small's largest order classes; statistics are EMAs of G Gᵀ with a
+decaying spectrum. Accuracy:
 relative Frobenius error against a float64 eigendecomposition of the same fp32
 matrices (first matrix of each stack).
 """

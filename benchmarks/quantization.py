@@ -2,9 +2,8 @@
 device-to-device copy.
 
 Run: ``PYTHONPATH=. python benchmarks/quantization.py``. Bytes counted are those
-  each operation must read
-and write (fp32 input, packed codes, fp32 block scales); the copy reads and
-writes the fp32 matrix.
+each operation must read and write (fp32 input, packed codes, fp32 block
+scales); the copy reads and writes the fp32 matrix.
 """
 
 import jax

@@ -62,13 +62,12 @@ def time_step(tx, params, grads, repeats):
 def pipelined_step_time(tx, params, grads, steps: int = 20, repeats: int = 3,
                         step=None) -> float:
   """Seconds per step of ``steps`` steps dispatched back to back and blocked on
-  once, as in a training
-  loop: the host's dispatch of a step overlaps the device's work on the previous
-    one (median of
-  ``repeats`` such loops). (``time_step`` blocks on every step, so it also
-  counts the dispatch of every state leaf.) ``step(params, state, grads) ->
-  (params, state)`` defaults to :func:`step_program`; another program (e.g. one
-  computing its own gradients from a batch passed as ``grads``) may be given."""
+  once, as in a training loop: the host's dispatch of a step overlaps the
+  device's work on the previous one (median of ``repeats`` such loops).
+  (``time_step`` blocks on every step, so it also counts the dispatch of every
+  state leaf.) ``step(params, state, grads) -> (params, state)`` defaults to
+  :func:`step_program`; another program (e.g. one computing its own gradients
+  from a batch passed as ``grads``) may be given."""
   step = step_program(tx) if step is None else step
   carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
   for _ in range(2):

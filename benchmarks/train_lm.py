@@ -9,16 +9,15 @@ The model is ``examples/lm.py``'s transformer (Flax
 85.6 M parameters, 12 layers, width 768, 12 heads, context 256, batch 32)
 trained on the Python standard library's sources with a warmup-cosine learning
 rate, b2 0.95, weight decay 0.1. Every optimizer runs in its own process, so
-that ``memory_stats()["peak_bytes_in_use"]`` is its own. Per
-optimizer: final train loss (mean of the last 50 steps), held-out loss, median
-  and mean ms per step
-(each step waited for), wall-clock to reach the best AdamW final loss (50-step
-running mean of the train loss, compile excluded), optimizer-state bytes, peak
-GPU bytes, the compiled step's temp bytes (``memory_analysis()``) and its
-compile time. Prints a table, writes ``results.json`` and ``loss_vs_time.png``
-(with matplotlib). ``--devices 4``: data-parallel over 4 GPUs with params and
-optimizer state FSDP-sharded and Shampoo's / SOAP's stacks spread over the
-devices; peak memory is the largest device's.
+that ``memory_stats()["peak_bytes_in_use"]`` is its own. Per optimizer: final
+train loss (mean of the last 50 steps), held-out loss, median and mean ms per
+step (each step waited for), wall-clock to reach the best AdamW final loss
+(50-step running mean of the train loss, compile excluded), optimizer-state
+bytes, peak GPU bytes, the compiled step's temp bytes (``memory_analysis()``)
+and its compile time. Prints a table, writes ``results.json`` and
+``loss_vs_time.png`` (with matplotlib). ``--devices 4``: data-parallel over 4
+GPUs with params and optimizer state FSDP-sharded and Shampoo's / SOAP's stacks
+spread over the devices; peak memory is the largest device's.
 """
 
 from __future__ import annotations

@@ -78,18 +78,17 @@ class MomentConfig(NamedTuple):
 def covers(shape: Tuple[int, ...],
            config: MomentConfig) -> Optional[Tuple[int, int]]:
   """The ``(rows, cols)`` view the kernels use for a tensor of this shape, or
-  ``None`` if they do not
-  apply: rank-1 scales need a matrix (rank 2) with a multiple of 128 columns;
-    block scales only need the
-  element count to be a multiple of 128, and the view is ``(size / 128, 128)`` —
-  one block per row, so a row tile is 8 consecutive blocks (contiguous in
-  memory) and a tensor's codes and scales are whole rows of a larger buffer (the
-  packed state, ``fused_update(row_offset=...)``). The view needs one whole row
-  tile. Compiled grids cover whole row tiles only: compiled by Triton on an
-  H100, a masked ragged last tile (the 50257-row embedding) stored about 1e-4 of
-  its tensor's codes differently from the XLA path, up to 15 code steps apart,
-  while tensors without one agreed (``benchmarks/adam_step.py``); the rows after
-  the last whole tile run as one zero-padded tile (:func:`rest_tile`)."""
+  ``None`` if they do not apply: rank-1 scales need a matrix (rank 2) with a
+  multiple of 128 columns; block scales only need the element count to be a
+  multiple of 128, and the view is ``(size / 128, 128)`` — one block per row, so
+  a row tile is 8 consecutive blocks (contiguous in memory) and a tensor's codes
+  and scales are whole rows of a larger buffer (the packed state,
+  ``fused_update(row_offset=...)``). The view needs one whole row tile. Compiled
+  grids cover whole row tiles only: compiled by Triton on an H100, a masked
+  ragged last tile (the 50257-row embedding) stored about 1e-4 of its tensor's
+  codes differently from the XLA path, up to 15 code steps apart, while tensors
+  without one agreed (``benchmarks/adam_step.py``); the rows after the last
+  whole tile run as one zero-padded tile (:func:`rest_tile`)."""
   size = 1
   for d in shape:
     size *= d

@@ -130,12 +130,10 @@ def encode_scaled(x: jax.Array, scale: jax.Array, name: str, bits: int,
   binary search (4 comparisons; the midpoint each needs is computed for an
   evenly spaced codebook, else picked by a few selects, or by
   ``midpoint_lookup(index)`` — a kernel's load from a table of the midpoints)
-  instead of
-  dividing: a product is correctly rounded by every backend, while fp32 division
-    is not (Triton emits an
-  approximate divide), so the XLA path and the fused Pallas kernels give the
-  same code for the same value. The search is this elementwise step's largest
-  cost (it runs in the memory-bound Adam step).
+  instead of dividing: a product is correctly rounded by every backend, while
+  fp32 division is not (Triton emits an approximate divide), so the XLA path and
+  the fused Pallas kernels give the same code for the same value. The search is
+  this elementwise step's largest cost (it runs in the memory-bound Adam step).
   """
   positive = scale > 0
   if bits > 4:

@@ -37,8 +37,7 @@ class DimensionNumbers:
   axes count from the end.
 
   Example: ``DimensionNumbers(rows=(0,), cols=(2,))`` on a ``(d_model, heads,
-    head_dim)`` kernel gives
-  every head its own ``(d_model, head_dim)`` matrix.
+  head_dim)`` kernel gives every head its own ``(d_model, head_dim)`` matrix.
   """
 
   rows: Tuple[int, ...]

@@ -11,14 +11,14 @@ two devices. Scalars (counters) are replicated.
 
 Adam moments (:func:`~optax_shampoo4.scale_by_adam_4bit`) follow the params
 (FSDP): a moment of a param sharded along its first axis is sharded along the
-  leading axis of every stored array — fp32 moments like
-the param; 4-bit codes and the row maxima of rank-1 scales along rows; flat
-block-quantized codes and block scales in contiguous chunks, which is allowed
-only when every device's chunk holds whole blocks (the param's rows per device ×
-its other dims is a multiple of the block size: both arrays' lengths divide by
-the device count); 4-bit Factor's row factors along rows. Column maxima of
-rank-1 scales and 4-bit Factor's column factors (reductions over all rows) and
-anything that does not divide are replicated.
+leading axis of every stored array — fp32 moments like the param; 4-bit codes
+and the row maxima of rank-1 scales along rows; flat block-quantized codes and
+block scales in contiguous chunks, which is allowed only when every device's
+chunk holds whole blocks (the param's rows per device × its other dims is a
+multiple of the block size: both arrays' lengths divide by the device count);
+4-bit Factor's row factors along rows. Column maxima of rank-1 scales and 4-bit
+Factor's column factors (reductions over all rows) and anything that does not
+divide are replicated.
 """
 
 from __future__ import annotations
