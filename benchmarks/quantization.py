@@ -6,6 +6,8 @@ each operation must read and write (fp32 input, packed codes, fp32 block
 scales); the copy reads and writes the fp32 matrix.
 """
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 
@@ -54,4 +56,6 @@ def main(n: int = 4096):
 
 
 if __name__ == "__main__":
+  # no options; --help describes the script instead of running it
+  argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
   main()
