@@ -46,6 +46,13 @@ def check_number(name: str, value: Any, low=None, high=None, low_open=False,
         f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
 
 
+def check_adam_constants(b1: Any, b2: Any, eps: Any) -> None:
+  """Adam's decays in ``[0, 1)`` and its ``eps`` ``>= 0``."""
+  check_number("b1", b1, 0.0, 1.0, high_open=True)
+  check_number("b2", b2, 0.0, 1.0, high_open=True)
+  check_number("eps", eps, 0.0)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   choices = tuple(choices)
   if isinstance(value, bool) or value not in choices:

@@ -323,9 +323,7 @@ def adam_4bit_functions(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   (:func:`optax_shampoo4.fused_step`), and a step with a non-finite gradient
   leaves the params unchanged too."""
   _checks.check_type("config", config, AdamConfig)
-  _checks.check_number("b1", b1, 0.0, 1.0, high_open=True)
-  _checks.check_number("b2", b2, 0.0, 1.0, high_open=True)
-  _checks.check_number("eps", eps, 0.0)
+  _checks.check_adam_constants(b1, b2, eps)
   _checks.check_number("eps_root", eps_root, 0.0)
   hyper = (b1, b2, eps, eps_root)
   layout = MomentLayout.from_config(config)

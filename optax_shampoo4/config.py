@@ -90,6 +90,24 @@ def _bad_axis(axis: int, ndim: int):
 DimensionNumbersSpec = Union[None, Any, Callable[[Any], Any]]
 
 
+def check_dimension_numbers(spec: DimensionNumbersSpec) -> None:
+  """A pytree's leaves must each be a DimensionNumbers or None (its match with
+  the params is checked at ``init``, where the params are known)."""
+  if spec is None or callable(spec):
+    return
+  leaves = jax.tree.leaves(
+      spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
+  wrong = [
+      x for x in leaves
+      if x is not None and not isinstance(x, DimensionNumbers)
+  ]
+  if wrong:
+    raise TypeError(
+        "dimension_numbers must be a pytree of DimensionNumbers or None shaped "
+        f"like the params, or a function of the params; got a leaf {wrong[0]!r}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ShampooConfig:
   """Structure of Shampoo's preconditioners (and of SOAP's bases): how they are
@@ -197,6 +215,7 @@ class ShampooConfig:
                            LINALG_PRECISIONS)
     if self.working_set_bytes is not None:
       _checks.check_int("working_set_bytes", self.working_set_bytes, 1)
+    check_dimension_numbers(self.dimension_numbers)
     if isinstance(self.shard_blocks, jax.sharding.NamedSharding):
       spec = self.shard_blocks.spec
       if not len(spec) or spec[0] is None:

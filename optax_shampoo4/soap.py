@@ -226,10 +226,11 @@ def _check_arguments(arguments: Dict[str, Any]) -> None:
         "moments: SOAP stores rank-1 or block-wise moments on the XLA path, "
         f"got second_moment={moments.second_moment!r}, "
         f"implementation={moments.implementation!r}")
-  for name in ("b1", "b2") + (
-      ("shampoo_beta",) if arguments["shampoo_beta"] is not None else ()):
-    _checks.check_number(name, arguments[name], 0.0, 1.0, high_open=True)
-  _checks.check_number("eps", arguments["eps"], 0.0)
+  _checks.check_adam_constants(arguments["b1"], arguments["b2"],
+                               arguments["eps"])
+  if arguments["shampoo_beta"] is not None:
+    _checks.check_number("shampoo_beta", arguments["shampoo_beta"], 0.0, 1.0,
+                         high_open=True)
   _checks.check_interval("precondition_every", arguments["precondition_every"])
   _checks.check_choice("moment_on_refresh", arguments["moment_on_refresh"],
                        MOMENT_ON_REFRESH)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from optax_shampoo4 import blocking, linalg
-from optax_shampoo4.config import DimensionNumbers, ShampooConfig
+from optax_shampoo4.config import (DimensionNumbers, ShampooConfig,
+                                   check_dimension_numbers)
 from optax_shampoo4.nonfinite import all_finite
 
 # Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5
@@ -51,6 +52,7 @@ def leaf_dimension_numbers(config: ShampooConfig, tree: Any, count: int):
     return None
   if callable(spec):
     spec = spec(tree)
+    check_dimension_numbers(spec)
   leaves = jax.tree.leaves(
       spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
   if len(leaves) != count:

@@ -401,6 +401,11 @@ def test_fuzz_random_pytrees(leaves, name):
     (o4.adamw_4bit, dict(learning_rate="fast"), "learning_rate"),
     (o4.adamw_4bit, dict(learning_rate=1e-3,
                          skip_nonfinite="yes"), "skip_nonfinite"),
+    # shampoo_adamw's default base is optax.scale_by_adam, which checks nothing
+    (o4.shampoo_adamw, dict(learning_rate=1e-3, b1=1.5), "b1"),
+    (o4.shampoo_adamw, dict(learning_rate=1e-3, b2=1.0), "b2"),
+    (o4.shampoo_adamw, dict(learning_rate=1e-3, eps=-1e-8), "eps"),
+    (o4.soap, dict(learning_rate=1e-3, shampoo_beta=1.2), "shampoo_beta"),
 ])
 def test_aliases_validate_their_arguments(factory, kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match) as error:

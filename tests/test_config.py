@@ -32,6 +32,8 @@ import optax_shampoo4 as o4
     (dict(shard_blocks=0), "shard_blocks"),
     (dict(replicate_roots=True), "replicate_roots"),
     (dict(replicate_roots=1), "replicate_roots"),
+    (dict(dimension_numbers=5), "dimension_numbers"),
+    (dict(dimension_numbers={"w": (0, 2)}), "dimension_numbers"),
     (dict(
         shard_blocks=jax.sharding.NamedSharding(
             jax.sharding.Mesh(jax.devices()[:1], (
@@ -49,6 +51,15 @@ def test_bad_arguments_raise_at_construction(kwargs, match):
       o4.ShampooConfig(**kwargs)
   assert "unexpected keyword" not in str(
       error.value)  # the check ran, not the signature
+
+
+def test_dimension_numbers_from_a_function_are_checked_at_init():
+  """A function's result is only known at init: a leaf that is not a
+  DimensionNumbers raises there, naming the argument, not deep in blocking."""
+  tx = o4.scale_by_shampoo(
+      o4.ShampooConfig(dimension_numbers=lambda p: {"w": (0, 2)}))
+  with pytest.raises(TypeError, match="dimension_numbers"):
+    tx.init({"w": jax.numpy.ones((8, 4, 16))})
 
 
 def test_a_config_of_the_wrong_type_is_refused():
