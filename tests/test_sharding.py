@@ -464,10 +464,10 @@ def test_fsdp_sharded_statistics_and_root_steps_finish():
 
   A second attempt is made only when XLA:CPU's own collective runtime aborts the
   process at its rendezvous deadline (seen once in CI, in an all-reduce inside a
-  conditional, with 7 of 8 device threads arrived; not reproduced in 14 local
-  runs, up to 8 of them side by side). That abort is XLA's thread scheduling,
-  not the LAPACK hang named above, which never ends and so fails at the 240 s
-  limit."""
+  conditional, with 7 of 8 device threads arrived; not reproduced in 20 local
+  runs, up to 8 of them side by side and 6 beside the test suite). That abort is
+  XLA's thread scheduling, not the LAPACK hang named above, which never ends and
+  so fails at the 240 s limit."""
   import subprocess
   import sys
   for _ in range(2):
