@@ -37,15 +37,9 @@ def compile_one(name: str, args) -> dict:
   """Lower and compile ``name``'s training step; its seconds and counts."""
   import jax
   run = train_lm.setup(name, args)
-  loss_fn = train_lm.loss_function(run.model)
-
-  def step(state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
-    return state.apply_gradients(grads=grads), loss
-
   x, y = train_lm.batch(run, run.corpus[0], np.random.default_rng(0))
   start = time.perf_counter()
-  lowered = run.jit(step).lower(run.state, x, y)
+  lowered = run.jit(train_lm.training_step(run)).lower(run.state, x, y)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()

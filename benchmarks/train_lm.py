@@ -171,6 +171,19 @@ def loss_function(model):
   return loss_fn
 
 
+def training_step(run: Setup):
+  """``step(state, x, y) -> (state, loss)``: one gradient step of the run's
+  model, before ``run.jit``."""
+  import jax
+  loss_fn = loss_function(run.model)
+
+  def step(state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
+    return state.apply_gradients(grads=grads), loss
+
+  return step
+
+
 def batch(run: Setup, data, rng):
   import lm
   return run.place(
@@ -182,17 +195,10 @@ def train(run: Setup, steps: int):
   waited for; ``record`` has the losses, step seconds and dispatch seconds
   (until the call returned, the step enqueued), and the compile's seconds
   and temp bytes."""
-  import jax
-  loss_fn = loss_function(run.model)
-
-  def step(state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
-    return state.apply_gradients(grads=grads), loss
-
   rng = np.random.default_rng(0)
   x, y = batch(run, run.corpus[0], rng)
   start = time.perf_counter()
-  compiled = run.jit(step).lower(run.state, x, y).compile()
+  compiled = run.jit(training_step(run)).lower(run.state, x, y).compile()
   record = dict(compile_s=time.perf_counter() - start,
                 temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
                 losses=[], step_s=[], dispatch=[])

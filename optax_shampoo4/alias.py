@@ -29,9 +29,10 @@ FP32_ADAM = AdamConfig(bits=32)
 
 
 def _adam(b1, b2, eps, config: AdamConfig):
-  # optax.scale_by_adam checks nothing: a b1 of 1.5 would diverge silently
-  _checks.check_adam_constants(b1, b2, eps)
   if config.is_plain_adam:
+    # optax.scale_by_adam checks nothing (scale_by_adam_4bit does): a b1 of 1.5
+    # would diverge silently
+    _checks.check_adam_constants(b1, b2, eps)
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return scale_by_adam_4bit(b1=b1, b2=b2, eps=eps, config=config)
 

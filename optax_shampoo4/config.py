@@ -90,11 +90,10 @@ def _bad_axis(axis: int, ndim: int):
 DimensionNumbersSpec = Union[None, Any, Callable[[Any], Any]]
 
 
-def check_dimension_numbers(spec: DimensionNumbersSpec) -> None:
-  """A pytree's leaves must each be a DimensionNumbers or None (its match with
-  the params is checked at ``init``, where the params are known)."""
-  if spec is None or callable(spec):
-    return
+def dimension_numbers_leaves(spec: Any) -> list:
+  """The leaves of a pytree of DimensionNumbers / None, in params order; raises
+  naming ``dimension_numbers`` on any other leaf (the count is checked against
+  the params at ``init``, where they are known)."""
   leaves = jax.tree.leaves(
       spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
   wrong = [
@@ -106,6 +105,7 @@ def check_dimension_numbers(spec: DimensionNumbersSpec) -> None:
         "dimension_numbers must be a pytree of DimensionNumbers or None shaped "
         f"like the params, or a function of the params; got a leaf {wrong[0]!r}"
     )
+  return leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +215,8 @@ class ShampooConfig:
                            LINALG_PRECISIONS)
     if self.working_set_bytes is not None:
       _checks.check_int("working_set_bytes", self.working_set_bytes, 1)
-    check_dimension_numbers(self.dimension_numbers)
+    if not callable(self.dimension_numbers):
+      dimension_numbers_leaves(self.dimension_numbers)
     if isinstance(self.shard_blocks, jax.sharding.NamedSharding):
       spec = self.shard_blocks.spec
       if not len(spec) or spec[0] is None:

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optax_shampoo4 import blocking, linalg
-from optax_shampoo4.config import (DimensionNumbers, ShampooConfig,
-                                   check_dimension_numbers)
+from optax_shampoo4.config import ShampooConfig, dimension_numbers_leaves
 from optax_shampoo4.nonfinite import all_finite
 
 # Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5
@@ -52,9 +51,7 @@ def leaf_dimension_numbers(config: ShampooConfig, tree: Any, count: int):
     return None
   if callable(spec):
     spec = spec(tree)
-    check_dimension_numbers(spec)
-  leaves = jax.tree.leaves(
-      spec, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))
+  leaves = dimension_numbers_leaves(spec)
   if len(leaves) != count:
     raise ValueError(
         f"dimension_numbers has {len(leaves)} leaves for {count} parameters; "

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_shampoo4 import blocking
 from optax_shampoo4.fused import find_state
 from optax_shampoo4.quantization import unpack_nibbles
 
@@ -13,6 +14,16 @@ def substate(state, kind):
   """The one sub-state of type ``kind`` inside an optimizer state (chains,
   guards, injections)."""
   return find_state(state, kind)
+
+
+def matrix_shapes(params):
+  """Per leaf path (``keystr``): ``(shape, matrix shape)`` under the default
+  blocking rule (``None`` for a leaf with no preconditioner)."""
+  return {
+      jax.tree_util.keystr(path):
+          (tuple(p.shape), blocking.matrix_shape(p.shape))
+      for path, p in jax.tree_util.tree_leaves_with_path(params)
+  }
 
 
 def digits_mlp_problem():

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 import optax_shampoo4 as o4
 from optax_shampoo4 import blocking, linalg, stacks
+from helpers import matrix_shapes
 
 
 class Model(nn.Module):
@@ -31,11 +32,7 @@ def flax_params():
 
 def test_default_rule_splits_every_flax_layout_where_its_sides_balance():
   params = flax_params()
-  shapes = {
-      jax.tree_util.keystr(path):
-          (tuple(p.shape), blocking.matrix_shape(p.shape))
-      for path, p in jax.tree_util.tree_leaves_with_path(params)
-  }
+  shapes = matrix_shapes(params)
   expected = {
       "['Embed_0']['embedding']": ((100, 32), (100, 32)),
       "['MultiHeadDotProductAttention_0']['query']['kernel']": (

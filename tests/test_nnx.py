@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import optax_shampoo4 as o4
-from optax_shampoo4 import blocking, stacks
+from optax_shampoo4 import stacks
+from helpers import matrix_shapes
 
 
 class Model(nnx.Module):
@@ -34,11 +35,7 @@ def abstract_params():
 
 def test_nnx_layouts_split_where_their_sides_balance():
   params = nnx.to_pure_dict(abstract_params())
-  shapes = {
-      jax.tree_util.keystr(path):
-          (tuple(p.shape), blocking.matrix_shape(p.shape))
-      for path, p in jax.tree_util.tree_leaves_with_path(params)
-  }
+  shapes = matrix_shapes(params)
   expected = {
       "['embed']['embedding']": ((100, 32), (100, 32)),
       # (d, heads, head_dim) and (heads, head_dim, d): square-ish, not the
