@@ -11,8 +11,8 @@ in its own process, since XLA reads its flags once per process. Level 0
 for every matrix product and fusion, so its difference from the default level
 4 is the autotuner's share of the compile. Per row: seconds to trace and lower,
 seconds to compile, and the compiled step's instruction counts (fusions,
-library calls, conditionals, and whiles). Prints a table and writes
-``results.json``.
+library calls, conditionals, and whiles), and how many launches follow the
+last conditional. Prints a table and writes ``results.json``.
 """
 
 from __future__ import annotations
@@ -33,13 +33,27 @@ import train_lm  # pylint: disable=wrong-import-position
 COUNTED = ("fusion", "custom-call", "conditional", "while")
 
 
+def after_last_conditional(text: str) -> int:
+  """Kernels and calls the entry computation runs after its last conditional.
+  XLA:GPU's host reads a conditional's predicate and waits for it, so these are
+  launched only once the GPU has caught up, while the GPU idles."""
+  entry = text[text.index("\nENTRY "):].split("\n}\n")[0].splitlines()
+  marks = [i for i, line in enumerate(entry) if " conditional(" in line]
+  if not marks:
+    return 0
+  launch = re.compile(r"= [^=]* (fusion|custom-call|call|while)\(")
+  return sum(bool(launch.search(line)) for line in entry[marks[-1] + 1:])
+
+
 def compile_one(name: str, args) -> dict:
-  """Lower and compile ``name``'s training step; its seconds and counts."""
+  """Lower and compile ``name``'s training step (of a host-scheduled variant,
+  the program of step 1, a plain step); its seconds and counts."""
   import jax
   run = train_lm.setup(name, args)
   x, y = train_lm.batch(run, run.corpus[0], np.random.default_rng(0))
+  due = run.schedule(1) if run.schedule else None
   start = time.perf_counter()
-  lowered = run.jit(train_lm.training_step(run)).lower(run.state, x, y)
+  lowered = run.jit(train_lm.training_step(run, due)).lower(run.state, x, y)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
@@ -47,6 +61,7 @@ def compile_one(name: str, args) -> dict:
   counts = {op: len(re.findall(rf"= [^=]* {op}\(", text)) for op in COUNTED}
   return dict(name=name, lower_s=lowered_at - start,
               compile_s=done - lowered_at, counts=counts,
+              after_last_conditional=after_last_conditional(text),
               device=str(jax.devices()[0].device_kind), jax=jax.__version__)
 
 
@@ -67,7 +82,7 @@ def run_child(name: str, level: int, argv) -> dict:
 
 def print_table(rows) -> None:
   header = ("optimizer", "autotune level", "lower s", "compile s",
-            "× adamw (same level)") + COUNTED
+            "× adamw (same level)") + COUNTED + ("after last conditional",)
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   adamw = {
       r["autotune_level"]: r["compile_s"]
@@ -81,7 +96,8 @@ def print_table(rows) -> None:
         str(r["autotune_level"]), f"{r['lower_s']:.1f}",
         f"{r['compile_s']:.1f}",
         f"{r['compile_s'] / base:.2f}×" if base else "n/a"
-    ] + [str(r["counts"][op]) for op in COUNTED]
+    ] + [str(r["counts"][op]) for op in COUNTED
+        ] + [str(r["after_last_conditional"])]
     print("| " + " | ".join(cells) + " |")
 
 

@@ -38,16 +38,21 @@ class Kernel(NamedTuple):
 
 
 def kernel_events(run: Callable[[], object], calls: int = 5,
-                  raw_path: Optional[str] = None) -> List[Kernel]:
-  """The GPU kernels of ``calls`` calls of ``run`` (each waited for), after one
-  warm-up call. ``raw_path``: also write every GPU event and every host event of
-  50 µs or more there (gzipped JSON), to read offline."""
+                  raw_path: Optional[str] = None,
+                  wait_each: bool = True) -> List[Kernel]:
+  """The GPU kernels of ``calls`` calls of ``run`` (each waited for, unless not
+  ``wait_each``: then only the last), after one warm-up call. ``raw_path``: also
+  write every GPU event and every host event of 50 µs or more there (gzipped
+  JSON), to read offline."""
   from jax.profiler import ProfileData
   jax.block_until_ready(run())
   directory = tempfile.mkdtemp()
   with jax.profiler.trace(directory):
     for _ in range(calls):
-      jax.block_until_ready(run())
+      out = run()
+      if wait_each:
+        jax.block_until_ready(out)
+    jax.block_until_ready(out)
   path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
   kernels, raw = [], []
   for plane in ProfileData.from_file(path).planes:

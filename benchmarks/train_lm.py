@@ -11,7 +11,9 @@ trained on the Python standard library's sources with a warmup-cosine learning
 rate, b2 0.95, weight decay 0.1. Every optimizer runs in its own process, so
 that ``memory_stats()["peak_bytes_in_use"]`` is its own. Per optimizer: final
 train loss (mean of the last 50 steps), held-out loss, median and mean ms per
-step (each step waited for), wall-clock to reach the best AdamW final loss
+step (each step waited for), ms per step of the 50 steps after the run in a
+loop that does not wait for each (updates that fall due among them
+included), wall-clock to reach the best AdamW final loss
 (50-step running mean of the train loss, compile excluded), optimizer-state
 bytes, peak GPU bytes, the compiled step's temp bytes (``memory_analysis()``)
 and its compile time. Prints a table, writes ``results.json`` and
@@ -30,7 +32,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 SMOOTH = 50
+# steps of the loop that does not wait for each, after the run
+FREE_RUNNING_STEPS = 50
 
 
 def optimizers(args, base=None):
@@ -79,6 +83,8 @@ def optimizers(args, base=None):
           (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
       "shampoo 4-bit, NaN steps not skipped":
           (args.lr, shampoo(skip_nonfinite=False)),
+      "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
+      "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
       "soap 4-bit lr 3e-3": (3e-3, soap()),
       "soap 4-bit lr 1e-3": (1e-3, soap()),
       "soap 4-bit, bf16 rotations lr 1e-3":
@@ -91,6 +97,18 @@ def optimizers(args, base=None):
       "soap 4-bit, fp32 moments lr 1e-3": (1e-3,
                                            soap(moments=o4.AdamConfig(bits=32)))
   }
+
+
+def host_schedule(name, args):
+  """For the variants whose training loop passes ``preconditioner_due``: the
+  function of the 1-based step that gives it; None for the others."""
+  import optax_shampoo4 as o4
+  if "host-scheduled" not in name:
+    return None
+  if name.startswith("soap"):
+    return lambda step: (o4.due_at(step, args.precondition_every), False)
+  return lambda step: (o4.due_at(step, args.statistics_every),
+                       o4.due_at(step, args.inverse_root_every))
 
 
 def data_parallel(state, devices):
@@ -121,6 +139,8 @@ class Setup(NamedTuple):
   size: Dict[str, int]
   jit: Callable  # jax.jit with the state donated (and sharded)
   place: Callable  # puts a batch (x, y) where the step expects it
+  # step -> preconditioner_due, for a loop that schedules the updates
+  schedule: Optional[Callable[[int], Tuple[bool, bool]]] = None
 
 
 def setup(name, args) -> Setup:
@@ -158,7 +178,8 @@ def setup(name, args) -> Setup:
                                                                 None))
     place = lambda x, y: (jax.device_put(x, batch_sharding),
                           jax.device_put(y, batch_sharding))
-  return Setup(model, state, lm.load_corpus(args.max_bytes), size, jit, place)
+  return Setup(model, state, lm.load_corpus(args.max_bytes), size, jit, place,
+               host_schedule(name, args))
 
 
 def loss_function(model):
@@ -171,15 +192,22 @@ def loss_function(model):
   return loss_fn
 
 
-def training_step(run: Setup):
+def training_step(run: Setup, due=None):
   """``step(state, x, y) -> (state, loss)``: one gradient step of the run's
-  model, before ``run.jit``."""
+  model, before ``run.jit``; ``due``: the ``preconditioner_due`` it passes."""
   import jax
+  import optax
   loss_fn = loss_function(run.model)
 
   def step(state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
-    return state.apply_gradients(grads=grads), loss
+    if due is None:
+      return state.apply_gradients(grads=grads), loss
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                         preconditioner_due=due)
+    return state.replace(step=state.step + 1,
+                         params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), loss
 
   return step
 
@@ -191,26 +219,58 @@ def batch(run: Setup, data, rng):
 
 
 def train(run: Setup, steps: int):
-  """``(compiled step, state, last batch, record)``: the run's steps, each
-  waited for; ``record`` has the losses, step seconds and dispatch seconds
-  (until the call returned, the step enqueued), and the compile's seconds
-  and temp bytes."""
+  """``(program_at, state, last batch, record)``: the run's steps, each
+  waited for; ``program_at(step)`` is the compiled program of the 1-based step
+  (up to ``steps + FREE_RUNNING_STEPS``); ``record`` has the losses, step
+  seconds and dispatch seconds (until the call returned, the step enqueued),
+  and the compiles' seconds and largest temp bytes."""
   rng = np.random.default_rng(0)
   x, y = batch(run, run.corpus[0], rng)
-  start = time.perf_counter()
-  compiled = run.jit(training_step(run)).lower(run.state, x, y).compile()
-  record = dict(compile_s=time.perf_counter() - start,
-                temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
-                losses=[], step_s=[], dispatch=[])
+  schedule = run.schedule or (lambda step: None)
+  # a host-scheduled loop compiles one program per distinct schedule entry
+  programs = {
+      schedule(step): None
+      for step in range(1, steps + FREE_RUNNING_STEPS + 1)
+  }
+  compile_s = []
+  for due in programs:
+    start = time.perf_counter()
+    programs[due] = run.jit(training_step(run, due)).lower(run.state, x,
+                                                           y).compile()
+    compile_s.append(time.perf_counter() - start)
+  record = dict(
+      compile_s=sum(compile_s), compile_s_by_program=compile_s,
+      temp_bytes=max(
+          c.memory_analysis().temp_size_in_bytes for c in programs.values()),
+      losses=[], step_s=[], dispatch=[])
   state = run.state
-  for _ in range(steps):
+  for step in range(1, steps + 1):
     x, y = batch(run, run.corpus[0], rng)
+    compiled = programs[schedule(step)]
     start = time.perf_counter()
     state, loss = compiled(state, x, y)
     record["dispatch"].append(time.perf_counter() - start)
     record["losses"].append(float(loss))  # waits for the step
     record["step_s"].append(time.perf_counter() - start)
-  return compiled, state, (x, y), record
+  return lambda step: programs[schedule(step)], state, (x, y), record
+
+
+def free_running_ms(program_at, first_step: int, state, xy):
+  """``(state, ms per step)`` of the ``FREE_RUNNING_STEPS`` steps from
+  ``first_step`` on (updates that fall due among them included), run as a
+  training loop that does not wait for each step: the host runs ahead of the
+  GPU unless the step makes it wait, as XLA:GPU's conditionals do."""
+  import jax
+  programs = [
+      program_at(step)
+      for step in range(first_step, first_step + FREE_RUNNING_STEPS)
+  ]
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for compiled in programs:
+    state, loss = compiled(state, *xy)
+  jax.block_until_ready((state, loss))
+  return state, 1e3 * (time.perf_counter() - start) / FREE_RUNNING_STEPS
 
 
 def held_out_loss(run: Setup, params) -> float:
@@ -237,7 +297,8 @@ def profile(name, args, compiled, state, xy):
     return loss
 
   kernels = step_trace.kernel_events(one_step, args.profile_steps,
-                                     raw_path=stem + "_trace.json.gz")
+                                     raw_path=stem + "_trace.json.gz",
+                                     wait_each=not args.profile_free_running)
   breakdown = step_trace.breakdown(kernels, compiled.as_text(),
                                    args.profile_steps)
   with gzip.open(stem + "_hlo.txt.gz", "wt") as f:
@@ -250,12 +311,15 @@ def run_one(name, args):
   import optax_shampoo4 as o4
 
   run = setup(name, args)
-  compiled, state, xy, record = train(run, args.steps)
+  program_at, state, xy, record = train(run, args.steps)
   held = held_out_loss(run, state.params)
+  state, free_ms = free_running_ms(program_at, args.steps + 1, state, xy)
   breakdown = None
-  # plain steps after the run: where each millisecond goes
+  # where each millisecond of a step goes, in the program of the first step
+  # after the run (a plain step unless the intervals divide steps + 1)
   if args.profile_steps:
-    state, breakdown = profile(name, args, compiled, state, xy)
+    state, breakdown = profile(name, args, program_at(args.steps + 1), state,
+                               xy)
   peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
                    for d in jax.devices()[:args.devices])
   times, losses = record["step_s"], record["losses"]
@@ -266,9 +330,11 @@ def run_one(name, args):
       params=int(sum(p.size for p in jax.tree.leaves(state.params))),
       final_loss=float(np.mean(losses[-SMOOTH:])), held_out_loss=held,
       ms_median=ms(np.median, times), ms_mean=ms(np.mean, times),
-      dispatch_ms_median=ms(np.median, record["dispatch"]), state_bytes=int(
+      dispatch_ms_median=ms(np.median, record["dispatch"]),
+      ms_free_running=free_ms, state_bytes=int(
           o4.state_nbytes(state.opt_state)), peak_bytes=int(peak_bytes),
       temp_bytes=int(record["temp_bytes"]), compile_s=record["compile_s"],
+      compile_s_by_program=record["compile_s_by_program"],
       losses=losses, step_s=times, device=str(jax.devices()[0].device_kind),
       jax=jax.__version__, profile=breakdown)
 
@@ -281,6 +347,13 @@ def time_to_target(result, target):
   hit = np.nonzero(smooth <= target)[0]
   return (float(elapsed[hit[0]]), int(hit[0] + SMOOTH)) if len(hit) else (None,
                                                                           None)
+
+
+def free_running_cell(result, adamw) -> str:
+  if "ms_free_running" not in result:  # parts from before the measure existed
+    return "n/a"
+  ms, base = result["ms_free_running"], adamw.get("ms_free_running")
+  return f"{ms:.1f}" + (f" ({ms / base:.2f}×)" if base else "")
 
 
 def summarize(results, out):
@@ -298,8 +371,9 @@ def summarize(results, out):
       f"jax {results[0]['jax']}; "
       f"target = {best['name']}'s final loss {target:.4f}")
   header = ("optimizer", "final loss", "held-out", "ms/step med / mean",
-            "time to target (× best adamw)", "state MiB", "peak GiB (× adamw)",
-            "temp GiB", "compile s (× adamw)")
+            "ms/step, loop not waiting", "time to target (× best adamw)",
+            "state MiB", "peak GiB (× adamw)", "temp GiB",
+            "compile s (× adamw)")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   ratio = lambda a, b: f"{a / b:.2f}×" if b else "n/a"
   for r in results:
@@ -310,7 +384,8 @@ def summarize(results, out):
              f"{seconds:.1f} s ({ratio(seconds, base_time)}, step {at_step})")
     cells = (
         r["name"], f"{r['final_loss']:.4f}", f"{r['held_out_loss']:.4f}",
-        f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}", reach,
+        f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}",
+        free_running_cell(r, best), reach,
         f"{r['state_bytes'] / 2**20:.0f}" +
         (f" ({r['state_bytes_per_device'] / 2**20:.0f} per device)" if r.get(
             "devices", 1) > 1 else ""), f"{r['peak_bytes'] / 2**30:.2f} "
@@ -360,6 +435,8 @@ def plot(results, out):
     return
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in results:
+    if len(r["losses"]) < SMOOTH:
+      continue
     smooth = np.convolve(r["losses"], np.ones(SMOOTH) / SMOOTH, mode="valid")
     ax.plot(np.cumsum(r["step_s"])[SMOOTH - 1:], smooth, label=r["name"])
   ax.set(xlabel="wall-clock s (compile excluded)",
@@ -396,6 +473,9 @@ def parser() -> argparse.ArgumentParser:
       "steps and split their wall-clock by part of the program "
       "(benchmarks/step_trace.py)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument(
+      "--profile-free-running", action="store_true",
+      help="trace the profiled steps in a loop that does not wait for each")
   parser.add_argument("--out", default="benchmarks/results/train_lm")
   return parser
 

@@ -10,6 +10,8 @@ Public API:
 - Fused apply (4-bit AdamW's kernels that also apply the update): fused_step,
   apply_gradients.
 - NaN safety: skip_nonfinite.
+- Preconditioner updates scheduled by the training loop (no conditional in the
+  step): due_at, and ``update``'s keyword ``preconditioner_due``.
 - Transformations: scale_by_shampoo, scale_by_soap, scale_by_adam_4bit.
 - Configs: ShampooConfig, AdamConfig, DimensionNumbers.
 - Quantization: quantize, dequantize, codebook, QuantizedArray.
@@ -53,6 +55,7 @@ from optax_shampoo4.moments import FactoredMoment  # noqa: E402
 from optax_shampoo4.memory import (  # noqa: E402
     format_memory_report, format_parameter_memory, memory_report,
     parameter_memory, state_nbytes)
+from optax_shampoo4.host_schedule import due_at  # noqa: E402
 from optax_shampoo4.nonfinite import skip_nonfinite  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
     CholeskyPreconditioner, EigenBasis, EigenPreconditioner,
@@ -74,6 +77,7 @@ __all__ = [
     "fused_step",
     "apply_gradients",
     "skip_nonfinite",
+    "due_at",
     "scale_by_shampoo",
     "scale_by_adam_4bit",
     "ShampooConfig",

@@ -28,6 +28,7 @@ from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import ShampooConfig
+from optax_shampoo4.host_schedule import scheduled_due
 from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.preconditioners import Hyper, make_storage
 from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
@@ -202,6 +203,27 @@ def update_when_due(stacks: Stacks, preconditioners, group_blocks, hyper: Hyper,
                   preconditioners)
 
 
+def update_as_scheduled(stacks: Stacks, preconditioners, group_blocks,
+                        hyper: Hyper, scheduled, active):
+  """The updates that the host's ``scheduled = (statistics, roots)`` (Python
+  bools; :mod:`optax_shampoo4.host_schedule`) asks for, without a conditional;
+  ``(preconditioners, failures)``. A step that is not ``active`` (a NaN/Inf
+  gradient, or before ``start_step``) keeps the old preconditioners by a
+  select."""
+  do_statistics, do_roots = scheduled
+  new, failures = preconditioners, jnp.zeros([], jnp.int32)
+  if not (do_statistics or do_roots):
+    return new, failures
+  if do_statistics:
+    new, failures = update_statistics(stacks, new, group_blocks, hyper)
+  if do_roots:
+    new, root_failures = update_inverse_roots(stacks, new, hyper)
+    failures += root_failures
+  keep = lambda a, b: jnp.where(active, a, b)
+  return jax.tree.map(keep, new,
+                      preconditioners), jnp.where(active, failures, 0)
+
+
 def precondition_and_graft(stacks: Stacks, preconditioners, group_blocks,
                            leaves: Sequence[jax.Array]) -> List[jax.Array]:
   """Every leaf's Shampoo output in the leaf's dtype: its blocks
@@ -245,7 +267,7 @@ def scale_by_shampoo(
   L^{-1/4}``, ``R̂ ≈ R^{-1/4}``; the result is grafted per tensor to ``‖G‖_F``.
   Until the first inverse-root step ``L̂ = R̂ = I``, so the output equals the
   gradient: a run shorter than ``inverse_root_every`` steps is its base
-    optimizer alone.
+  optimizer alone.
 
   Args:
     config: the structure (bits, storage, blocking, working set, sharding); see
@@ -264,7 +286,10 @@ def scale_by_shampoo(
       error state.
 
   The numeric arguments may be traced (``optax.inject_hyperparams``); ``config``
-  is static.
+  is static. ``update`` takes an optional keyword ``preconditioner_due=
+  (statistics, roots)``, Python bools from the training loop, which replaces
+  the two intervals and the conditional that applies them
+  (:mod:`optax_shampoo4.host_schedule`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -282,19 +307,25 @@ def scale_by_shampoo(
                         counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del params
+    scheduled = scheduled_due(extra_args)
     plan, treedef, leaves, stacks, step, finite = update_context(
         config, updates, state.count)
     with jax.named_scope("shampoo_blocks"):
       group_blocks = blocking.to_groups(plan,
                                         [x.astype(jnp.float32) for x in leaves])
     active = finite & (step >= start_step)
-    due = (active & (step % statistics_every == 0),
-           active & (step % inverse_root_every == 0))
     # The named scopes label these steps in profiles (benchmarks/step_trace.py).
     with jax.named_scope("shampoo_update_preconditioners"):
-      preconditioners, failures = update_when_due(stacks, state.preconditioners,
-                                                  group_blocks, hyper, due)
+      if scheduled is None:
+        due = (active & (step % statistics_every == 0),
+               active & (step % inverse_root_every == 0))
+        preconditioners, failures = update_when_due(
+            stacks, state.preconditioners, group_blocks, hyper, due)
+      else:
+        preconditioners, failures = update_as_scheduled(
+            stacks, state.preconditioners, group_blocks, hyper, scheduled,
+            active)
     preconditioners = stacks.constrain_all(preconditioners)
     outputs = precondition_and_graft(stacks, preconditioners, group_blocks,
                                      leaves)

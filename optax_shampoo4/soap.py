@@ -39,6 +39,7 @@ from jax import lax
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
+from optax_shampoo4.host_schedule import scheduled_due
 from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
                                             make_codec)
@@ -195,11 +196,13 @@ def _init_bases(config: ShampooConfig, params, hyper: Hyper):
 
 
 def _refresh_when_due(rotation: _Rotation, bases, grad_groups, nu_groups,
-                      hyper: Hyper, due, project: bool):
+                      hyper: Hyper, due, project: bool, scheduled=None):
   """``(bases, V blocks, failures)`` after the basis refresh that ``due``
   asks for: Shampoo's statistics step, with ``V`` projected onto the new bases
   when ``project``. One conditional per step (XLA:GPU waits on each predicate;
-  see :func:`optax_shampoo4.shampoo.update_when_due`)."""
+  see :func:`optax_shampoo4.shampoo.update_when_due`), none when the host
+  schedules the refresh (``scheduled``, a Python bool): a scheduled refresh is
+  kept where ``due`` (then the step's finiteness) holds."""
 
   def refresh(bases, nu_groups):
     new_bases, failures = update_statistics(rotation.stacks, bases, grad_groups,
@@ -209,7 +212,12 @@ def _refresh_when_due(rotation: _Rotation, bases, grad_groups, nu_groups,
     return new_bases, nu_groups, failures
 
   unchanged = lambda b, v: (b, v, jnp.zeros([], jnp.int32))
-  return lax.cond(due, refresh, unchanged, bases, nu_groups)
+  if scheduled is None:
+    return lax.cond(due, refresh, unchanged, bases, nu_groups)
+  if not scheduled:
+    return unchanged(bases, nu_groups)
+  return jax.tree.map(lambda a, b: jnp.where(due, a, b),
+                      refresh(bases, nu_groups), unchanged(bases, nu_groups))
 
 
 def _check_arguments(arguments: Dict[str, Any]) -> None:
@@ -331,7 +339,10 @@ def scale_by_soap(
       the default).
 
   The numeric arguments may be traced (``optax.inject_hyperparams``); the
-  configs are static.
+  configs are static. ``update`` takes an optional keyword
+  ``preconditioner_due=(refresh, _)``, Python bools from the training loop:
+  the first replaces ``precondition_every`` and the conditional that applies
+  it (:mod:`optax_shampoo4.host_schedule`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -352,7 +363,8 @@ def scale_by_soap(
                      counter(), counter())
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del params
+    scheduled = scheduled_due(extra_args)
     plan, treedef, leaves, stacks, step, finite = update_context(
         config, updates, state.count)
     grads = [x.astype(jnp.float32) for x in leaves]
@@ -360,11 +372,14 @@ def scale_by_soap(
     mu, nu = _load_moments(layout, treedef, state, grads, b1)
     grad_groups = blocking.to_groups(plan, grads)
     rotation = _Rotation(stacks, config.preconditioning_precision or "high")
+    # the host's schedule replaces the interval: then only finiteness gates
+    due = finite & (step % precondition_every == 0) if scheduled is None else (
+        finite)
     with jax.named_scope("soap_refresh"):
       bases, nu_groups, failures = _refresh_when_due(
           rotation, state.bases, grad_groups, blocking.to_groups(plan, nu),
-          hyper, finite & (step % precondition_every == 0),
-          moment_on_refresh == "project")
+          hyper, due, moment_on_refresh == "project",
+          None if scheduled is None else scheduled[0])
     bases = stacks.constrain_all(bases)
 
     # an integer power, as optax.scale_by_adam takes it: a float power rounds

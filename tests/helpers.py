@@ -172,3 +172,26 @@ def unpacked_codes(q):
   return np.asarray(
       unpack_nibbles(q.codes, q.spec.shape[-1]) if q.spec.bits ==
       4 else q.codes)
+
+
+# the state's fields that a skipped (NaN/Inf) step still advances
+COUNTERS = ("count", "nonfinite_count", "notfinite_count", "total_notfinite",
+            "last_finite")
+
+
+def assert_state_kept_but_counters(old_state, new_state) -> int:
+  """Every leaf of ``new_state`` but the counters equals ``old_state``'s bit
+  for bit; returns how many leaves were compared."""
+  leaves = lambda state: {
+      jax.tree_util.keystr(path): leaf
+      for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+  }
+  old, new = leaves(old_state), leaves(new_state)
+  assert old.keys() == new.keys()
+  checked = 0
+  for path, leaf in old.items():
+    if not any(counter in path for counter in COUNTERS):
+      np.testing.assert_array_equal(
+          np.asarray(new[path]), np.asarray(leaf), err_msg=path)
+      checked += 1
+  return checked

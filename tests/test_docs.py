@@ -1,5 +1,5 @@
-"""Docs stay true: the API page matches the docstrings, and the README's snippet
-runs."""
+"""Docs stay true: the API page matches the docstrings, and the README's snippets
+run."""
 
 import os
 import re
@@ -7,6 +7,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+import optax_shampoo4 as o4
+from helpers import substate
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "docs"))
@@ -35,3 +39,20 @@ def test_readme_usage_snippet_runs():
   namespace = {"params": params, "grads": grads}
   exec(snippet, namespace)  # noqa: S102 - our own README
   assert set(namespace["updates"]) == {"w", "b"}
+
+
+def test_readme_host_schedule_snippet_runs_and_updates_the_params():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  snippet = re.search(
+      r"schedule the preconditioner updates.*?```python\n(.*?)```", readme,
+      re.S).group(1)
+  params = {"w": jnp.ones((16, 24)), "b": jnp.zeros(24)}
+  xs = jax.random.normal(jax.random.PRNGKey(0), (8, 16))
+  loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"])**2)
+  tx = o4.shampoo_adamw(1e-2)
+  namespace = dict(params=params, opt_state=tx.init(params), tx=tx, loss=loss,
+                   batches=iter([xs] * 3), steps=3)
+  exec(snippet, namespace)  # noqa: S102 - our own README
+  assert int(substate(namespace["opt_state"], o4.ShampooState).count) == 3
+  assert not np.allclose(namespace["params"]["w"], params["w"])

@@ -1,0 +1,65 @@
+"""Preconditioner updates scheduled by the host, so that the step has no
+conditional.
+
+By default Shampoo and SOAP decide inside the step, from the traced step count,
+whether the statistics and roots (or bases) are due, and run them in a
+``lax.cond``. XLA:GPU copies a conditional's predicate to the host and waits for
+it, so the host cannot run ahead of the GPU: every millisecond the host spends
+on a step (returning its outputs, the training loop, dispatching the next
+step) becomes GPU idle time (``docs/benchmarks.md``, "The host's wait at the
+conditional").
+
+A training loop that knows the step number can pass the schedule instead, as a
+static argument of its jitted step::
+
+  @functools.partial(jax.jit, static_argnames="due")
+  def train_step(params, opt_state, batch, due):
+    grads = jax.grad(loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   preconditioner_due=due)
+    return optax.apply_updates(params, updates), opt_state
+
+  for step in range(1, steps + 1):
+    due = (o4.due_at(step, 100), o4.due_at(step, 500))
+    params, opt_state = train_step(params, opt_state, next(batches), due)
+
+Each distinct ``due`` compiles once (a plain step and, at most, two update
+steps), and none of them holds a conditional. ``optax.chain``,
+``optax.inject_hyperparams`` and the aliases pass the keyword through.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+#: The keyword of ``update`` that carries the host's schedule.
+DUE_KEYWORD = "preconditioner_due"
+
+
+def due_at(step: int, every: int, start_step: int = 1) -> bool:
+  """Whether an update with interval ``every`` is due at the 1-based ``step``,
+  as the transformations decide it themselves (``step`` counted on the host, so
+  a step skipped for a NaN/Inf gradient still counts)."""
+  return step >= start_step and step % every == 0
+
+
+def scheduled_due(extra_args: Dict[str, Any]) -> Optional[Tuple[bool, bool]]:
+  """The ``(statistics, roots)`` pair that the caller passed as
+  ``preconditioner_due``, or None when the transformation schedules itself.
+
+  Raises:
+    TypeError: unless it is a pair of Python bools (a traced value would need
+      the conditional this keyword exists to avoid).
+  """
+  due = extra_args.get(DUE_KEYWORD)
+  if due is None:
+    return None
+  if (not isinstance(due, tuple) or len(due) != 2 or
+      not all(isinstance(d, (bool, np.bool_)) for d in due)):
+    raise TypeError(
+        f"{DUE_KEYWORD} must be a pair of Python bools (statistics, roots) "
+        "computed on the host and passed as a static argument of the jitted "
+        f"step, got {type(due).__name__} {due!r}")
+  return bool(due[0]), bool(due[1])

@@ -1,0 +1,102 @@
+"""Preconditioner updates scheduled by the training loop
+(``optax_shampoo4.host_schedule``): the same results as the conditional that the
+transformations use by default, a step with no conditional, NaN safety, and the
+keyword's check."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_shampoo4 as o4
+from helpers import assert_state_kept_but_counters
+
+PARAMS = {
+    "w": jnp.zeros((24, 40)),
+    "heads": jnp.zeros((8, 2, 12)),
+    "b": jnp.zeros(40)
+}
+INTERVALS = dict(statistics_every=2, inverse_root_every=4)
+OPTIMIZERS = {
+    "shampoo_adamw":
+        lambda: o4.shampoo_adamw(1e-2, **INTERVALS),
+    "all-4-bit, injected":
+        lambda: optax.inject_hyperparams(o4.shampoo_adamw)
+        (learning_rate=1e-2, adam=o4.AdamConfig(), **INTERVALS),
+    "soap":
+        lambda: o4.soap(1e-2, precondition_every=2),
+}
+
+
+def grads_at(step):
+  return jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(step), p.shape), PARAMS)
+
+
+def host_due(step):
+  return (o4.due_at(step, 2), o4.due_at(step, 4))
+
+
+def scheduled_update(tx):
+  return jax.jit(tx.update, static_argnames="preconditioner_due")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_host_schedule_equals_the_conditional_without_one(name):
+  """Six steps (statistics, roots and bases updates among them): the updates
+  and every state leaf match the self-scheduled run to fp32 rounding, and the
+  lowered plain step holds no conditional where the default one does."""
+  tx = OPTIMIZERS[name]()
+  own = scheduled = tx.init(PARAMS)
+  default_update, host_update = jax.jit(tx.update), scheduled_update(tx)
+  for step in range(1, 7):
+    want, own = default_update(grads_at(step), own, PARAMS)
+    got, scheduled = host_update(
+        grads_at(step), scheduled, PARAMS, preconditioner_due=host_due(step))
+    for a, b in zip(
+        jax.tree.leaves((got, scheduled)), jax.tree.leaves((want, own))):
+      np.testing.assert_allclose(
+          np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+          atol=1e-6, err_msg=f"step {step}")
+  assert "stablehlo.case" in default_update.lower(grads_at(1), own,
+                                                  PARAMS).as_text()
+  plain = host_update.lower(
+      grads_at(1), scheduled, PARAMS,
+      preconditioner_due=(False, False)).as_text()
+  assert "stablehlo.case" not in plain
+
+
+@pytest.mark.parametrize("name", ["shampoo_adamw", "soap"])
+def test_a_nonfinite_gradient_on_a_scheduled_update_changes_no_state(name):
+  tx = OPTIMIZERS[name]()
+  update = scheduled_update(tx)
+  state = tx.init(PARAMS)
+  for step in range(1, 5):
+    _, state = update(
+        grads_at(step), state, PARAMS, preconditioner_due=host_due(step))
+  for bad in (jnp.nan, jnp.inf):
+    grads = grads_at(9)
+    grads["w"] = grads["w"].at[3, 5].set(bad)
+    updates, new_state = update(grads, state, PARAMS,
+                                preconditioner_due=(True, True))
+    assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+    assert assert_state_kept_but_counters(state, new_state) >= 3
+
+
+def test_preconditioner_due_must_be_two_static_bools():
+  tx = o4.shampoo_adamw(1e-2)
+  state = tx.init(PARAMS)
+  for bad in ((1, 0), True, (True,)):
+    with pytest.raises(TypeError, match="preconditioner_due"):
+      tx.update(grads_at(1), state, PARAMS, preconditioner_due=bad)
+  traced = jax.jit(functools.partial(tx.update, grads_at(1), state, PARAMS))
+  with pytest.raises(TypeError, match="preconditioner_due"):
+    traced(preconditioner_due=(jnp.array(True), jnp.array(False)))
+
+
+def test_due_at_follows_the_transformations_own_rule():
+  assert [s for s in range(1, 13) if o4.due_at(s, 4)] == [4, 8, 12]
+  assert [s for s in range(1, 13) if o4.due_at(s, 4, start_step=5)] == [8, 12]
