@@ -196,18 +196,12 @@ def training_step(run: Setup, due=None):
   """``step(state, x, y) -> (state, loss)``: one gradient step of the run's
   model, before ``run.jit``; ``due``: the ``preconditioner_due`` it passes."""
   import jax
-  import optax
+  import optax_shampoo4 as o4
   loss_fn = loss_function(run.model)
 
   def step(state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
-    if due is None:
-      return state.apply_gradients(grads=grads), loss
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
-                                         preconditioner_due=due)
-    return state.replace(step=state.step + 1,
-                         params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), loss
+    return o4.apply_scheduled_gradients(state, grads, due), loss
 
   return step
 

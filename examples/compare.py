@@ -29,6 +29,19 @@ from flax.training import train_state
 import optax_shampoo4 as o4
 
 SHAMPOO = dict(statistics_every=10, inverse_root_every=50)
+SOAP = dict(precondition_every=10)
+
+
+def preconditioner_schedule(name: str):
+  """``step -> preconditioner_due`` for the compared optimizer ``name``: the
+  loop passes the schedule, so that no step waits on XLA:GPU's conditional
+  (``optax_shampoo4.host_schedule``); None for the optimizers without one."""
+  if name.startswith("soap"):
+    return lambda step: (o4.due_at(step, SOAP["precondition_every"]), False)
+  if name.startswith(("shampoo", "cholesky", "all_4bit")):
+    return lambda step: (o4.due_at(step, SHAMPOO["statistics_every"]),
+                         o4.due_at(step, SHAMPOO["inverse_root_every"]))
+  return lambda step: None
 
 
 def optimizers(learning_rate: float):
@@ -56,9 +69,9 @@ def optimizers(learning_rate: float):
       # SOAP has no grafting; it takes the same learning rate here for a
       # like-for-like run
       "soap4":
-          lambda: o4.soap(learning_rate, weight_decay=1e-4),
+          lambda: o4.soap(learning_rate, weight_decay=1e-4, **SOAP),
       "soap32":
-          lambda: o4.soap(learning_rate, weight_decay=1e-4, config=o4.
+          lambda: o4.soap(learning_rate, weight_decay=1e-4, **SOAP, config=o4.
                           ShampooConfig(bits=32), moments=o4.AdamConfig(bits=32
                                                                        )),
   }

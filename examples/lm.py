@@ -14,6 +14,7 @@ GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 from typing import Any
@@ -26,8 +27,8 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_shampoo4 as o4
-from compare import (
-    comparison_parser, maybe_restore, maybe_save, run_comparison, timed_steps)
+from compare import (comparison_parser, maybe_restore, maybe_save,
+                     preconditioner_schedule, run_comparison, timed_steps)
 
 SIZES = {
     "tiny": dict(width=64, layers=2, heads=4, context=64, batch=16),
@@ -118,16 +119,22 @@ def train_one(name, tx, args, corpus, progress):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
-  def step(state, x, y):
+  # the loop schedules Shampoo's and SOAP's updates (one program per schedule
+  # entry, none with a conditional): on a GPU the host then runs ahead
+  @functools.partial(jax.jit, static_argnames="due")
+  def step(state, x, y, due):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
-    return state.apply_gradients(grads=grads), loss
+    return o4.apply_scheduled_gradients(state, grads, due), loss
 
   evaluate = jax.jit(loss_fn)
   rng = np.random.default_rng(args.seed + int(state.step))
+  schedule, next_step = preconditioner_schedule(name), int(state.step) + 1
 
   def run_step(state):
-    return step(state, *batches(train, size["context"], size["batch"], rng))
+    nonlocal next_step
+    due, next_step = schedule(next_step), next_step + 1
+    return step(state, *batches(train, size["context"], size["batch"], rng),
+                due=due)
 
   state, curve, times = timed_steps(state, args.steps, run_step, name, progress)
   maybe_save(args, name, state)

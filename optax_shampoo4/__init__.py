@@ -11,7 +11,8 @@ Public API:
   apply_gradients.
 - NaN safety: skip_nonfinite.
 - Preconditioner updates scheduled by the training loop (no conditional in the
-  step): due_at, and ``update``'s keyword ``preconditioner_due``.
+  step): due_at, apply_scheduled_gradients, and ``update``'s keyword
+  ``preconditioner_due``.
 - Transformations: scale_by_shampoo, scale_by_soap, scale_by_adam_4bit.
 - Configs: ShampooConfig, AdamConfig, DimensionNumbers.
 - Quantization: quantize, dequantize, codebook, QuantizedArray.
@@ -55,7 +56,8 @@ from optax_shampoo4.moments import FactoredMoment  # noqa: E402
 from optax_shampoo4.memory import (  # noqa: E402
     format_memory_report, format_parameter_memory, memory_report,
     parameter_memory, state_nbytes)
-from optax_shampoo4.host_schedule import due_at  # noqa: E402
+from optax_shampoo4.host_schedule import (  # noqa: E402
+    apply_scheduled_gradients, due_at)
 from optax_shampoo4.nonfinite import skip_nonfinite  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
     CholeskyPreconditioner, EigenBasis, EigenPreconditioner,
@@ -78,6 +80,7 @@ __all__ = [
     "apply_gradients",
     "skip_nonfinite",
     "due_at",
+    "apply_scheduled_gradients",
     "scale_by_shampoo",
     "scale_by_adam_4bit",
     "ShampooConfig",

@@ -25,7 +25,8 @@ static argument of its jitted step::
 
 Each distinct ``due`` compiles once (a plain step and, at most, two update
 steps), and none of them holds a conditional. ``optax.chain``,
-``optax.inject_hyperparams`` and the aliases pass the keyword through.
+``optax.inject_hyperparams`` and the aliases pass the keyword through; a Flax
+``TrainState`` steps with :func:`apply_scheduled_gradients`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+import optax
 
 #: The keyword of ``update`` that carries the host's schedule.
 DUE_KEYWORD = "preconditioner_due"
@@ -63,3 +65,18 @@ def scheduled_due(extra_args: Dict[str, Any]) -> Optional[Tuple[bool, bool]]:
         "computed on the host and passed as a static argument of the jitted "
         f"step, got {type(due).__name__} {due!r}")
   return bool(due[0]), bool(due[1])
+
+
+def apply_scheduled_gradients(train_state: Any, grads: optax.Updates,
+                              due: Optional[Tuple[bool, bool]]) -> Any:
+  """``train_state.apply_gradients(grads=grads)`` for a Flax ``TrainState``,
+  with ``due`` passed to ``tx.update`` as ``preconditioner_due`` (None: the
+  transformations schedule themselves)."""
+  # without a schedule no keyword: a plain GradientTransformation takes none
+  extra = {} if due is None else {DUE_KEYWORD: due}
+  updates, opt_state = train_state.tx.update(grads, train_state.opt_state,
+                                             train_state.params, **extra)
+  return train_state.replace(
+      step=train_state.step + 1,
+      params=optax.apply_updates(train_state.params,
+                                 updates), opt_state=opt_state)

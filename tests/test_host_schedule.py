@@ -44,7 +44,8 @@ def scheduled_update(tx):
   return jax.jit(tx.update, static_argnames="preconditioner_due")
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+# shampoo_adamw itself: test_apply_scheduled_gradients_steps_a_flax_train_state
+@pytest.mark.parametrize("name", ["all-4-bit, injected", "soap"])
 def test_the_host_schedule_equals_the_conditional_without_one(name):
   """Six steps (statistics, roots and bases updates among them): the updates
   and every state leaf match the self-scheduled run to fp32 rounding, and the
@@ -100,3 +101,28 @@ def test_preconditioner_due_must_be_two_static_bools():
 def test_due_at_follows_the_transformations_own_rule():
   assert [s for s in range(1, 13) if o4.due_at(s, 4)] == [4, 8, 12]
   assert [s for s in range(1, 13) if o4.due_at(s, 4, start_step=5)] == [8, 12]
+
+
+def test_apply_scheduled_gradients_steps_a_flax_train_state():
+  """``o4.apply_scheduled_gradients`` equals ``TrainState.apply_gradients`` (the
+  transformation scheduling itself) over four steps with a roots update, and
+  with no schedule it passes no keyword, as a plain GradientTransformation
+  needs."""
+  from flax.training import train_state
+  tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2)
+  create = lambda tx: train_state.TrainState.create(apply_fn=None,
+                                                    params=PARAMS, tx=tx)
+  own, scheduled = create(tx), create(tx)
+  step = jax.jit(o4.apply_scheduled_gradients, static_argnames="due")
+  own_step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  for i in range(1, 5):
+    own = own_step(own, grads_at(i))
+    scheduled = step(scheduled, grads_at(i), due=(True, o4.due_at(i, 2)))
+  for a, b in zip(jax.tree.leaves(scheduled), jax.tree.leaves(own)):
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+        atol=1e-6)
+  assert int(scheduled.step) == 4
+  plain = optax.GradientTransformation(*optax.scale(-0.5))
+  moved = o4.apply_scheduled_gradients(create(plain), grads_at(1), None)
+  np.testing.assert_allclose(moved.params["w"], -0.5 * grads_at(1)["w"])
