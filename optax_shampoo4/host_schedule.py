@@ -31,20 +31,40 @@ steps), and none of them holds a conditional. ``optax.chain``,
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 #: The keyword of ``update`` that carries the host's schedule.
 DUE_KEYWORD = "preconditioner_due"
 
 
 def due_at(step: int, every: int, start_step: int = 1) -> bool:
-  """Whether an update with interval ``every`` is due at the 1-based ``step``,
-  as the transformations decide it themselves (``step`` counted on the host, so
-  a step skipped for a NaN/Inf gradient still counts)."""
-  return step >= start_step and step % every == 0
+  """Whether an update with interval ``every`` is due at the 1-based ``step``.
+  The transformations apply the same rule to their traced step count; on the
+  host a step skipped for a NaN/Inf gradient still counts."""
+  return (step >= start_step) & (step % every == 0)
+
+
+def run_when_due(due, update: Callable, unchanged: Callable, operands,
+                 scheduled: Optional[bool] = None):
+  """``update(*operands)`` where ``due`` holds, else ``unchanged(*operands)``.
+
+  Without a host schedule (``scheduled`` None) this is one ``lax.cond``. With
+  one (a Python bool) there is no conditional: nothing runs unless
+  ``scheduled``, and a scheduled update is kept where ``due`` (then the step's
+  own gate, e.g. its finiteness) holds, by a select.
+  """
+  if scheduled is None:
+    return lax.cond(due, update, unchanged, *operands)
+  if not scheduled:
+    return unchanged(*operands)
+  return jax.tree.map(lambda a, b: jnp.where(due, a, b), update(*operands),
+                      unchanged(*operands))
 
 
 def scheduled_due(extra_args: Dict[str, Any]) -> Optional[Tuple[bool, bool]]:

@@ -28,7 +28,7 @@ from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import ShampooConfig
-from optax_shampoo4.host_schedule import scheduled_due
+from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
 from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.preconditioners import Hyper, make_storage
 from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
@@ -211,17 +211,21 @@ def update_as_scheduled(stacks: Stacks, preconditioners, group_blocks,
   gradient, or before ``start_step``) keeps the old preconditioners by a
   select."""
   do_statistics, do_roots = scheduled
-  new, failures = preconditioners, jnp.zeros([], jnp.int32)
-  if not (do_statistics or do_roots):
-    return new, failures
-  if do_statistics:
-    new, failures = update_statistics(stacks, new, group_blocks, hyper)
-  if do_roots:
-    new, root_failures = update_inverse_roots(stacks, new, hyper)
-    failures += root_failures
-  keep = lambda a, b: jnp.where(active, a, b)
-  return jax.tree.map(keep, new,
-                      preconditioners), jnp.where(active, failures, 0)
+
+  def update(preconditioners):
+    failures = jnp.zeros([], jnp.int32)
+    if do_statistics:
+      preconditioners, failures = update_statistics(stacks, preconditioners,
+                                                    group_blocks, hyper)
+    if do_roots:
+      preconditioners, root_failures = update_inverse_roots(
+          stacks, preconditioners, hyper)
+      failures += root_failures
+    return preconditioners, failures
+
+  unchanged = lambda p: (p, jnp.zeros([], jnp.int32))
+  return run_when_due(active, update, unchanged, (preconditioners,),
+                      do_statistics or do_roots)
 
 
 def precondition_and_graft(stacks: Stacks, preconditioners, group_blocks,
@@ -318,8 +322,8 @@ def scale_by_shampoo(
     # The named scopes label these steps in profiles (benchmarks/step_trace.py).
     with jax.named_scope("shampoo_update_preconditioners"):
       if scheduled is None:
-        due = (active & (step % statistics_every == 0),
-               active & (step % inverse_root_every == 0))
+        due = (active & due_at(step, statistics_every),
+               active & due_at(step, inverse_root_every))
         preconditioners, failures = update_when_due(
             stacks, state.preconditioners, group_blocks, hyper, due)
       else:

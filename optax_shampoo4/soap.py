@@ -34,12 +34,11 @@ from typing import Any, Dict, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
-from optax_shampoo4.host_schedule import scheduled_due
+from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
 from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
                                             make_codec)
@@ -212,12 +211,7 @@ def _refresh_when_due(rotation: _Rotation, bases, grad_groups, nu_groups,
     return new_bases, nu_groups, failures
 
   unchanged = lambda b, v: (b, v, jnp.zeros([], jnp.int32))
-  if scheduled is None:
-    return lax.cond(due, refresh, unchanged, bases, nu_groups)
-  if not scheduled:
-    return unchanged(bases, nu_groups)
-  return jax.tree.map(lambda a, b: jnp.where(due, a, b),
-                      refresh(bases, nu_groups), unchanged(bases, nu_groups))
+  return run_when_due(due, refresh, unchanged, (bases, nu_groups), scheduled)
 
 
 def _check_arguments(arguments: Dict[str, Any]) -> None:
@@ -373,7 +367,7 @@ def scale_by_soap(
     grad_groups = blocking.to_groups(plan, grads)
     rotation = _Rotation(stacks, config.preconditioning_precision or "high")
     # the host's schedule replaces the interval: then only finiteness gates
-    due = finite & (step % precondition_every == 0) if scheduled is None else (
+    due = finite & due_at(step, precondition_every) if scheduled is None else (
         finite)
     with jax.named_scope("soap_refresh"):
       bases, nu_groups, failures = _refresh_when_due(
