@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from optax_shampoo4 import _checks
+
 #: The keyword of ``update`` that carries the host's schedule.
 DUE_KEYWORD = "preconditioner_due"
 
@@ -46,7 +48,13 @@ DUE_KEYWORD = "preconditioner_due"
 def due_at(step: int, every: int, start_step: int = 1) -> bool:
   """Whether an update with interval ``every`` is due at the 1-based ``step``.
   The transformations apply the same rule to their traced step count; on the
-  host a step skipped for a NaN/Inf gradient still counts."""
+  host a step skipped for a NaN/Inf gradient still counts.
+
+  Raises:
+    TypeError, ValueError: unless ``every`` is a positive int (or an array, as
+      ``optax.inject_hyperparams`` passes it).
+  """
+  _checks.check_interval("every", every)
   return (step >= start_step) & (step % every == 0)
 
 

@@ -101,6 +101,10 @@ def test_preconditioner_due_must_be_two_static_bools():
 def test_due_at_follows_the_transformations_own_rule():
   assert [s for s in range(1, 13) if o4.due_at(s, 4)] == [4, 8, 12]
   assert [s for s in range(1, 13) if o4.due_at(s, 4, start_step=5)] == [8, 12]
+  with pytest.raises(ValueError, match="every"):
+    o4.due_at(4, 0)
+  with pytest.raises(TypeError, match="every"):
+    o4.due_at(4, 2.5)
 
 
 def test_apply_scheduled_gradients_steps_a_flax_train_state():
