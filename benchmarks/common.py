@@ -98,8 +98,29 @@ def vit_s16_shapes(classes: int = 1000) -> Dict[str, tuple]:
 
 def model_shapes(name: str) -> Dict[str, tuple]:
   """Parameter shapes of a model the optimizer-only benchmarks time:
-  ``"gpt2_small"`` or ``"vit_s16"``."""
-  return {"gpt2_small": gpt2_small_shapes, "vit_s16": vit_s16_shapes}[name]()
+  ``"gpt2_small"``, ``"vit_s16"`` or ``"lm_base"``."""
+  return {
+      "gpt2_small": gpt2_small_shapes,
+      "vit_s16": vit_s16_shapes,
+      "lm_base": lm_base_shapes
+  }[name]()
+
+
+def lm_base_shapes() -> Dict[str, tuple]:
+  """Parameter shapes of ``examples/lm.py``'s base Flax GPT (85.6M parameters,
+  the model of ``benchmarks/train_lm.py``), by parameter path."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  import lm
+  size = lm.SIZES["base"]
+  model = lm.ByteTransformer(size["width"], size["layers"], size["heads"],
+                             size["context"], jnp.bfloat16)
+  tree = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size["context"]), jnp.int32)))
+  return {
+      jax.tree_util.keystr(path): leaf.shape
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree["params"])
+  }
 
 
 def gpt2_medium_shapes() -> Dict[str, tuple]:

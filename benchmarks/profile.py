@@ -4,8 +4,9 @@ from a JAX profiler trace.
 Run: ``PYTHONPATH=. python benchmarks/profile.py [--model gpt2_small] [--bits 4]
   [--top 15]``.
 
-For the plain, statistics and inverse-root step programs of ``shampoo_adamw`` on
-a model's shapes, traces a few calls with ``jax.profiler`` and prints the device
+For the plain, statistics and inverse-root step programs of ``shampoo_adamw``
+(or, with ``--optimizer soap``, the plain and refresh steps of ``soap``, each
+scheduled by the host) on a model's shapes, traces a few calls with ``jax.profiler`` and prints the device
 time of each op class (matrix products, Cholesky / triangular solves / eigh,
 fusions, copies) and the slowest ops. Then times the fp32 matrix-product
 algorithms XLA offers for the preconditioner algebra on an order-1200 stack
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import re
 import tempfile
@@ -25,6 +27,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks import common
 from benchmarks.shampoo_step import STEP_KINDS, step_program
@@ -32,10 +35,11 @@ import optax_shampoo4 as o4
 from optax_shampoo4 import linalg, shampoo_adamw
 
 CLASSES = (  # (class, pattern on the kernel / op name), first match wins
-    ("matmul", r"gemm|cutlass|cublas|xmma|dot|matmul|sm90|sm80"),
+    # before "matmul": cuBLAS's triangular solves carry "cublas" in their names
     ("factorization",
      r"potrf|trsm|syevd|syevj|cholesky|triangular|eigh|solver|getrf|lapack"
      r"|geqrf"),
+    ("matmul", r"gemm|cutlass|cublas|xmma|dot|matmul|sm90|sm80"),
     ("copy/transpose",
      r"copy|transpose|memcpy|memset|concatenate|slice|dynamic"),
     ("fusion", r"fusion|reduce|convert|select|compare|add|multiply"),
@@ -244,11 +248,17 @@ def statistics_variants(order: int = 1200, count: int = 101, updates: int = 4):
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("--model", default="gpt2_small")
+  parser.add_argument("--model", default="gpt2_small",
+                      choices=("gpt2_small", "vit_s16", "lm_base"))
+  parser.add_argument("--optimizer", default="shampoo",
+                      choices=("shampoo", "soap"))
   parser.add_argument("--bits", type=int, default=4)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--skip-steps", action="store_true")
-  parser.add_argument("--kinds", default="plain,statistics,inverse_root")
+  parser.add_argument(
+      "--kinds", default=None,
+      help="step kinds, ','-separated (default: Shampoo's "
+      "plain,statistics,inverse_root; SOAP's plain,refresh)")
   parser.add_argument(
       "--cholesky-every-pass", action="store_true",
       help="also profile the statistics step with a Cholesky factorization in "
@@ -263,13 +273,33 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def profile_step(args, kind: str, label: str, params, grads):
-  """``(per-op device times, trace lines)`` of one Shampoo step of ``kind``
-  (its optimized HLO written with ``--dump-hlo``)."""
+# SOAP's step kinds: the refresh flag of ``preconditioner_due``
+SOAP_KINDS = {"plain": False, "refresh": True}
+
+
+def step_of(args, kind: str):
+  """The jitted step of ``kind`` of the optimizer profiled: Shampoo's by its
+  intervals, SOAP's by the host's schedule (no conditional either way)."""
+  config = o4.ShampooConfig(bits=args.bits)
+  if args.optimizer == "soap":
+    tx = o4.soap(1e-3, config=config)
+    due = (SOAP_KINDS[kind], False)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params, preconditioner_due=due)
+      return optax.apply_updates(params, updates), state
+
+    return tx, step
   tx = shampoo_adamw(1e-3, statistics_every=STEP_KINDS[kind][0],
-                     inverse_root_every=STEP_KINDS[kind][1],
-                     shampoo=o4.ShampooConfig(bits=args.bits))
-  step = step_program(tx)
+                     inverse_root_every=STEP_KINDS[kind][1], shampoo=config)
+  return tx, step_program(tx)
+
+
+def profile_step(args, kind: str, label: str, params, grads):
+  """``(per-op device times, trace lines)`` of one step of ``kind`` (its
+  optimized HLO written with ``--dump-hlo``)."""
+  tx, step = step_of(args, kind)
   carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
 
   def run():
@@ -278,7 +308,8 @@ def profile_step(args, kind: str, label: str, params, grads):
 
   per_op, lines = device_times(run)
   if args.dump_hlo:
-    name = common.file_name(f"hlo_{args.model}_{args.bits}bit_{label}.txt")
+    name = common.file_name(
+        f"hlo_{args.optimizer}_{args.model}_{args.bits}bit_{label}.txt")
     with open(common.output_path(name), "w") as f:
       f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
   return per_op, lines
@@ -288,7 +319,9 @@ def profile_steps(args, params, grads):
   """``(payload, tables)`` of every step kind asked for."""
   default_tolerance = linalg.CHOLESKY_QR_CORRECTION_TOLERANCE
   # (step kind, label, Cholesky-QR correction tolerance while it is traced)
-  programs = [(kind, kind, default_tolerance) for kind in args.kinds.split(",")
+  kinds = args.kinds or ",".join(SOAP_KINDS if args.optimizer ==
+                                 "soap" else STEP_KINDS)
+  programs = [(kind, kind, default_tolerance) for kind in kinds.split(",")
              ] if not args.skip_steps else []
   if args.cholesky_every_pass:
     programs.append(("statistics", "statistics, Cholesky every pass", None))
@@ -300,7 +333,8 @@ def profile_steps(args, params, grads):
     finally:
       linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = default_tolerance
     new_tables, payload[label] = summarize(
-        f"{args.model} {label} step, bits={args.bits}", per_op, args.top)
+        f"{args.optimizer} {args.model} {label} step, bits={args.bits}", per_op,
+        args.top)
     payload[label]["trace_lines"] = lines
     tables += new_tables
   return payload, tables
@@ -343,7 +377,8 @@ def main(argv=None):
     extra_payload, new_tables = extra_tables()
     payload.update(extra_payload)
     tables += new_tables
-  common.write_json(f"profile_{args.model}_{args.bits}bit", {
+  prefix = "" if args.optimizer == "shampoo" else "soap_"
+  common.write_json(f"profile_{prefix}{args.model}_{args.bits}bit", {
       **payload, "tables": tables
   })
 

@@ -81,8 +81,8 @@ def optimizers(args, base=None):
            shampoo(dataclasses.replace(base, working_set_bytes=256 * 2**20))),
       "shampoo 4-bit, max order 768":
           (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
-      "shampoo 4-bit, NaN steps not skipped":
-          (args.lr, shampoo(skip_nonfinite=False)),
+      "shampoo 4-bit, NaN steps not skipped": (args.lr,
+                                               shampoo(skip_nonfinite=False)),
       "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
       "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
       "soap 4-bit lr 3e-3": (3e-3, soap()),
@@ -90,6 +90,15 @@ def optimizers(args, base=None):
       "soap 4-bit, bf16 rotations lr 1e-3":
           (1e-3,
            soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
+          (1e-3,
+           soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations, 4 GiB working set lr 1e-3, "
+      "host-scheduled refresh":
+          (1e-3,
+           soap(
+               dataclasses.replace(base, preconditioning_precision="bf16",
+                                   working_set_bytes=4 * 2**30))),
       "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
       "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
       "soap 4-bit, 8-bit moments lr 1e-3":
@@ -223,8 +232,7 @@ def train(run: Setup, steps: int):
   schedule = run.schedule or (lambda step: None)
   # a host-scheduled loop compiles one program per distinct schedule entry
   programs = {
-      schedule(step): None
-      for step in range(1, steps + FREE_RUNNING_STEPS + 1)
+      schedule(step): None for step in range(1, steps + FREE_RUNNING_STEPS + 1)
   }
   compile_s = []
   for due in programs:
@@ -233,8 +241,7 @@ def train(run: Setup, steps: int):
                                                            y).compile()
     compile_s.append(time.perf_counter() - start)
   record = dict(
-      compile_s=sum(compile_s), compile_s_by_program=compile_s,
-      temp_bytes=max(
+      compile_s=sum(compile_s), compile_s_by_program=compile_s, temp_bytes=max(
           c.memory_analysis().temp_size_in_bytes for c in programs.values()),
       losses=[], step_s=[], dispatch=[])
   state = run.state
@@ -328,8 +335,8 @@ def run_one(name, args):
       ms_free_running=free_ms, state_bytes=int(
           o4.state_nbytes(state.opt_state)), peak_bytes=int(peak_bytes),
       temp_bytes=int(record["temp_bytes"]), compile_s=record["compile_s"],
-      compile_s_by_program=record["compile_s_by_program"],
-      losses=losses, step_s=times, device=str(jax.devices()[0].device_kind),
+      compile_s_by_program=record["compile_s_by_program"], losses=losses,
+      step_s=times, device=str(jax.devices()[0].device_kind),
       jax=jax.__version__, profile=breakdown)
 
 
@@ -379,8 +386,7 @@ def summarize(results, out):
     cells = (
         r["name"], f"{r['final_loss']:.4f}", f"{r['held_out_loss']:.4f}",
         f"{r['ms_median']:.1f} / {r['ms_mean']:.1f}",
-        free_running_cell(r, best), reach,
-        f"{r['state_bytes'] / 2**20:.0f}" +
+        free_running_cell(r, best), reach, f"{r['state_bytes'] / 2**20:.0f}" +
         (f" ({r['state_bytes_per_device'] / 2**20:.0f} per device)" if r.get(
             "devices", 1) > 1 else ""), f"{r['peak_bytes'] / 2**30:.2f} "
         f"({ratio(r['peak_bytes'], best['peak_bytes'])})",

@@ -56,3 +56,39 @@ def test_readme_host_schedule_snippet_runs_and_updates_the_params():
   exec(snippet, namespace)  # noqa: S102 - our own README
   assert int(substate(namespace["opt_state"], o4.ShampooState).count) == 3
   assert not np.allclose(namespace["params"]["w"], params["w"])
+
+
+def _documented_commands(script: str):
+  """Every command line ``python benchmarks/<script> ...`` quoted in the README
+  and ``docs/benchmarks.md`` (code spans may wrap), as argument lists."""
+  import shlex
+  commands = []
+  for page in ("README.md", os.path.join("docs", "benchmarks.md")):
+    with open(os.path.join(ROOT, page)) as f:
+      text = f.read()
+    for span in re.findall(r"`(python benchmarks/" + re.escape(script) +
+                           r"[^`]*)`", text):
+      commands.append(shlex.split(span.replace("\n", " "))[2:])
+  return commands
+
+
+def test_documented_train_lm_commands_name_variants_that_exist():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  sys.path.insert(0, ROOT)
+  import train_lm
+  commands = _documented_commands("train_lm.py")
+  assert len(commands) >= 10
+  for argv in commands:
+    args = train_lm.parser().parse_args(argv)
+    known = train_lm.optimizers(args)
+    for name in (args.only or "").split(";"):
+      assert not name or name in known, (name, argv)
+
+
+def test_documented_profile_commands_parse():
+  sys.path.insert(0, ROOT)
+  from benchmarks import profile
+  commands = _documented_commands("profile.py")
+  assert len(commands) >= 2
+  for argv in commands:
+    profile.parse_args(argv)
