@@ -90,6 +90,28 @@ def test_4bit_binary_search_counts_exceeded_midpoints(codebook):
   np.testing.assert_array_equal(np.asarray(codes), expected)
 
 
+@pytest.mark.parametrize("codebook", cd.CODEBOOKS)
+def test_8bit_code_counts_exceeded_midpoints(codebook):
+  """The 8-bit encoder (a bucket of floats, then one comparison) against a numpy
+  count of ``x > midpoint_k`` on uniform values, values spread over twelve
+  decades, every midpoint and the floats just above and below it, ±1, ±0,
+  denormals, NaN and ±inf."""
+  rng = np.random.default_rng(3)
+  midpoints = cd.decision_boundaries(codebook, 8)
+  x = np.concatenate([
+      rng.uniform(-1.05, 1.05, 20_000),
+      rng.standard_normal(20_000) * 10.0**rng.uniform(-12, 0, 20_000),
+      midpoints,
+      np.nextafter(midpoints, np.float32(np.inf)),
+      np.nextafter(midpoints, np.float32(-np.inf)),
+      [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, np.nan, np.inf, -np.inf]
+  ]).astype(np.float32)
+  with np.errstate(invalid="ignore"):
+    expected = np.sum(x[:, None] > midpoints[None, :], axis=1)
+  codes = jax.jit(lambda a: cd.encode(a, codebook, 8))(x)
+  np.testing.assert_array_equal(np.asarray(codes), expected)
+
+
 def test_ties_go_to_the_lower_code():
   # linear_nozero's entries (i + 1)/16 and their midpoints (2i + 3)/32 are exact
   # in binary: exact ties.
