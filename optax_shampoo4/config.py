@@ -156,9 +156,8 @@ class ShampooConfig:
       within it. ``None``: whole stacks at once (fastest compile on small
       models, largest memory). Default 1 GiB: within it the per-step
       products of an 86 M-param model's stacks run whole instead of in a loop,
-      and its statistics steps in larger batches; against 256 MiB its mean
-      training step fell from 25.8 to 24.7 ms on an H100
-      (``docs/benchmarks.md``).
+      and its statistics steps in larger batches, and its mean training step
+      was shorter than at 256 MiB (``docs/benchmarks.md``).
     shard_blocks: an int pads every stack to a multiple of it; a
       ``NamedSharding`` such as ``NamedSharding(mesh, P("blocks"))`` also keeps
       the updates' stacks sharded along that mesh axis (each device does the

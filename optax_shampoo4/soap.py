@@ -325,8 +325,11 @@ def scale_by_soap(
       second_moment="rank1"|"block")``); default 8-bit: at 4 bits the moments
       lose most of what the rotation gains on the byte-level LM
       (``docs/algorithms.md`` §7), at 8 bits they keep it.
-    precondition_every: steps between basis updates ``f`` (default 10); the
-      first is at step ``f``, and until then the update is Adam's.
+    precondition_every: steps between basis updates ``f`` (default 10, the
+      paper's); the first is at step ``f``, and until then the update is
+      Adam's. On the byte-level LM of ``docs/benchmarks.md`` ("SOAP's refresh
+      interval") 20 reached AdamW's loss sooner in wall-clock at a slightly
+      higher final loss, and 40 lost SOAP's gain.
     shampoo_beta: EMA factor of the statistics (default: ``b2``).
     moment_on_refresh: ``"project"`` (default) or ``"keep"`` the second moment
       when the bases move (``docs/algorithms.md`` §7 has the measurement behind
