@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from optax_shampoo4 import _checks, blocking, linalg
 from optax_shampoo4.config import ShampooConfig
@@ -178,54 +177,37 @@ def init_preconditioners(config: ShampooConfig, params, hyper: Hyper):
 
 
 def update_when_due(stacks: Stacks, preconditioners, group_blocks, hyper: Hyper,
-                    due):
+                    due, scheduled=None):
   """The statistics and inverse-root updates that ``due = (statistics, roots)``
   asks for; ``(preconditioners, failures)``.
 
   XLA:GPU copies every conditional's predicate to the host and waits for it,
   which drains the launch queue: a plain step reads one predicate (the outer
-  conditional), and each expensive branch is traced once.
+  conditional), and each expensive branch is traced once. With the host's
+  ``scheduled = (statistics, roots)`` (Python bools;
+  :mod:`optax_shampoo4.host_schedule`) there is no conditional: the scheduled
+  updates run, and are kept where ``due`` holds (both entries then the step's
+  gate: a NaN/Inf gradient, or a step before ``start_step``, keeps the old
+  preconditioners).
   """
-  do_statistics, do_roots = due
   unchanged = lambda p: (p, jnp.zeros([], jnp.int32))
+  statistics = lambda p: update_statistics(stacks, p, group_blocks, hyper)
+  roots = lambda p: update_inverse_roots(stacks, p, hyper)
+  if scheduled is None:
+    inner, flags, any_flag = due, (None, None), None
+  else:  # the outer select alone gates; a statically true select compiles away
+    inner, flags, any_flag = (True, True), scheduled, any(scheduled)
 
   def update_due(preconditioners):
-    preconditioners, stat_failures = lax.cond(
-        do_statistics,
-        lambda p: update_statistics(stacks, p, group_blocks, hyper), unchanged,
-        preconditioners)
-    preconditioners, root_failures = lax.cond(
-        do_roots, lambda p: update_inverse_roots(stacks, p, hyper), unchanged,
-        preconditioners)
+    preconditioners, stat_failures = run_when_due(inner[0], statistics,
+                                                  unchanged, (preconditioners,),
+                                                  flags[0])
+    preconditioners, root_failures = run_when_due(inner[1], roots, unchanged,
+                                                  (preconditioners,), flags[1])
     return preconditioners, stat_failures + root_failures
 
-  return lax.cond(do_statistics | do_roots, update_due, unchanged,
-                  preconditioners)
-
-
-def update_as_scheduled(stacks: Stacks, preconditioners, group_blocks,
-                        hyper: Hyper, scheduled, active):
-  """The updates that the host's ``scheduled = (statistics, roots)`` (Python
-  bools; :mod:`optax_shampoo4.host_schedule`) asks for, without a conditional;
-  ``(preconditioners, failures)``. A step that is not ``active`` (a NaN/Inf
-  gradient, or before ``start_step``) keeps the old preconditioners by a
-  select."""
-  do_statistics, do_roots = scheduled
-
-  def update(preconditioners):
-    failures = jnp.zeros([], jnp.int32)
-    if do_statistics:
-      preconditioners, failures = update_statistics(stacks, preconditioners,
-                                                    group_blocks, hyper)
-    if do_roots:
-      preconditioners, root_failures = update_inverse_roots(
-          stacks, preconditioners, hyper)
-      failures += root_failures
-    return preconditioners, failures
-
-  unchanged = lambda p: (p, jnp.zeros([], jnp.int32))
-  return run_when_due(active, update, unchanged, (preconditioners,),
-                      do_statistics or do_roots)
+  return run_when_due(due[0] | due[1], update_due, unchanged,
+                      (preconditioners,), any_flag)
 
 
 def precondition_and_graft(stacks: Stacks, preconditioners, group_blocks,
@@ -319,17 +301,16 @@ def scale_by_shampoo(
       group_blocks = blocking.to_groups(plan,
                                         [x.astype(jnp.float32) for x in leaves])
     active = finite & (step >= start_step)
+    if scheduled is None:
+      due = (active & due_at(step, statistics_every),
+             active & due_at(step, inverse_root_every))
+    else:  # the host's schedule replaces the intervals: only ``active`` gates
+      due = (active, active)
     # The named scopes label these steps in profiles (benchmarks/step_trace.py).
     with jax.named_scope("shampoo_update_preconditioners"):
-      if scheduled is None:
-        due = (active & due_at(step, statistics_every),
-               active & due_at(step, inverse_root_every))
-        preconditioners, failures = update_when_due(
-            stacks, state.preconditioners, group_blocks, hyper, due)
-      else:
-        preconditioners, failures = update_as_scheduled(
-            stacks, state.preconditioners, group_blocks, hyper, scheduled,
-            active)
+      preconditioners, failures = update_when_due(stacks, state.preconditioners,
+                                                  group_blocks, hyper, due,
+                                                  scheduled)
     preconditioners = stacks.constrain_all(preconditioners)
     outputs = precondition_and_graft(stacks, preconditioners, group_blocks,
                                      leaves)
