@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import re
 import tempfile
@@ -27,7 +26,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import common
 from benchmarks.shampoo_step import STEP_KINDS, step_program
@@ -283,14 +281,7 @@ def step_of(args, kind: str):
   config = o4.ShampooConfig(bits=args.bits)
   if args.optimizer == "soap":
     tx = o4.soap(1e-3, config=config)
-    due = (SOAP_KINDS[kind], False)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params, preconditioner_due=due)
-      return optax.apply_updates(params, updates), state
-
-    return tx, step
+    return tx, step_program(tx, (SOAP_KINDS[kind], False))
   tx = shampoo_adamw(1e-3, statistics_every=STEP_KINDS[kind][0],
                      inverse_root_every=STEP_KINDS[kind][1], shampoo=config)
   return tx, step_program(tx)

@@ -32,15 +32,17 @@ from optax_shampoo4 import (blocking, linalg, preconditioners, shampoo_adamw,
 NEVER = 2**30
 
 
-def step_program(tx):
+def step_program(tx, due=None):
   """The jitted training step ``update`` + ``apply_updates`` (a
-  ``common.FusedRow``: its fused ``step``), params and state donated."""
+  ``common.FusedRow``: its fused ``step``), params and state donated; ``due``:
+  the ``preconditioner_due`` it passes (None: the step schedules itself)."""
+  extra = {} if due is None else {"preconditioner_due": due}
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
     if isinstance(tx, common.FusedRow):
       return tx.step(grads, state, params)
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   return step
