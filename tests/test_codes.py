@@ -92,7 +92,7 @@ def test_4bit_binary_search_counts_exceeded_midpoints(codebook):
 
 @pytest.mark.parametrize("codebook", cd.CODEBOOKS)
 def test_8bit_code_counts_exceeded_midpoints(codebook):
-  """The 8-bit encoder (a bucket of floats, then one comparison) against a numpy
+  """The 8-bit encoder (a binary search of looked-up midpoints) against a numpy
   count of ``x > midpoint_k`` on uniform values, values spread over twelve
   decades, every midpoint and the floats just above and below it, ±1, ±0,
   denormals, NaN and ±inf."""
