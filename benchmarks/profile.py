@@ -262,6 +262,10 @@ def parse_args(argv=None):
       help="also profile the statistics step with a Cholesky factorization in "
       "every Cholesky-QR "
       "pass (no first-order corrections)")
+  parser.add_argument(
+      "--bjorck-steps", default=None,
+      help="ShampooConfig.bjorck_steps as 'statistics,use' (default: the "
+      "optimizer's own); the output's name then ends in _bjorck<s><u>")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="write each profiled program's optimized HLO")
   parser.add_argument(
@@ -278,7 +282,8 @@ SOAP_KINDS = {"plain": False, "refresh": True}
 def step_of(args, kind: str):
   """The jitted step of ``kind`` of the optimizer profiled: Shampoo's by its
   intervals, SOAP's by the host's schedule (no conditional either way)."""
-  config = o4.ShampooConfig(bits=args.bits)
+  steps = args.bjorck_steps and tuple(map(int, args.bjorck_steps.split(",")))
+  config = o4.ShampooConfig(bits=args.bits, bjorck_steps=steps)
   if args.optimizer == "soap":
     tx = o4.soap(1e-3, config=config)
     return tx, step_program(tx, (SOAP_KINDS[kind], False))
@@ -369,7 +374,9 @@ def main(argv=None):
     payload.update(extra_payload)
     tables += new_tables
   prefix = "" if args.optimizer == "shampoo" else "soap_"
-  common.write_json(f"profile_{prefix}{args.model}_{args.bits}bit", {
+  suffix = "_bjorck" + args.bjorck_steps.replace(
+      ",", "") if args.bjorck_steps else ""
+  common.write_json(f"profile_{prefix}{args.model}_{args.bits}bit{suffix}", {
       **payload, "tables": tables
   })
 

@@ -93,6 +93,12 @@ def optimizers(args, base=None):
       "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
           (1e-3,
            soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
+      "host-scheduled refresh":
+          (1e-3,
+           soap(
+               dataclasses.replace(base, preconditioning_precision="bf16",
+                                   bjorck_steps=(1, 1)))),
       "soap 4-bit, bf16 rotations, 4 GiB working set lr 1e-3, "
       "host-scheduled refresh":
           (1e-3,

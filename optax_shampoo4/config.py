@@ -25,6 +25,9 @@ LINALG_PRECISIONS = ("highest", "bf16_3x")
 SECOND_MOMENTS = ("rank1", "block", "factored")
 IMPLEMENTATIONS = ("xla", "pallas")
 MIB = 2**20
+# Björck steps (statistics update, use) of a loaded 4-bit basis, by algorithm;
+# ShampooConfig.bjorck_steps says why they differ.
+DEFAULT_BJORCK_STEPS = {"shampoo": (1, 4), "soap": (1, 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +130,21 @@ class ShampooConfig:
     min_quantized_size: matrices with fewer elements (``order²``) stay fp32
       (default 4096).
     bjorck_steps: Björck steps applied to a loaded 4-bit basis ``(statistics
-      update, inverse root)``.
+      update, use)``, the use being Shampoo's inverse roots or SOAP's rotations
+      of every step. Default (``None``): ``(1, 4)`` for Shampoo, whose
+      ``λ^(-1/4)`` amplifies a basis's error [S4, §3.2]; ``(1, 0)`` for SOAP,
+      whose Adam runs in whatever basis it is given (its preconditioner ``Ũᵀ D
+      Ũ`` stays positive definite); a step on each basis per step cost SOAP's
+      plain step about a fifth of its GPU time and left the loss within noise
+      (``docs/benchmarks.md``, "SOAP's rotations without the per-step
+      rectification").
     inverse_root_method: ``"eigh"`` or ``"newton"`` for the
       ``"matrix"``/``"cholesky"`` storages; default ``"newton"`` at 32 bits,
       ``"eigh"`` otherwise.
     error_feedback: ``"cholesky"`` only: quantize ``C + E`` and carry the
       quantization error.
     preconditioning_precision: precision of the per-step products, Shampoo's
-      ``L̂ G R̂`` and SOAP's rotations (with each step's rectification of its
+      ``L̂ G R̂`` and SOAP's rotations (with any per-step rectification of its
       4-bit bases): ``"bf16"`` (operands rounded to bf16, fp32 accumulation),
       ``"high"`` (TF32 on GPUs, 3 bf16 passes on TPUs), ``"highest"`` or
       ``"default"``. Default (``None``): ``"bf16"`` for Shampoo's quantized
@@ -173,7 +183,7 @@ class ShampooConfig:
   block_size: int = 64
   max_order: int = 1200
   min_quantized_size: int = 4096
-  bjorck_steps: Tuple[int, int] = (1, 4)
+  bjorck_steps: Optional[Tuple[int, int]] = None
   inverse_root_method: Optional[str] = None
   error_feedback: bool = True
   preconditioning_precision: Optional[str] = None
@@ -191,16 +201,16 @@ class ShampooConfig:
                                  block_size=self.block_size)
     _checks.check_int("max_order", self.max_order, 2)
     _checks.check_int("min_quantized_size", self.min_quantized_size, 0)
-    if (not isinstance(self.bjorck_steps, (tuple, list)) or
-        len(self.bjorck_steps) != 2 or any(
-            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
-            for s in self.bjorck_steps)):
-      raise ValueError(
-          f"bjorck_steps must be a pair of non-negative ints, got "
-          f"{self.bjorck_steps!r}"
-      )
-    object.__setattr__(self, "bjorck_steps",
-                       tuple(int(s) for s in self.bjorck_steps))
+    steps = self.bjorck_steps
+    if steps is not None:
+      is_count = lambda s: isinstance(s, (int, np.integer)) and not isinstance(
+          s, bool) and s >= 0
+      if not (isinstance(steps, (tuple, list)) and len(steps) == 2 and
+              all(map(is_count, steps))):
+        raise ValueError(
+            "bjorck_steps must be None or a pair of non-negative ints, got "
+            f"{self.bjorck_steps!r}")
+      object.__setattr__(self, "bjorck_steps", tuple(int(s) for s in steps))
     if self.inverse_root_method is not None:
       _checks.check_choice("inverse_root_method", self.inverse_root_method,
                            INVERSE_ROOT_METHODS)
@@ -231,6 +241,11 @@ class ShampooConfig:
           "replicate_roots needs shard_blocks to be a NamedSharding (the mesh "
           "to replicate over)"
       )
+
+  def bjorck_steps_of(self, algorithm: str) -> Tuple[int, int]:
+    """``bjorck_steps``, or the default of ``algorithm`` (``"shampoo"`` or
+    ``"soap"``)."""
+    return self.bjorck_steps or DEFAULT_BJORCK_STEPS[algorithm]
 
   @property
   def root_method(self) -> str:

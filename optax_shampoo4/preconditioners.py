@@ -264,7 +264,7 @@ def update_eigenbasis(codec: MatrixCodec, bjorck_steps: int, state,
 
 def _eigenvector_storage(codec: MatrixCodec, config: ShampooConfig,
                          numerics: linalg.Numerics) -> Storage:
-  load_steps, root_steps = config.bjorck_steps
+  load_steps, root_steps = config.bjorck_steps_of("shampoo")
 
   def init(k, n, hyper):
     return EigenPreconditioner(*init_basis(codec, k, n, hyper),

@@ -113,16 +113,20 @@ class _Rotation(NamedTuple):
   stacks: Stacks
   precision: str  # of the rotations: a preconditioning_precision name
 
-  def _loaders(self, group, bjorck_precision):
-    """Loaders of the group's left and right bases and its chunk length. A 4-bit
-    basis is rectified at ``bjorck_precision``: each step's at the rotations'
-    (at the refresh's fp32 a 4-bit step was far slower than an fp32-basis
-    one)."""
+  def _loaders(self, group, each_step: bool):
+    """Loaders of the group's left and right bases and its chunk length, for
+    each step's rotations or else for the refresh's projection: a 4-bit basis
+    is rectified by the Björck steps and at the precision of that use."""
     config = self.stacks.config
-    numerics = linalg.Numerics(bjorck_precision)
-    loader = lambda order: functools.partial(load_basis,
-                                             make_codec(config, order), config.
-                                             bjorck_steps[0], numerics=numerics)
+    refresh_steps, rotation_steps = config.bjorck_steps_of("soap")
+    if each_step:
+      steps, precision = rotation_steps, linalg.PRODUCT_PRECISIONS[
+          self.precision]
+    else:
+      steps, precision = refresh_steps, linalg_precision(config)
+    loader = lambda order: functools.partial(
+        load_basis, make_codec(config, order), steps, numerics=linalg.Numerics(
+            precision))
     chunk = self.stacks.chunk(
         max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
     return loader(group.rows), loader(group.cols), chunk
@@ -140,8 +144,7 @@ class _Rotation(NamedTuple):
     updates, second_moments = [], []
     for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups,
                                                self._slices(bases)):
-      load_left, load_right, chunk = self._loaders(
-          group, linalg.PRODUCT_PRECISIONS[self.precision])
+      load_left, load_right, chunk = self._loaders(group, each_step=True)
 
       def step(g, m, v, left, right):
         u_left, u_right = load_left(left), load_right(right)
@@ -169,8 +172,7 @@ class _Rotation(NamedTuple):
                                                     second_moments,
                                                     self._slices(new_bases),
                                                     self._slices(old_bases)):
-      load_left, load_right, chunk = self._loaders(
-          group, linalg_precision(self.stacks.config))
+      load_left, load_right, chunk = self._loaders(group, each_step=False)
 
       def carry(v, left, right, old_left, old_right):
         return _project_second_moment(v, load_left(left), load_right(right),
@@ -318,8 +320,8 @@ def scale_by_soap(
     b1: decay of the first moment (default 0.95).
     b2: decay of the second moment (default 0.95).
     eps: added to ``√V̂`` in the denominator (default 1e-8).
-    config: the bases' structure: ``bits`` (4: linear-2 with Björck on load, 8
-      or 32), blocking, ``dimension_numbers``, working set, sharding;
+    config: the bases' structure: ``bits`` (4: linear-2, 8 or 32), Björck
+      steps, blocking, ``dimension_numbers``, working set, sharding;
       ``storage`` must be ``"eigenvectors"``.
     moments: how ``M`` and ``V`` are stored (``AdamConfig(bits=4|8|32,
       second_moment="rank1"|"block")``); default 8-bit: at 4 bits the moments

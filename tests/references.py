@@ -20,6 +20,24 @@ def refresh_basis(rows, eigenvalues, gram, beta):
   return q.T[order], np.maximum(values[order], 0.0)
 
 
+def bjorck(rows, steps):
+  """``steps`` Björck steps ``V ← 1.5 V − 0.5 V Vᵀ V``."""
+  for _ in range(steps):
+    rows = 1.5 * rows - 0.5 * rows @ rows.T @ rows
+  return rows
+
+
+def rotated_adam_step(left, right, first, second, g, t, *, b1, b2, eps):
+  """SOAP's step ``t`` in the bases ``left``, ``right`` (rows): ``(update,
+  first, second)`` with ``first`` in the original basis and ``second`` in the
+  rotated one."""
+  first = b1 * first + (1 - b1) * g
+  second = b2 * second + (1 - b2) * (left @ g @ right.T)**2
+  normalized = (left @ first @ right.T / (1 - b1**t)) / (
+      np.sqrt(second / (1 - b2**t)) + eps)
+  return left.T @ normalized @ right, first, second
+
+
 def soap_updates(gradients, *, b1, b2, eps, beta, every, project=True,
                  initial_eigenvalue=1e-6):
   """The updates of SOAP on one matrix for a list of gradients ``(m, n)``;
@@ -32,7 +50,6 @@ def soap_updates(gradients, *, b1, b2, eps, beta, every, project=True,
   out = []
   for t, g in enumerate(gradients, start=1):
     g = np.asarray(g, np.float64)
-    first = b1 * first + (1 - b1) * g
     if t % every == 0:
       old_left, old_right = left[0], right[0]
       left = list(refresh_basis(*left, g @ g.T, beta))
@@ -40,11 +57,9 @@ def soap_updates(gradients, *, b1, b2, eps, beta, every, project=True,
       if project:
         second = ((left[0] @ old_left.T)**2) @ second @ (
             (right[0] @ old_right.T)**2).T
-    rotated = left[0] @ g @ right[0].T
-    second = b2 * second + (1 - b2) * rotated**2
-    normalized = (left[0] @ first @ right[0].T / (1 - b1**t)) / (
-        np.sqrt(second / (1 - b2**t)) + eps)
-    out.append(left[0].T @ normalized @ right[0])
+    update, first, second = rotated_adam_step(left[0], right[0], first, second,
+                                              g, t, b1=b1, b2=b2, eps=eps)
+    out.append(update)
   return out
 
 

@@ -2,6 +2,7 @@
 input raises at construction, naming the argument."""
 
 import jax
+import numpy as np
 import pytest
 
 import optax_shampoo4 as o4
@@ -22,6 +23,8 @@ import optax_shampoo4 as o4
     (dict(epsilon=0.0), "epsilon"),
     (dict(epsilon=-1e-6), "epsilon"),
     (dict(bjorck_steps=(1,)), "bjorck_steps"),
+    (dict(bjorck_steps=(1, -1)), "bjorck_steps"),
+    (dict(bjorck_steps=(True, 1)), "bjorck_steps"),
     (dict(inverse_root_method="qr"), "inverse_root_method"),
     (dict(error_feedback_beta=1.5), "error_feedback_beta"),
     (dict(preconditioning_precision="fast"), "preconditioning_precision"),
@@ -51,6 +54,17 @@ def test_bad_arguments_raise_at_construction(kwargs, match):
       o4.ShampooConfig(**kwargs)
   assert "unexpected keyword" not in str(
       error.value)  # the check ran, not the signature
+
+
+def test_bjorck_steps_default_to_each_algorithms_own():
+  """Shampoo rectifies a loaded basis 4 times for its roots, SOAP not at all
+  for its rotations; a pair given is used by both, as ints."""
+  assert o4.ShampooConfig().bjorck_steps_of("shampoo") == (1, 4)
+  assert o4.ShampooConfig().bjorck_steps_of("soap") == (1, 0)
+  given = o4.ShampooConfig(bjorck_steps=[2, np.int64(3)])
+  assert given.bjorck_steps_of("soap") == given.bjorck_steps_of("shampoo")
+  assert given.bjorck_steps == (2, 3) and all(
+      type(s) is int for s in given.bjorck_steps)
 
 
 def test_dimension_numbers_from_a_function_are_checked_at_init():

@@ -9,7 +9,8 @@ import pytest
 
 import optax_shampoo4 as o4
 from helpers import digits_mlp_problem, gpt2_small_shapes, substate, train
-from references import adam_updates, soap_updates
+from optax_shampoo4.preconditioners import make_codec
+from references import adam_updates, bjorck, rotated_adam_step, soap_updates
 
 FP32 = dict(
     config=o4.ShampooConfig(bits=32, max_order=8),
@@ -71,6 +72,44 @@ def test_fp32_matches_float64_numpy_soap_through_refreshes(moment_on_refresh):
   # the refreshes did rotate: the update is not the unrotated Adam update
   unrotated = adam_updates([g["w"] for g in stream], **CONSTANTS)[-1]
   assert np.max(np.abs(ours[-1]["w"] - unrotated)) > 0.1
+
+
+@pytest.mark.parametrize("use_steps", [None, 1])
+def test_each_step_rotates_with_the_decoded_basis_after_its_bjorck_steps(
+    use_steps):
+  """A plain step after a refresh of 4-bit bases, against float64 numpy from
+  the same stored state: the rotations use the decoded rows after
+  ``bjorck_steps[1]`` Björck steps, none by default (``None``)."""
+  config = o4.ShampooConfig(
+      bjorck_steps=None if use_steps is None else (1, use_steps))
+  tx = o4.scale_by_soap(**CONSTANTS, config=config,
+                        moments=o4.AdamConfig(bits=32), precondition_every=2)
+  rng = np.random.default_rng(0)
+  grads = [{"w": rng.standard_normal((96, 64))} for _ in range(3)]
+  state = tx.init({"w": jnp.zeros((96, 64))})
+  update = jax.jit(tx.update)
+  for g in grads[:2]:  # the second refreshes the bases
+    _, state = update(jax.tree.map(jnp.float32, g), state)
+  stored = {n: state.bases[f"order_{n}"].eigenvectors for n in (96, 64)}
+  assert all(isinstance(x, o4.QuantizedArray) for x in stored.values())
+  decoded = {
+      n: np.asarray(make_codec(config, n).load(x), np.float64)[0]
+      for n, x in stored.items()
+  }
+  got = np.asarray(update(jax.tree.map(jnp.float32, grads[2]), state)[0]["w"])
+
+  def expected(steps):
+    return rotated_adam_step(
+        bjorck(decoded[96], steps), bjorck(decoded[64], steps),
+        np.asarray(state.mu["w"], np.float64),
+        np.asarray(state.nu["w"], np.float64), grads[2]["w"], 3, **CONSTANTS)[0]
+
+  steps = use_steps or 0
+  want, other = expected(steps), expected(1 - steps)
+  scale = np.max(np.abs(want))
+  np.testing.assert_allclose(got / scale, want / scale, atol=1e-4)
+  # the rectification is visible at this tolerance
+  assert np.max(np.abs(want - other)) / scale > 1e-3
 
 
 @pytest.mark.parametrize("moment_bits", [8, 4])
