@@ -84,6 +84,8 @@ def optimizers(args, base=None):
       "shampoo 4-bit, NaN steps not skipped": (args.lr,
                                                shampoo(skip_nonfinite=False)),
       "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
+      "shampoo all-4-bit, host-scheduled updates":
+          (args.lr, shampoo(adam=o4.AdamConfig())),
       "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
       "soap 4-bit lr 3e-3": (3e-3, soap()),
       "soap 4-bit lr 1e-3": (1e-3, soap()),
