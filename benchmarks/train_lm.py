@@ -229,12 +229,14 @@ def batch(run: Setup, data, rng):
       *lm.batches(data, run.size["context"], run.size["batch"], rng))
 
 
-def train(run: Setup, steps: int):
-  """``(program_at, state, last batch, record)``: the run's steps, each
-  waited for; ``program_at(step)`` is the compiled program of the 1-based step
-  (up to ``steps + FREE_RUNNING_STEPS``); ``record`` has the losses, step
-  seconds and dispatch seconds (until the call returned, the step enqueued),
-  and the compiles' seconds and largest temp bytes."""
+def train(run: Setup, steps: int, sync_every: int = 1):
+  """``(program_at, state, last batch, record)``: the run's steps, waited for
+  every ``sync_every`` steps (a loop that logs its loss that often);
+  ``program_at(step)`` is the compiled program of the 1-based step (up to
+  ``steps + FREE_RUNNING_STEPS``); ``record`` has the losses, step seconds
+  (each step of a block of ``sync_every`` its share of the block's time) and
+  dispatch seconds (until the call returned, the step enqueued), and the
+  compiles' seconds and largest temp bytes."""
   rng = np.random.default_rng(0)
   x, y = batch(run, run.corpus[0], rng)
   schedule = run.schedule or (lambda step: None)
@@ -252,15 +254,21 @@ def train(run: Setup, steps: int):
       compile_s=sum(compile_s), compile_s_by_program=compile_s, temp_bytes=max(
           c.memory_analysis().temp_size_in_bytes for c in programs.values()),
       losses=[], step_s=[], dispatch=[])
-  state = run.state
+  state, pending = run.state, []
   for step in range(1, steps + 1):
     x, y = batch(run, run.corpus[0], rng)
     compiled = programs[schedule(step)]
     start = time.perf_counter()
+    block_start = block_start if pending else start
     state, loss = compiled(state, x, y)
     record["dispatch"].append(time.perf_counter() - start)
-    record["losses"].append(float(loss))  # waits for the step
-    record["step_s"].append(time.perf_counter() - start)
+    pending.append(loss)
+    if step % sync_every and step < steps:
+      continue
+    record["losses"] += [float(l) for l in pending]  # waits for the block
+    elapsed = time.perf_counter() - block_start
+    record["step_s"] += [elapsed / len(pending)] * len(pending)
+    pending = []
   return lambda step: programs[schedule(step)], state, (x, y), record
 
 
@@ -320,7 +328,7 @@ def run_one(name, args):
   import optax_shampoo4 as o4
 
   run = setup(name, args)
-  program_at, state, xy, record = train(run, args.steps)
+  program_at, state, xy, record = train(run, args.steps, args.sync_every)
   held = held_out_loss(run, state.params)
   state, free_ms = free_running_ms(program_at, args.steps + 1, state, xy)
   breakdown = None
@@ -334,7 +342,8 @@ def run_one(name, args):
   times, losses = record["step_s"], record["losses"]
   ms = lambda f, x: 1e3 * float(f(x[5:]))
   return dict(
-      name=name, devices=args.devices, state_bytes_per_device=int(
+      name=name, devices=args.devices, sync_every=args.sync_every,
+      state_bytes_per_device=int(
           o4.state_nbytes(state.opt_state, per_device=True)),
       params=int(sum(p.size for p in jax.tree.leaves(state.params))),
       final_loss=float(np.mean(losses[-SMOOTH:])), held_out_loss=held,
@@ -378,7 +387,8 @@ def summarize(results, out):
   print(
       f"\n{results[0]['params'] / 1e6:.1f} M params on {results[0]['device']}, "
       f"jax {results[0]['jax']}; "
-      f"target = {best['name']}'s final loss {target:.4f}")
+      f"target = {best['name']}'s final loss {target:.4f}; the loop waited "
+      f"every {results[0].get('sync_every', 1)} step(s)")
   header = ("optimizer", "final loss", "held-out", "ms/step med / mean",
             "ms/step, loop not waiting", "time to target (× best adamw)",
             "state MiB", "peak GiB (× adamw)", "temp GiB",
@@ -471,6 +481,10 @@ def parser() -> argparse.ArgumentParser:
       "them")
   parser.add_argument("--precondition-every", type=int, default=10,
                       help="SOAP's basis interval")
+  parser.add_argument(
+      "--sync-every", type=int, default=1,
+      help="the training loop waits for the step (reads its loss) only every "
+      "this many steps; step times are then each block's mean")
   parser.add_argument(
       "--only", default=None,
       help="';'-separated optimizer names (default: all); "
