@@ -26,7 +26,8 @@ SECOND_MOMENTS = ("rank1", "block", "factored")
 IMPLEMENTATIONS = ("xla", "pallas")
 MIB = 2**20
 # Björck steps (statistics update, use) of a loaded 4-bit basis, by algorithm;
-# ShampooConfig.bjorck_steps says why they differ.
+# ShampooConfig.bjorck_steps says why the uses differ. The first entries agree:
+# SOAP's refresh is Shampoo's statistics step (shampoo.update_statistics).
 DEFAULT_BJORCK_STEPS = {"shampoo": (1, 4), "soap": (1, 0)}
 
 
