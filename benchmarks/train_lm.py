@@ -259,7 +259,8 @@ def train(run: Setup, steps: int, sync_every: int = 1):
     x, y = batch(run, run.corpus[0], rng)
     compiled = programs[schedule(step)]
     start = time.perf_counter()
-    block_start = block_start if pending else start
+    if not pending:  # the first step of a block
+      block_start = start
     state, loss = compiled(state, x, y)
     record["dispatch"].append(time.perf_counter() - start)
     pending.append(loss)
