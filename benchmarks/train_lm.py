@@ -168,7 +168,8 @@ def setup(name, args) -> Setup:
   import lm
   import optax_shampoo4 as o4
 
-  size = lm.SIZES[args.size]
+  size = dict(lm.SIZES[args.size])
+  size["batch"] = args.batch or size["batch"]
   model = lm.ByteTransformer(size["width"], size["layers"], size["heads"],
                              size["context"], jnp.bfloat16)
   params = model.init(
@@ -344,6 +345,7 @@ def run_one(name, args):
   ms = lambda f, x: 1e3 * float(f(x[5:]))
   return dict(
       name=name, devices=args.devices, sync_every=args.sync_every,
+      batch=run.size["batch"], context=run.size["context"],
       state_bytes_per_device=int(
           o4.state_nbytes(state.opt_state, per_device=True)),
       params=int(sum(p.size for p in jax.tree.leaves(state.params))),
@@ -389,7 +391,9 @@ def summarize(results, out):
       f"\n{results[0]['params'] / 1e6:.1f} M params on {results[0]['device']}, "
       f"jax {results[0]['jax']}; "
       f"target = {best['name']}'s final loss {target:.4f}; the loop waited "
-      f"every {results[0].get('sync_every', 1)} step(s)")
+      f"every {results[0].get('sync_every', 1)} step(s)" +
+      (f"; batch {results[0]['batch']} x {results[0]['context']} tokens"
+       if "batch" in results[0] else ""))
   header = ("optimizer", "final loss", "held-out", "ms/step med / mean",
             "ms/step, loop not waiting", "time to target (× best adamw)",
             "state MiB", "peak GiB (× adamw)", "temp GiB",
@@ -470,6 +474,10 @@ def parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=1200)
   parser.add_argument("--size", default="base")
+  parser.add_argument(
+      "--batch", type=int, default=None,
+      help="sequences per step (default: the size's own, 32 for base); the "
+      "optimizer's cost per step is fixed while the model's grows with it")
   parser.add_argument("--max-bytes", type=int, default=8_000_000)
   parser.add_argument("--lr", type=float, default=1e-3,
                       help="Shampoo's peak learning rate")
