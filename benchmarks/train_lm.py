@@ -1,8 +1,8 @@
 """Whole training runs of a Flax byte-level GPT: AdamW against Shampoo,
 all-4-bit and SOAP, side by side (GPU).
 
-    python benchmarks/train_lm.py [--steps 1200] [--size base] [--out
-    benchmarks/results/train_lm]
+    python benchmarks/train_lm.py [--steps 1200] [--size base] [--batch 32]
+    [--out benchmarks/results/train_lm]
 
 The model is ``examples/lm.py``'s transformer (Flax
 ``MultiHeadDotProductAttention``, bf16 compute, fp32 params; ``--size base``:
