@@ -1,0 +1,88 @@
+"""The optimizers that ``benchmarks/train_lm.py`` compares, by name, and the
+schedule that the loop passes to its host-scheduled variants."""
+
+from __future__ import annotations
+
+
+def optimizers(args, base=None):
+  """name -> (peak lr, factory of the optimizer given a schedule), built in the
+  child process; ``base``: the ShampooConfig the Shampoo and SOAP variants start
+  from (its sharding, with ``--devices``)."""
+  import dataclasses
+  import optax
+  import optax_shampoo4 as o4
+  base = base or o4.ShampooConfig()
+  fp32 = dataclasses.replace(base, bits=32)
+  intervals = dict(statistics_every=args.statistics_every,
+                   inverse_root_every=args.inverse_root_every)
+  adamw = lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1)
+  shampoo = lambda config=base, **kw: (lambda s: o4.shampoo_adamw(
+      s, b2=0.95, weight_decay=0.1, shampoo=config, **{
+          **intervals,
+          **kw
+      }))
+  soap = lambda config=base, **kw: (lambda s: o4.soap(
+      s, b2=0.95, weight_decay=0.1, config=config, precondition_every=args.
+      precondition_every, **kw))
+  return {
+      "adamw lr 1e-3": (1e-3, adamw),
+      "adamw lr 2e-3": (2e-3, adamw),
+      "shampoo 4-bit": (args.lr, shampoo()),
+      "shampoo 32-bit": (args.lr, shampoo(fp32)),
+      "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
+      "shampoo 4-bit, 100/500":
+          (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
+      "shampoo 4-bit, 50/250":
+          (args.lr, shampoo(statistics_every=50, inverse_root_every=250)),
+      "shampoo 4-bit, 100/100":
+          (args.lr, shampoo(statistics_every=100, inverse_root_every=100)),
+      "shampoo 4-bit, 256 MiB working set":
+          (args.lr,
+           shampoo(dataclasses.replace(base, working_set_bytes=256 * 2**20))),
+      "shampoo 4-bit, max order 768":
+          (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
+      "shampoo 4-bit, NaN steps not skipped": (args.lr,
+                                               shampoo(skip_nonfinite=False)),
+      "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
+      "shampoo all-4-bit, host-scheduled updates":
+          (args.lr, shampoo(adam=o4.AdamConfig())),
+      "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
+      "soap 4-bit lr 3e-3": (3e-3, soap()),
+      "soap 4-bit lr 1e-3": (1e-3, soap()),
+      "soap 4-bit, bf16 rotations lr 1e-3":
+          (1e-3,
+           soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
+          (1e-3,
+           soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
+      "host-scheduled refresh":
+          (1e-3,
+           soap(
+               dataclasses.replace(base, preconditioning_precision="bf16",
+                                   bjorck_steps=(1, 1)))),
+      "soap 4-bit, bf16 rotations, 4 GiB working set lr 1e-3, "
+      "host-scheduled refresh":
+          (1e-3,
+           soap(
+               dataclasses.replace(base, preconditioning_precision="bf16",
+                                   working_set_bytes=4 * 2**30))),
+      "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+      "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+      "soap 4-bit, 8-bit moments lr 1e-3":
+          (1e-3, soap(moments=o4.AdamConfig(bits=8))),
+      "soap 4-bit, fp32 moments lr 1e-3": (1e-3,
+                                           soap(moments=o4.AdamConfig(bits=32)))
+  }
+
+
+def host_schedule(name, args):
+  """For the variants whose training loop passes ``preconditioner_due``: the
+  function of the 1-based step that gives it; None for the others."""
+  import optax_shampoo4 as o4
+  if "host-scheduled" not in name:
+    return None
+  if name.startswith("soap"):
+    return lambda step: (o4.due_at(step, args.precondition_every), False)
+  return lambda step: (o4.due_at(step, args.statistics_every),
+                       o4.due_at(step, args.inverse_root_every))
