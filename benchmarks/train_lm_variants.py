@@ -55,6 +55,11 @@ def optimizers(args, base=None):
       "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
           (1e-3,
            soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations, b1 0.9 lr 1e-3, host-scheduled refresh":
+          (1e-3,
+           soap(
+               dataclasses.replace(base, preconditioning_precision="bf16"),
+               b1=0.9)),
       "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
       "host-scheduled refresh":
           (1e-3,
