@@ -254,7 +254,10 @@ def soap(
   Args:
     learning_rate: a float or an Optax schedule (default 3e-3, the SOAP
       paper's).
-    b1, b2, eps: Adam's constants (defaults 0.95, 0.95, 1e-8).
+    b1, b2, eps: Adam's constants (defaults 0.95, 0.95, 1e-8, the paper's).
+      On the byte-level LM at 32,768 tokens a step, ``b1=0.9`` reached
+      AdamW's loss at two thirds of its steps and 0.95 did not reach it
+      (``docs/benchmarks.md``, "At four times the batch").
     weight_decay: decoupled weight decay (default 0.01).
     mask: weight-decay mask, as in ``optax.adamw``.
     config: the bases, :class:`ShampooConfig` (default 4-bit eigenvectors;

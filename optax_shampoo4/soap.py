@@ -317,7 +317,7 @@ def scale_by_soap(
   and moments.
 
   Args:
-    b1: decay of the first moment (default 0.95).
+    b1: decay of the first moment (default 0.95; see :func:`soap` for 0.9).
     b2: decay of the second moment (default 0.95).
     eps: added to ``√V̂`` in the denominator (default 1e-8).
     config: the bases' structure: ``bits`` (4: linear-2, 8 or 32), Björck
