@@ -1,5 +1,7 @@
 """Problems and utilities the test modules share."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,3 +197,50 @@ def assert_state_kept_but_counters(old_state, new_state) -> int:
           np.asarray(new[path]), np.asarray(leaf), err_msg=path)
       checked += 1
   return checked
+
+
+# A 2-D kernel each way, a conv kernel and a bias: every kind of leaf that the
+# sharding tests spread over devices
+SHARDED_TEST_PARAMS = {
+    "a": jnp.zeros((96, 80)),
+    "b": jnp.zeros((80, 96)),
+    "c": jnp.zeros((3, 3, 8, 96)),
+    "bias": jnp.zeros(96)
+}
+
+
+def relative(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# A collective in CPU HLO ("all-gather(") or in its GPU asynchronous form
+# ("all-gather-start(").
+COLLECTIVE = re.compile(
+    r" (all-gather|collective-permute|all-to-all|all-reduce)(-start)?\(")
+
+
+def result_shapes(line: str):
+  """Every array shape an HLO instruction produces (one, or a tuple's for the
+  async forms)."""
+  result = line.split("=", 1)[1].split(COLLECTIVE.search(line).group(0), 1)[0]
+  return [
+      tuple(int(d)
+            for d in dims.split(",")
+            if d)
+      for dims in re.findall(r"\w+\[([\d,]*)\]", result)
+  ]
+
+
+def assert_no_full_stack_gather(hlo: str, stacks) -> None:
+  """No all-gather produces a whole stored stack, or a whole stack's dequantized
+  fp32 form (k, n, n)."""
+  stored = {
+      tuple(leaf.shape) for leaf in jax.tree.leaves(stacks) if leaf.ndim >= 3
+  }
+  full_shapes = stored | {(k, n, n) for k, n, _ in stored}
+  for line in hlo.splitlines():
+    match = COLLECTIVE.search(line)
+    if match and match.group(1) == "all-gather":
+      for shape in result_shapes(line):
+        assert shape not in full_shapes, line

@@ -56,9 +56,10 @@ def test_lm_runs_on_the_standard_library_sources(tmp_path):
 def test_cifar_loader_reads_both_pickle_formats(tmp_path):
   import pickle
 
-  import cifar
-  cifar.write_cifar_like(str(tmp_path / "cifar-10-batches-py"), 50, 20, seed=3)
-  (train_x, train_y), (test_x, test_y), classes = cifar.load_cifar(
+  import cifar_data
+  cifar_data.write_cifar_like(
+      str(tmp_path / "cifar-10-batches-py"), 50, 20, seed=3)
+  (train_x, train_y), (test_x, test_y), classes = cifar_data.load_cifar(
       str(tmp_path))  # finds the subdirectory
   assert classes == 10 and train_x.shape == (50, 32, 32,
                                              3) and test_x.shape == (20, 32, 32,
@@ -84,12 +85,12 @@ def test_cifar_loader_reads_both_pickle_formats(tmp_path):
               b"fine_labels": list(rng.integers(0, 100, n)),
               b"coarse_labels": [0] * n
           }, f)
-  (train_x, train_y), (test_x, _), classes = cifar.load_cifar(str(hundred))
+  (train_x, train_y), (test_x, _), classes = cifar_data.load_cifar(str(hundred))
   assert classes == 100 and train_x.shape == (30, 32, 32,
                                               3) and len(test_x) == 12
 
   with pytest.raises(FileNotFoundError, match="python-pickle"):
-    cifar.load_cifar(str(tmp_path / "nowhere"))
+    cifar_data.load_cifar(str(tmp_path / "nowhere"))
 
 
 def test_cifar_trains_resnet_and_vit_on_a_generated_file(tmp_path):

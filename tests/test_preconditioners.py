@@ -9,6 +9,7 @@ import pytest
 
 import optax_shampoo4 as o4
 from optax_shampoo4 import diagnostics, preconditioners
+from helpers import relative
 from optax_shampoo4.config import ShampooConfig
 
 
@@ -54,7 +55,6 @@ def test_every_storage_keeps_the_interface_contract(storage, bits):
     state, ok = update(state, jnp.asarray(grams, jnp.float32))
     assert bool(jnp.all(ok)) and signature(state) == before
     expected = beta * expected + (1 - beta) * grams
-  relative = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
   statistic = np.asarray(functions.statistic(state), np.float64)
   statistic_bound, root_bound = CONTRACT_BOUNDS[storage, bits]
   assert relative(statistic, expected) <= statistic_bound
