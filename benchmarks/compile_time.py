@@ -53,7 +53,7 @@ def compile_one(name: str, args) -> dict:
   x, y = train_lm.batch(run, run.corpus[0], np.random.default_rng(0))
   due = run.schedule(1) if run.schedule else None
   start = time.perf_counter()
-  lowered = run.jit(train_lm.training_step(run, due)).lower(run.state, x, y)
+  lowered = run.jit(train_lm.training_step(run)).lower(run.state, x, y, due=due)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()

@@ -73,7 +73,7 @@ class Setup(NamedTuple):
   state: Any  # a flax TrainState
   corpus: Tuple[np.ndarray, np.ndarray]  # train and held-out bytes
   size: Dict[str, int]
-  jit: Callable  # jax.jit with the state donated (and sharded)
+  jit: Callable  # jax.jit with the state donated (and sharded), due static
   place: Callable  # puts a batch (x, y) where the step expects it
   # step -> preconditioner_due, for a loop that schedules the updates
   schedule: Optional[Callable[[int], Tuple[bool, bool]]] = None
@@ -106,13 +106,13 @@ def setup(name, args) -> Setup:
                                                 args.steps, peak / 10)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params,
                                         tx=factory(schedule))
-  jit = lambda f: jax.jit(f, donate_argnums=0)
+  jit = lambda f: jax.jit(f, donate_argnums=0, static_argnames="due")
   place = lambda x, y: (x, y)
   if args.devices > 1:
     _, state_sharding, batch_sharding = data_parallel(state, args.devices)
     state = jax.device_put(state, state_sharding)
-    jit = lambda f: jax.jit(f, donate_argnums=0, out_shardings=(state_sharding,
-                                                                None))
+    jit = lambda f: jax.jit(f, donate_argnums=0, static_argnames="due",
+                            out_shardings=(state_sharding, None))
     place = lambda x, y: (jax.device_put(x, batch_sharding),
                           jax.device_put(y, batch_sharding))
   return Setup(model, state, lm.load_corpus(args.max_bytes), size, jit, place,
@@ -129,14 +129,15 @@ def loss_function(model):
   return loss_fn
 
 
-def training_step(run: Setup, due=None):
-  """``step(state, x, y) -> (state, loss)``: one gradient step of the run's
-  model, before ``run.jit``; ``due``: the ``preconditioner_due`` it passes."""
+def training_step(run: Setup):
+  """``step(state, x, y, due=None) -> (state, loss)``: one gradient step of the
+  run's model, before ``run.jit``; ``due``: the ``preconditioner_due`` it
+  passes."""
   import jax
   import optax_shampoo4 as o4
   loss_fn = loss_function(run.model)
 
-  def step(state, x, y):
+  def step(state, x, y, due=None):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
     return o4.apply_scheduled_gradients(state, grads, due), loss
 
@@ -149,9 +150,29 @@ def batch(run: Setup, data, rng):
       *lm.batches(data, run.size["context"], run.size["batch"], rng))
 
 
-def train(run: Setup, steps: int, sync_every: int = 1):
+def compile_programs(run: Setup, dues, xy, options=None):
+  """``({due: compiled}, seconds)``: one program per distinct schedule entry,
+  lowered and compiled one after the other (seconds per program), or with
+  ``options`` (``compile_scheduled``'s keywords) side by side by
+  ``o4.compile_scheduled`` (seconds: its wall-clock, lowering included)."""
+  import optax_shampoo4 as o4
+  jitted = run.jit(training_step(run))
+  if options is not None:
+    start = time.perf_counter()
+    programs = o4.compile_scheduled(jitted, dues, run.state, *xy, **options)
+    return programs, [time.perf_counter() - start]
+  programs, seconds = {}, []
+  for due in dict.fromkeys(dues):
+    start = time.perf_counter()
+    programs[due] = jitted.lower(run.state, *xy, due=due).compile()
+    seconds.append(time.perf_counter() - start)
+  return programs, seconds
+
+
+def train(run: Setup, steps: int, sync_every: int = 1, compile_with=None):
   """``(program_at, state, last batch, record)``: the run's steps, waited for
-  every ``sync_every`` steps (a loop that logs its loss that often);
+  every ``sync_every`` steps (a loop that logs its loss that often), its
+  programs compiled by :func:`compile_programs` with ``compile_with``;
   ``program_at(step)`` is the compiled program of the 1-based step (up to
   ``steps + FREE_RUNNING_STEPS``); ``record`` has the losses, step seconds
   (each step of a block of ``sync_every`` its share of the block's time) and
@@ -160,16 +181,9 @@ def train(run: Setup, steps: int, sync_every: int = 1):
   rng = np.random.default_rng(0)
   x, y = batch(run, run.corpus[0], rng)
   schedule = run.schedule or (lambda step: None)
-  # a host-scheduled loop compiles one program per distinct schedule entry
-  programs = {
-      schedule(step): None for step in range(1, steps + FREE_RUNNING_STEPS + 1)
-  }
-  compile_s = []
-  for due in programs:
-    start = time.perf_counter()
-    programs[due] = run.jit(training_step(run, due)).lower(run.state, x,
-                                                           y).compile()
-    compile_s.append(time.perf_counter() - start)
+  programs, compile_s = compile_programs(
+      run, [schedule(s) for s in range(1, steps + FREE_RUNNING_STEPS + 1)],
+      (x, y), compile_with)
   record = dict(
       compile_s=sum(compile_s), compile_s_by_program=compile_s, temp_bytes=max(
           c.memory_analysis().temp_size_in_bytes for c in programs.values()),
@@ -244,12 +258,24 @@ def profile(name, args, compiled, state, xy):
   return carry[0], breakdown
 
 
+def compile_options(args):
+  """``compile_scheduled``'s keywords from the command line, or None to compile
+  the programs one after the other."""
+  if not args.compile_concurrently:
+    return None
+  level = args.update_autotune_level
+  options = None if level is None else {"xla_gpu_autotune_level": level}
+  return dict(update_compiler_options=options)
+
+
 def run_one(name, args):
   import jax
+  import lm
   import optax_shampoo4 as o4
 
   run = setup(name, args)
-  program_at, state, xy, record = train(run, args.steps, args.sync_every)
+  program_at, state, xy, record = train(run, args.steps, args.sync_every,
+                                        compile_options(args))
   held = held_out_loss(run, state.params)
   state, free_ms = free_running_ms(program_at, args.steps + 1, state, xy)
   breakdown = None
@@ -274,9 +300,11 @@ def run_one(name, args):
       ms_free_running=free_ms, state_bytes=int(
           o4.state_nbytes(state.opt_state)), peak_bytes=int(peak_bytes),
       temp_bytes=int(record["temp_bytes"]), compile_s=record["compile_s"],
-      compile_s_by_program=record["compile_s_by_program"], losses=losses,
-      step_s=times, device=str(jax.devices()[0].device_kind),
-      jax=jax.__version__, profile=breakdown)
+      compile_s_by_program=record["compile_s_by_program"],
+      compiled_concurrently=args.compile_concurrently,
+      update_autotune_level=args.update_autotune_level,
+      corpus=lm.corpus_fingerprint(run.corpus), losses=losses, step_s=times, device=str(
+          jax.devices()[0].device_kind), jax=jax.__version__, profile=breakdown)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -313,6 +341,14 @@ def parser() -> argparse.ArgumentParser:
       help="after the run, trace this many plain "
       "steps and split their wall-clock by part of the program "
       "(benchmarks/step_trace.py)")
+  parser.add_argument(
+      "--compile-concurrently", action="store_true",
+      help="compile the plain and update programs side by side "
+      "(o4.compile_scheduled); compile s is then the wall-clock of all")
+  parser.add_argument(
+      "--update-autotune-level", type=int, default=None,
+      help="with --compile-concurrently: XLA:GPU's autotune level for the "
+      "programs that update the preconditioners (default: the plain step's)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument(
       "--profile-free-running", action="store_true",

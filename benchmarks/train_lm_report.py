@@ -49,7 +49,9 @@ def summarize(results, out):
       f"target = {best['name']}'s final loss {target:.4f}; the loop waited "
       f"every {results[0].get('sync_every', 1)} step(s)" +
       (f"; batch {results[0]['batch']} x {results[0]['context']} tokens"
-       if "batch" in results[0] else ""))
+       if "batch" in results[0] else "") +
+      ("; compile s: the wall-clock of the programs compiled side by side"
+       if results[0].get("compiled_concurrently") else ""))
   header = ("optimizer", "final loss", "held-out", "ms/step med / mean",
             "ms/step, loop not waiting", "time to target (× best adamw)",
             "state MiB", "peak GiB (× adamw)", "temp GiB",

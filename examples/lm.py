@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import sysconfig
+import zlib
 from typing import Any
 
 import jax
@@ -60,6 +62,15 @@ def load_corpus(max_bytes: int = 4_000_000):
     raise RuntimeError(f"standard library sources not found under {root}")
   split = int(0.9 * len(corpus))
   return corpus[:split], corpus[split:]
+
+
+def corpus_fingerprint(corpus) -> dict:
+  """What identifies a corpus of :func:`load_corpus`, which is the running
+  Python's standard library and so differs between Python versions."""
+  train, held_out = corpus
+  return dict(python=platform.python_version(), train_bytes=len(train),
+              held_out_bytes=len(held_out),
+              crc32=zlib.crc32(train.tobytes() + held_out.tobytes()))
 
 
 class Block(nn.Module):

@@ -11,8 +11,8 @@ Public API:
   apply_gradients.
 - NaN safety: skip_nonfinite.
 - Preconditioner updates scheduled by the training loop (no conditional in the
-  step): due_at, apply_scheduled_gradients, and ``update``'s keyword
-  ``preconditioner_due``.
+  step): due_at, apply_scheduled_gradients, compile_scheduled, and
+  ``update``'s keyword ``preconditioner_due``.
 - Transformations: scale_by_shampoo, scale_by_soap, scale_by_adam_4bit.
 - Configs: ShampooConfig, AdamConfig, DimensionNumbers.
 - Quantization: quantize, dequantize, codebook, QuantizedArray.
@@ -57,7 +57,7 @@ from optax_shampoo4.memory import (  # noqa: E402
     format_memory_report, format_parameter_memory, memory_report,
     parameter_memory, state_nbytes)
 from optax_shampoo4.host_schedule import (  # noqa: E402
-    apply_scheduled_gradients, due_at)
+    apply_scheduled_gradients, compile_scheduled, due_at)
 from optax_shampoo4.nonfinite import skip_nonfinite  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
     CholeskyPreconditioner, EigenBasis, EigenPreconditioner,
@@ -81,6 +81,7 @@ __all__ = [
     "skip_nonfinite",
     "due_at",
     "apply_scheduled_gradients",
+    "compile_scheduled",
     "scale_by_shampoo",
     "scale_by_adam_4bit",
     "ShampooConfig",

@@ -255,8 +255,9 @@ def soap(
     learning_rate: a float or an Optax schedule (default 3e-3, the SOAP
       paper's).
     b1, b2, eps: Adam's constants (defaults 0.95, 0.95, 1e-8, the paper's).
-      On the byte-level LM at 32,768 tokens a step, ``b1=0.9`` reached
-      AdamW's loss at two thirds of its steps and 0.95 did not reach it
+      ``b1=0.9`` did better on the byte-level LM at both batches measured:
+      at 32,768 tokens a step it reached AdamW's loss at two thirds of its
+      steps and 0.95 did not reach it, and at 8,192 it ended 0.03 lower
       (``docs/benchmarks.md``, "At four times the batch").
     weight_decay: decoupled weight decay (default 0.01).
     mask: weight-decay mask, as in ``optax.adamw``.

@@ -27,11 +27,14 @@ Each distinct ``due`` compiles once (a plain step and, at most, two update
 steps), and none of them holds a conditional. ``optax.chain``,
 ``optax.inject_hyperparams`` and the aliases pass the keyword through; a Flax
 ``TrainState`` steps with :func:`apply_scheduled_gradients`.
+:func:`compile_scheduled` compiles those programs ahead of the loop, side by
+side.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from concurrent import futures
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,9 @@ from optax_shampoo4 import _checks
 
 #: The keyword of ``update`` that carries the host's schedule.
 DUE_KEYWORD = "preconditioner_due"
+#: One step's schedule: (statistics, roots) or, for SOAP, (refresh, unused);
+#: None where the transformations schedule themselves.
+Due = Optional[Tuple[bool, bool]]
 
 
 def due_at(step: int, every: int, start_step: int = 1) -> bool:
@@ -86,13 +92,66 @@ def scheduled_due(extra_args: Dict[str, Any]) -> Optional[Tuple[bool, bool]]:
   due = extra_args.get(DUE_KEYWORD)
   if due is None:
     return None
+  _check_due(DUE_KEYWORD, due)
+  return bool(due[0]), bool(due[1])
+
+
+def _check_due(name: str, due) -> None:
   if (not isinstance(due, tuple) or len(due) != 2 or
       not all(isinstance(d, (bool, np.bool_)) for d in due)):
     raise TypeError(
-        f"{DUE_KEYWORD} must be a pair of Python bools (statistics, roots) "
+        f"{name} must be a pair of Python bools (statistics, roots) "
         "computed on the host and passed as a static argument of the jitted "
         f"step, got {type(due).__name__} {due!r}")
-  return bool(due[0]), bool(due[1])
+
+
+def compile_scheduled(step: Any, dues: Iterable[Due], *args,
+                      update_compiler_options: Optional[Dict[str, Any]] = None,
+                      **kwargs) -> Dict[Due, "jax.stages.Compiled"]:
+  """The compiled program of every distinct ``due``, compiled concurrently.
+
+  The programs of a host-scheduled loop (the plain step and the update steps,
+  each a whole training step) are lowered one after the other and compiled in
+  threads, since XLA releases the GIL while it compiles; how much that saves
+  depends on the host's cores and, on a GPU, on the autotuners sharing it
+  (``docs/benchmarks.md``, "Compiling the programs side by side").
+
+  Args:
+    step: a ``jax.jit``-wrapped training step whose keyword ``due`` is static
+      (``static_argnames="due"``) and passed on as ``preconditioner_due``.
+    dues: the values of ``due`` the loop will pass, e.g. ``{(o4.due_at(s, 100),
+      o4.due_at(s, 500)) for s in range(1, 501)}``; pairs of Python bools, or
+      None for a step whose transformations schedule themselves.
+    *args, **kwargs: example arguments of ``step`` (arrays or
+      ``jax.ShapeDtypeStruct``), as for ``step.lower``.
+    update_compiler_options: XLA options of the programs that update the
+      preconditioners (a ``due`` with a true entry), which run once in every
+      ``statistics_every`` steps. None (default): the plain step's. Measured
+      on an H100, ``{"xla_gpu_autotune_level": 0}`` shortened the compile
+      but made the statistics step several times slower.
+
+  Returns:
+    ``{due: compiled}``; call ``compiled(*args, **kwargs)`` without ``due``.
+
+  Raises:
+    TypeError: if ``step`` is not jitted or a ``due`` is neither None nor a
+      pair of bools.
+  """
+  if not hasattr(step, "lower"):
+    raise TypeError("step must be a jax.jit-wrapped function with a static "
+                    f"keyword 'due', got {type(step).__name__}")
+  dues = list(dict.fromkeys(dues))
+  for due in dues:
+    if due is not None:
+      _check_due("each entry of dues", due)
+  # tracing holds the GIL: lowering stays sequential, only compiles overlap
+  lowered = [step.lower(*args, due=due, **kwargs) for due in dues]
+  options = [
+      update_compiler_options if due and any(due) else None for due in dues
+  ]
+  with futures.ThreadPoolExecutor(max(len(dues), 1)) as pool:
+    compiled = list(pool.map(lambda l, o: l.compile(o), lowered, options))
+  return dict(zip(dues, compiled))
 
 
 def apply_scheduled_gradients(train_state: Any, grads: optax.Updates,

@@ -130,3 +130,39 @@ def test_apply_scheduled_gradients_steps_a_flax_train_state():
   plain = optax.GradientTransformation(*optax.scale(-0.5))
   moved = o4.apply_scheduled_gradients(create(plain), grads_at(1), None)
   np.testing.assert_allclose(moved.params["w"], -0.5 * grads_at(1)["w"])
+
+
+def test_compile_scheduled_gives_the_jitted_steps_programs():
+  """Every distinct ``due`` compiles once; four steps through the compiled
+  programs equal the jitted step's; the update options reach the update
+  programs only (an unknown XLA option fails there and nowhere else); bad
+  arguments raise a TypeError that names them."""
+  from flax.training import train_state
+  tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2)
+  state = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
+  step = jax.jit(o4.apply_scheduled_gradients, static_argnames="due")
+  dues = [(True, o4.due_at(i, 2)) for i in range(1, 5)]
+  programs = o4.compile_scheduled(
+      step, dues + [None], state, grads_at(1),
+      update_compiler_options={"xla_gpu_autotune_level": 0})
+  assert set(programs) == {(True, False), (True, True), None}
+  jitted = compiled = state
+  for i, due in enumerate(dues, start=1):
+    jitted = step(jitted, grads_at(i), due=due)
+    compiled = programs[due](compiled, grads_at(i))
+  for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6,
+        atol=1e-7)
+  bad = {"xla_no_such_option": 1}
+  assert set(
+      o4.compile_scheduled(step, [(False, False)], state, grads_at(1),
+                           update_compiler_options=bad)) == {(False, False)}
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    o4.compile_scheduled(step, [(True, False)], state, grads_at(1),
+                         update_compiler_options=bad)
+  with pytest.raises(TypeError, match="dues"):
+    o4.compile_scheduled(step, [(1, 0)], state, grads_at(1))
+  with pytest.raises(TypeError, match="step must be"):
+    o4.compile_scheduled(o4.apply_scheduled_gradients, [None], state,
+                         grads_at(1))
