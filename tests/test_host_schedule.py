@@ -44,7 +44,7 @@ def scheduled_update(tx):
   return jax.jit(tx.update, static_argnames="preconditioner_due")
 
 
-# shampoo_adamw itself: test_apply_scheduled_gradients_steps_a_flax_train_state
+# shampoo_adamw itself: test_compiled_scheduled_programs_step_a_flax_train_state
 @pytest.mark.parametrize("name", ["all-4-bit, injected", "soap"])
 def test_the_host_schedule_equals_the_conditional_without_one(name):
   """Six steps (statistics, roots and bases updates among them): the updates
@@ -107,62 +107,90 @@ def test_due_at_follows_the_transformations_own_rule():
     o4.due_at(4, 2.5)
 
 
-def test_apply_scheduled_gradients_steps_a_flax_train_state():
-  """``o4.apply_scheduled_gradients`` equals ``TrainState.apply_gradients`` (the
-  transformation scheduling itself) over four steps with a roots update, and
-  with no schedule it passes no keyword, as a plain GradientTransformation
-  needs."""
+def test_compiled_scheduled_programs_step_a_flax_train_state():
+  """The programs of ``o4.compile_scheduled`` over
+  ``o4.apply_scheduled_gradients`` (one per distinct ``due``, None the
+  self-scheduling one) equal ``TrainState.apply_gradients`` over four steps
+  with a roots update; with no schedule it passes no keyword, as a plain
+  GradientTransformation needs."""
   from flax.training import train_state
   tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2)
   create = lambda tx: train_state.TrainState.create(apply_fn=None,
                                                     params=PARAMS, tx=tx)
-  own, scheduled = create(tx), create(tx)
   step = jax.jit(o4.apply_scheduled_gradients, static_argnames="due")
+  dues = [(True, o4.due_at(i, 2)) for i in range(1, 5)]
+  programs = o4.compile_scheduled(
+      step, dues + [None], create(tx), grads_at(1),
+      update_compiler_options={"xla_gpu_autotune_level": 0})
+  assert set(programs) == {(True, False), (True, True), None}
   own_step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
-  for i in range(1, 5):
+  own = scheduled = self_scheduled = create(tx)
+  for i, due in enumerate(dues, start=1):
     own = own_step(own, grads_at(i))
-    scheduled = step(scheduled, grads_at(i), due=(True, o4.due_at(i, 2)))
-  for a, b in zip(jax.tree.leaves(scheduled), jax.tree.leaves(own)):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
-        atol=1e-6)
+    scheduled = programs[due](scheduled, grads_at(i))
+    self_scheduled = programs[None](self_scheduled, grads_at(i))
+  for got in (scheduled, self_scheduled):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(own)):
+      np.testing.assert_allclose(
+          np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+          atol=1e-6)
   assert int(scheduled.step) == 4
   plain = optax.GradientTransformation(*optax.scale(-0.5))
   moved = o4.apply_scheduled_gradients(create(plain), grads_at(1), None)
   np.testing.assert_allclose(moved.params["w"], -0.5 * grads_at(1)["w"])
 
 
-def test_compile_scheduled_gives_the_jitted_steps_programs():
-  """Every distinct ``due`` compiles once; four steps through the compiled
-  programs equal the jitted step's; the update options reach the update
-  programs only (an unknown XLA option fails there and nowhere else); bad
-  arguments raise a TypeError that names them."""
-  from flax.training import train_state
-  tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2)
-  state = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
-  step = jax.jit(o4.apply_scheduled_gradients, static_argnames="due")
-  dues = [(True, o4.due_at(i, 2)) for i in range(1, 5)]
-  programs = o4.compile_scheduled(
-      step, dues + [None], state, grads_at(1),
-      update_compiler_options={"xla_gpu_autotune_level": 0})
-  assert set(programs) == {(True, False), (True, True), None}
-  jitted = compiled = state
-  for i, due in enumerate(dues, start=1):
-    jitted = step(jitted, grads_at(i), due=due)
-    compiled = programs[due](compiled, grads_at(i))
-  for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(jitted)):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6,
-        atol=1e-7)
+def test_compile_scheduled_gives_update_options_to_update_programs_only():
+  """An unknown XLA option in ``update_compiler_options`` leaves the plain
+  program's compile alone and fails an update program's; bad arguments raise a
+  TypeError that names them."""
+  step = jax.jit(lambda x, due: x + 1.0
+                 if due and any(due) else 2.0 * x, static_argnames="due")
   bad = {"xla_no_such_option": 1}
-  assert set(
-      o4.compile_scheduled(step, [(False, False)], state, grads_at(1),
-                           update_compiler_options=bad)) == {(False, False)}
+  compile_with = lambda dues: o4.compile_scheduled(step, dues, jnp.ones(3),
+                                                   update_compiler_options=bad)
+  programs = compile_with([None, (False, False), None])
+  assert set(programs) == {None, (False, False)}
+  np.testing.assert_array_equal(programs[(False, False)](jnp.ones(3)), 2.0)
   with pytest.raises(Exception, match="xla_no_such_option"):
-    o4.compile_scheduled(step, [(True, False)], state, grads_at(1),
-                         update_compiler_options=bad)
+    compile_with([(False, False), (False, True)])
   with pytest.raises(TypeError, match="dues"):
-    o4.compile_scheduled(step, [(1, 0)], state, grads_at(1))
+    compile_with([(1, 0)])
   with pytest.raises(TypeError, match="step must be"):
-    o4.compile_scheduled(o4.apply_scheduled_gradients, [None], state,
-                         grads_at(1))
+    o4.compile_scheduled(lambda x, due: x, [None], jnp.ones(3))
+
+
+def test_compile_scheduled_compiles_the_programs_at_once():
+  """Three programs whose compile takes 0.5 s each are ready in well under
+  their 1.5 s sum, each compiled with its own options (a stand-in for a jitted
+  step, so that only the scheduling is timed)."""
+  import threading
+  import time
+
+  class Lowered:
+
+    def __init__(self, due):
+      self.due = due
+
+    def compile(self, options):
+      time.sleep(0.5)
+      return (self.due, options, threading.get_ident())
+
+  class Step:
+
+    def lower(self, *args, due):
+      del args
+      return Lowered(due)
+
+  start = time.perf_counter()
+  programs = o4.compile_scheduled(Step(), [(False, False), (True, False),
+                                           (True, True)], jnp.ones(3),
+                                  update_compiler_options={"level": 0})
+  assert time.perf_counter() - start < 1.0
+  assert [p[:2] for p in programs.values()] == [((False, False), None),
+                                                ((True, False), {
+                                                    "level": 0
+                                                }), ((True, True), {
+                                                    "level": 0
+                                                })]
+  assert len({p[2] for p in programs.values()}) == 3
