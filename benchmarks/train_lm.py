@@ -303,7 +303,8 @@ def run_one(name, args):
       compile_s_by_program=record["compile_s_by_program"],
       compiled_concurrently=args.compile_concurrently,
       update_autotune_level=args.update_autotune_level,
-      corpus=lm.corpus_fingerprint(run.corpus), losses=losses, step_s=times, device=str(
+      corpus=lm.corpus_fingerprint(run.corpus), losses=losses, step_s=times,
+      device=str(
           jax.devices()[0].device_kind), jax=jax.__version__, profile=breakdown)
 
 
