@@ -126,9 +126,9 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
       ``jax.ShapeDtypeStruct``), as for ``step.lower``.
     update_compiler_options: XLA options of the programs that update the
       preconditioners (a ``due`` with a true entry), which run once in every
-      ``statistics_every`` steps. None (default): the plain step's. Measured
-      on an H100, ``{"xla_gpu_autotune_level": 0}`` shortened the compile
-      but made the statistics step several times slower.
+      ``statistics_every`` steps. None (default): the plain step's.
+      ``{"xla_gpu_autotune_level": 0}`` shortens the compile but slows the
+      statistics step several times (``docs/benchmarks.md``).
 
   Returns:
     ``{due: compiled}``; call ``compiled(*args, **kwargs)`` without ``due``.
