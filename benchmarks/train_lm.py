@@ -19,7 +19,9 @@ bytes, peak GPU bytes, the compiled step's temp bytes (``memory_analysis()``)
 and its compile time. Prints a table, writes ``results.json`` and
 ``loss_vs_time.png`` (with matplotlib). ``--devices 4``: data-parallel over 4
 GPUs with params and optimizer state FSDP-sharded and Shampoo's / SOAP's stacks
-spread over the devices; peak memory is the largest device's.
+spread over the devices; peak memory is the largest device's. A variant whose
+name ends in ``, split step`` runs each step as two programs, the model's
+gradient and the optimizer's update (``train_lm_programs``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 # pylint: disable-next=wrong-import-position
 from train_lm_report import SMOOTH, summarize
 # pylint: disable-next=wrong-import-position
-from train_lm_variants import host_schedule, optimizers
+import train_lm_programs
+# pylint: disable-next=wrong-import-position
+from train_lm_variants import SPLIT_STEP, host_schedule, lookup, optimizers
 # steps of the loop that does not wait for each, after the run
 FREE_RUNNING_STEPS = 50
 
@@ -87,6 +91,8 @@ def setup(name, args) -> Setup:
   import lm
   import optax_shampoo4 as o4
 
+  if name.endswith(SPLIT_STEP) and args.devices > 1:
+    raise ValueError(f"{name!r}: a split step runs on one device")
   size = dict(lm.SIZES[args.size])
   size["batch"] = args.batch or size["batch"]
   model = lm.ByteTransformer(size["width"], size["layers"], size["heads"],
@@ -101,7 +107,7 @@ def setup(name, args) -> Setup:
     base = o4.ShampooConfig(
         shard_blocks=NamedSharding(
             Mesh(np.array(jax.devices()[:args.devices]), ("data",)), P("data")))
-  peak, factory = optimizers(args, base)[name]
+  peak, factory = lookup(name, args, base)
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, args.steps // 10,
                                                 args.steps, peak / 10)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params,
@@ -150,29 +156,23 @@ def batch(run: Setup, data, rng):
       *lm.batches(data, run.size["context"], run.size["batch"], rng))
 
 
-def compile_programs(run: Setup, dues, xy, options=None):
-  """``({due: compiled}, seconds)``: one program per distinct schedule entry,
-  lowered and compiled one after the other (seconds per program), or with
-  ``options`` (``compile_scheduled``'s keywords) side by side by
-  ``o4.compile_scheduled`` (seconds: its wall-clock, lowering included)."""
-  import optax_shampoo4 as o4
-  jitted = run.jit(training_step(run))
-  if options is not None:
-    start = time.perf_counter()
-    programs = o4.compile_scheduled(jitted, dues, run.state, *xy, **options)
-    return programs, [time.perf_counter() - start]
-  programs, seconds = {}, []
-  for due in dict.fromkeys(dues):
-    start = time.perf_counter()
-    programs[due] = jitted.lower(run.state, *xy, due=due).compile()
-    seconds.append(time.perf_counter() - start)
-  return programs, seconds
+def compile_programs(run: Setup, dues, xy, options=None, split=False):
+  """``({due: compiled}, seconds)``: the programs of every distinct schedule
+  entry (``train_lm_programs``), whole steps or, with ``split``, a gradient
+  program and the optimizer's programs; ``options``: ``compile_scheduled``'s
+  keywords, or None to compile one after the other."""
+  if split:
+    return train_lm_programs.compile_split(
+        loss_function(run.model), run.state, dues, xy, options)
+  return train_lm_programs.compile_whole(
+      run.jit(training_step(run)), run.state, dues, xy, options)
 
 
 def train(run: Setup, steps: int, sync_every: int = 1, compile_with=None):
   """``(program_at, state, last batch, record)``: the run's steps, waited for
   every ``sync_every`` steps (a loop that logs its loss that often), its
-  programs compiled by :func:`compile_programs` with ``compile_with``;
+  programs compiled by :func:`compile_programs` with the keywords
+  ``compile_with``;
   ``program_at(step)`` is the compiled program of the 1-based step (up to
   ``steps + FREE_RUNNING_STEPS``); ``record`` has the losses, step seconds
   (each step of a block of ``sync_every`` its share of the block's time) and
@@ -183,7 +183,7 @@ def train(run: Setup, steps: int, sync_every: int = 1, compile_with=None):
   schedule = run.schedule or (lambda step: None)
   programs, compile_s = compile_programs(
       run, [schedule(s) for s in range(1, steps + FREE_RUNNING_STEPS + 1)],
-      (x, y), compile_with)
+      (x, y), **(compile_with or {}))
   record = dict(
       compile_s=sum(compile_s), compile_s_by_program=compile_s, temp_bytes=max(
           c.memory_analysis().temp_size_in_bytes for c in programs.values()),
@@ -258,24 +258,15 @@ def profile(name, args, compiled, state, xy):
   return carry[0], breakdown
 
 
-def compile_options(args):
-  """``compile_scheduled``'s keywords from the command line, or None to compile
-  the programs one after the other."""
-  if not args.compile_concurrently:
-    return None
-  level = args.update_autotune_level
-  options = None if level is None else {"xla_gpu_autotune_level": level}
-  return dict(update_compiler_options=options)
-
-
 def run_one(name, args):
   import jax
   import lm
   import optax_shampoo4 as o4
 
   run = setup(name, args)
+  compile_with = train_lm_programs.compile_arguments(name, args)
   program_at, state, xy, record = train(run, args.steps, args.sync_every,
-                                        compile_options(args))
+                                        compile_with)
   held = held_out_loss(run, state.params)
   state, free_ms = free_running_ms(program_at, args.steps + 1, state, xy)
   breakdown = None
@@ -302,9 +293,8 @@ def run_one(name, args):
       temp_bytes=int(record["temp_bytes"]), compile_s=record["compile_s"],
       compile_s_by_program=record["compile_s_by_program"],
       compiled_concurrently=args.compile_concurrently,
-      update_autotune_level=args.update_autotune_level,
-      corpus=lm.corpus_fingerprint(run.corpus), losses=losses, step_s=times,
-      device=str(
+      compile_arguments=compile_with, corpus=lm.corpus_fingerprint(run.corpus),
+      losses=losses, step_s=times, device=str(
           jax.devices()[0].device_kind), jax=jax.__version__, profile=breakdown)
 
 
@@ -330,13 +320,20 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument("--precondition-every", type=int, default=10,
                       help="SOAP's basis interval")
   parser.add_argument(
+      "--precondition-every-after", default=None, metavar="STEP:EVERY",
+      type=lambda text: tuple(map(int, text.split(":"))),
+      help="the loop's schedule refreshes SOAP's bases every EVERY steps after "
+      "STEP (host-scheduled variants)")
+  parser.add_argument(
       "--sync-every", type=int, default=1,
       help="the training loop waits for the step (reads its loss) only every "
       "this many steps; step times are then each block's mean")
   parser.add_argument(
       "--only", default=None,
-      help="';'-separated optimizer names (default: all); "
-      "results already in OUT/parts are reused")
+      help="';'-separated optimizer names (default: all); a name ending in "
+      f"'{SPLIT_STEP}' runs each step as two programs (one device only): the "
+      "model's gradient and the optimizer's update; results already in "
+      "OUT/parts are reused")
   parser.add_argument(
       "--profile-steps", type=int, default=0,
       help="after the run, trace this many plain "
@@ -350,6 +347,15 @@ def parser() -> argparse.ArgumentParser:
       "--update-autotune-level", type=int, default=None,
       help="with --compile-concurrently: XLA:GPU's autotune level for the "
       "programs that update the preconditioners (default: the plain step's)")
+  parser.add_argument(
+      "--xla-option", action="append", default=[], metavar="KEY=VALUE",
+      help="with --compile-concurrently: an XLA option of every program that "
+      "compile_scheduled compiles (with a split step, the optimizer's), e.g. "
+      "xla_gpu_enable_triton_gemm=false (repeatable)")
+  parser.add_argument(
+      "--update-xla-option", action="append", default=[], metavar="KEY=VALUE",
+      help="with --compile-concurrently: an XLA option of the update programs "
+      "(repeatable)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument(
       "--profile-free-running", action="store_true",

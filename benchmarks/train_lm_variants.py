@@ -3,6 +3,11 @@ schedule that the loop passes to its host-scheduled variants."""
 
 from __future__ import annotations
 
+#: The end of a variant's name whose loop runs each step as two programs: the
+#: model's gradient (compiled once) and the optimizer's update, one program per
+#: entry of the host's schedule (``train_lm_programs``).
+SPLIT_STEP = ", split step"
+
 
 def optimizers(args, base=None):
   """name -> (peak lr, factory of the optimizer given a schedule), built in the
@@ -81,6 +86,12 @@ def optimizers(args, base=None):
   }
 
 
+def lookup(name, args, base=None):
+  """``(peak lr, factory)`` of the variant ``name``; a split step's are its
+  whole step's. Raises KeyError for an unknown name."""
+  return optimizers(args, base)[name.removesuffix(SPLIT_STEP)]
+
+
 def host_schedule(name, args):
   """For the variants whose training loop passes ``preconditioner_due``: the
   function of the 1-based step that gives it; None for the others."""
@@ -88,6 +99,9 @@ def host_schedule(name, args):
   if "host-scheduled" not in name:
     return None
   if name.startswith("soap"):
-    return lambda step: (o4.due_at(step, args.precondition_every), False)
+    late = args.precondition_every_after
+    every = lambda step: (
+        late[1] if late and step > late[0] else args.precondition_every)
+    return lambda step: (o4.due_at(step, every(step)), False)
   return lambda step: (o4.due_at(step, args.statistics_every),
                        o4.due_at(step, args.inverse_root_every))

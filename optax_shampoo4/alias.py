@@ -267,7 +267,11 @@ def soap(
       ``AdamConfig(bits=4)`` for the smallest state, which on the byte-level LM
       gives back most of SOAP's gain; ``AdamConfig(bits=32)`` for fp32).
     precondition_every, shampoo_beta, moment_on_refresh: see
-      :func:`~optax_shampoo4.soap.scale_by_soap`.
+      :func:`~optax_shampoo4.soap.scale_by_soap`. A loop that schedules the
+      refresh (:mod:`~optax_shampoo4.host_schedule`) can refresh every 10
+      steps early and every 20 later; on the byte-level LM that reached AdamW's
+      loss at the same step as every 10 throughout, with cheaper steps
+      (``docs/benchmarks.md``, "At four times the batch").
     skip_nonfinite: skip a step whose gradient holds a NaN/Inf (default;
       :mod:`~optax_shampoo4.nonfinite`).
 

@@ -29,6 +29,23 @@ steps), and none of them holds a conditional. ``optax.chain``,
 ``TrainState`` steps with :func:`apply_scheduled_gradients`.
 :func:`compile_scheduled` compiles those programs ahead of the loop, side by
 side.
+
+Each of those programs holds the whole model. A loop may instead split the
+step in two programs, the model's gradient (compiled once) and the optimizer's
+update (one program per ``due``), so that the update programs compile without
+the model::
+
+  grad_step = jax.jit(jax.value_and_grad(loss))
+  update_step = jax.jit(o4.apply_scheduled_gradients, donate_argnums=0,
+                        static_argnames="due")
+  updates = o4.compile_scheduled(update_step, dues, state, state.params)
+  ...
+  loss, grads = grad_step(state.params, batch)
+  state = updates[due](state, grads)
+
+The results are the same; the gradient stays in memory between the two
+programs (``docs/benchmarks.md``, "A loop that splits the step", measures the
+compile, the step and the peak memory).
 """
 
 from __future__ import annotations
@@ -106,6 +123,7 @@ def _check_due(name: str, due) -> None:
 
 
 def compile_scheduled(step: Any, dues: Iterable[Due], *args,
+                      compiler_options: Optional[Dict[str, Any]] = None,
                       update_compiler_options: Optional[Dict[str, Any]] = None,
                       **kwargs) -> Dict[Due, "jax.stages.Compiled"]:
   """The compiled program of every distinct ``due``, compiled concurrently.
@@ -124,11 +142,15 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
       None for a step whose transformations schedule themselves.
     *args, **kwargs: example arguments of ``step`` (arrays or
       ``jax.ShapeDtypeStruct``), as for ``step.lower``.
+    compiler_options: XLA options of every program, as for
+      ``Lowered.compile``. None (default): XLA's own.
     update_compiler_options: XLA options of the programs that update the
       preconditioners (a ``due`` with a true entry), which run once in every
-      ``statistics_every`` steps. None (default): the plain step's.
-      ``{"xla_gpu_autotune_level": 0}`` shortens the compile but slows the
-      statistics step several times (``docs/benchmarks.md``).
+      ``statistics_every`` steps, over ``compiler_options``.
+      ``{"xla_gpu_enable_triton_gemm": False}`` roughly halves their compile
+      on a GPU at no measured cost to the step;
+      ``{"xla_gpu_autotune_level": 0}`` alone slows the statistics step
+      several times (``docs/benchmarks.md``).
 
   Returns:
     ``{due: compiled}``; call ``compiled(*args, **kwargs)`` without ``due``.
@@ -146,8 +168,12 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
       _check_due("each entry of dues", due)
   # tracing holds the GIL: lowering stays sequential, only compiles overlap
   lowered = [step.lower(*args, due=due, **kwargs) for due in dues]
+  update_options = {
+      **(compiler_options or {}),
+      **(update_compiler_options or {})
+  } or None
   options = [
-      update_compiler_options if due and any(due) else None for due in dues
+      update_options if due and any(due) else compiler_options for due in dues
   ]
   with futures.ThreadPoolExecutor(max(len(dues), 1)) as pool:
     compiled = list(pool.map(lambda l, o: l.compile(o), lowered, options))

@@ -108,31 +108,40 @@ def test_due_at_follows_the_transformations_own_rule():
 
 
 def test_compiled_scheduled_programs_step_a_flax_train_state():
-  """The programs of ``o4.compile_scheduled`` over
-  ``o4.apply_scheduled_gradients`` (one per distinct ``due``) equal
-  ``TrainState.apply_gradients`` (the transformation scheduling itself) over
-  four steps with a roots update; with no schedule it passes no keyword, as a
-  plain GradientTransformation needs."""
+  """A loop split as ``host_schedule`` shows it, a gradient program and the
+  programs of ``o4.compile_scheduled`` over ``o4.apply_scheduled_gradients``
+  (one per distinct ``due``, the state donated), equals a whole step
+  through ``TrainState.apply_gradients`` (the transformation scheduling
+  itself) over four steps with a roots update; with no schedule it passes no
+  keyword, as a plain GradientTransformation needs."""
   from flax.training import train_state
   tx = o4.shampoo_adamw(1e-2, statistics_every=1, inverse_root_every=2)
-  create = lambda tx: train_state.TrainState.create(apply_fn=None,
-                                                    params=PARAMS, tx=tx)
-  step = jax.jit(o4.apply_scheduled_gradients, static_argnames="due")
+  # a copy: the update programs donate the state
+  create = lambda tx: train_state.TrainState.create(
+      apply_fn=None, params=jax.tree.map(jnp.copy, PARAMS), tx=tx)
+  loss = lambda p, g: sum(
+      jnp.sum(jnp.sin(p[k] + 0.1) * g[k]) for k in sorted(p))
+  grad_step = jax.jit(jax.value_and_grad(loss))
+  update_step = jax.jit(o4.apply_scheduled_gradients, donate_argnums=0,
+                        static_argnames="due")
   dues = [(True, o4.due_at(i, 2)) for i in range(1, 5)]
   programs = o4.compile_scheduled(
-      step, dues, create(tx), grads_at(1),
+      update_step, dues, create(tx), PARAMS,
       update_compiler_options={"xla_gpu_autotune_level": 0})
   assert set(programs) == {(True, False), (True, True)}
-  own_step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
-  own = scheduled = create(tx)
+  whole_step = jax.jit(
+      lambda s, g: s.apply_gradients(grads=jax.grad(loss)(s.params, g)))
+  whole = split = create(tx)
   for i, due in enumerate(dues, start=1):
-    own = own_step(own, grads_at(i))
-    scheduled = programs[due](scheduled, grads_at(i))
-  for a, b in zip(jax.tree.leaves(scheduled), jax.tree.leaves(own)):
+    whole = whole_step(whole, grads_at(i))
+    _, grads = grad_step(split.params, grads_at(i))
+    split = programs[due](split, grads)
+  for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
     np.testing.assert_allclose(
         np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
         atol=1e-6)
-  assert int(scheduled.step) == 4
+  assert int(split.step) == 4
+  assert not np.allclose(split.params["w"], PARAMS["w"])
   plain = optax.GradientTransformation(*optax.scale(-0.5))
   moved = o4.apply_scheduled_gradients(create(plain), grads_at(1), None)
   np.testing.assert_allclose(moved.params["w"], -0.5 * grads_at(1)["w"])
@@ -140,18 +149,21 @@ def test_compiled_scheduled_programs_step_a_flax_train_state():
 
 def test_compile_scheduled_gives_update_options_to_update_programs_only():
   """An unknown XLA option in ``update_compiler_options`` leaves the plain
-  program's compile alone and fails an update program's; bad arguments raise a
+  program's compile alone and fails an update program's; one in
+  ``compiler_options`` fails the plain program's too; bad arguments raise a
   TypeError that names them."""
   step = jax.jit(lambda x, due: x + 1.0
                  if due and any(due) else 2.0 * x, static_argnames="due")
   bad = {"xla_no_such_option": 1}
-  compile_with = lambda dues: o4.compile_scheduled(step, dues, jnp.ones(3),
-                                                   update_compiler_options=bad)
+  compile_with = lambda dues, **options: o4.compile_scheduled(
+      step, dues, jnp.ones(3), **(options or dict(update_compiler_options=bad)))
   programs = compile_with([None, (False, False), None])
   assert set(programs) == {None, (False, False)}
   np.testing.assert_array_equal(programs[(False, False)](jnp.ones(3)), 2.0)
   with pytest.raises(Exception, match="xla_no_such_option"):
     compile_with([(False, False), (False, True)])
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    compile_with([(False, False)], compiler_options=bad)
   with pytest.raises(TypeError, match="dues"):
     compile_with([(1, 0)])
   with pytest.raises(TypeError, match="step must be"):
@@ -160,8 +172,9 @@ def test_compile_scheduled_gives_update_options_to_update_programs_only():
 
 def test_compile_scheduled_compiles_the_programs_at_once():
   """Three programs whose compile takes 0.5 s each are ready in well under
-  their 1.5 s sum, each compiled with its own options (a stand-in for a jitted
-  step, so that only the scheduling is timed)."""
+  their 1.5 s sum, each compiled with its own options: the update programs'
+  over every program's (a stand-in for a jitted step, so that only the
+  scheduling is timed)."""
   import threading
   import time
 
@@ -183,12 +196,12 @@ def test_compile_scheduled_compiles_the_programs_at_once():
   start = time.perf_counter()
   programs = o4.compile_scheduled(Step(), [(False, False), (True, False),
                                            (True, True)], jnp.ones(3),
-                                  update_compiler_options={"level": 0})
+                                  compiler_options=dict(level=4, triton=False),
+                                  update_compiler_options=dict(level=0))
   assert time.perf_counter() - start < 1.0
-  assert [p[:2] for p in programs.values()] == [((False, False), None),
-                                                ((True, False), {
-                                                    "level": 0
-                                                }), ((True, True), {
-                                                    "level": 0
-                                                })]
+  update_options = dict(level=0, triton=False)
+  assert [p[:2] for p in programs.values()] == [((False, False),
+                                                 dict(level=4, triton=False)),
+                                                ((True, False), update_options),
+                                                ((True, True), update_options)]
   assert len({p[2] for p in programs.values()}) == 3
