@@ -118,15 +118,20 @@ def test_bad_dimension_numbers_raise_naming_the_problem():
 
 @pytest.mark.parametrize("storage,bits,tolerance", [("matrix", 32, 1e-5),
                                                     ("cholesky", 32, 1e-5),
-                                                    ("eigenvectors", 32, 2e-3),
+                                                    ("eigenvectors", 32, 1e-4),
                                                     ("eigenvectors", 4, None)])
 def test_chunked_updates_equal_whole_stack_updates(storage, bits, tolerance,
                                                    monkeypatch):
   # The Cholesky-QR correction is chosen per chunk by a lax.cond; off, both runs
   # take the same passes.
   monkeypatch.setattr(linalg, "CHOLESKY_QR_CORRECTION_TOLERANCE", None)
+  # Stacks of two or more (orders 40 and 48) hold only sides whose first Gram
+  # matrix has full rank. A rank-deficient one has a null space whose basis the
+  # fp32 rounding picks, and XLA:CPU may round a stack of one and a stack of
+  # two differently; the later, unconverged subspace steps then differ by far
+  # more than rounding. Those sides (orders 96 and 120) sit alone in a stack.
   params = {
-      "a": jnp.zeros((48, 40)),
+      "a": jnp.zeros((48, 96)),
       "b": jnp.zeros((40, 40)),
       "c": jnp.zeros((3, 40, 48))
   }

@@ -52,8 +52,12 @@ def test_32bit_matches_float64_reference_on_mixed_pytree(storage):
 def test_32bit_eigenvector_storage_matches_float64_subspace_reference():
   """The eigenvector storage inside scale_by_shampoo at 32 bits, 8 steps,
   against references.py's float64 version of the same procedure: the updates,
-  the eigenvalues, and the eigenvectors (up to sign) wherever the eigenvalue is
-  separated from the others (a cluster's basis is not unique)."""
+  and the eigenvalues and eigenvectors (up to sign) wherever the eigenvalue is
+  separated from the others. A cluster's basis is not unique: the first
+  statistic of the 24-side has an 8-dimensional eigenspace of one eigenvalue
+  (the decayed initial epsilon), whose basis the rounding picks, and each step's single
+  subspace iteration carries that choice on, so a clustered eigenvalue is held
+  to 1e-4 of the largest instead."""
   rng = np.random.default_rng(3)
   shape = (24, 16)
   stream = [rng.standard_normal(shape) for _ in range(8)]
@@ -70,13 +74,15 @@ def test_32bit_eigenvector_storage_matches_float64_subspace_reference():
     stack = state.preconditioners[f"order_{n}"]
     ours_rows, ours_values = np.asarray(
         stack.eigenvectors[0], np.float64), np.asarray(stack.eigenvalues[0])
-    np.testing.assert_allclose(ours_values, values, rtol=1e-4,
-                               atol=1e-5 * values.max())
     gaps = np.array([
         np.min(np.abs(np.delete(values, i) - v)) for i, v in enumerate(values)
     ]) / values.max()
     separated = np.flatnonzero(gaps > 1e-2)
     assert len(separated) >= min(shape) // 2, separated
+    np.testing.assert_allclose(ours_values[separated], values[separated],
+                               rtol=1e-4, atol=1e-5 * values.max())
+    np.testing.assert_allclose(ours_values, values, rtol=0,
+                               atol=1e-4 * values.max())
     overlap = np.abs(np.sum(ours_rows[separated] * rows[separated], axis=1))
     np.testing.assert_allclose(overlap, 1.0, atol=1e-4)
 
