@@ -46,6 +46,8 @@ def optimizers(args, base=None):
            shampoo(dataclasses.replace(base, working_set_bytes=256 * 2**20))),
       "shampoo 4-bit, max order 768":
           (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
+      "shampoo 4-bit, max order 768, host-scheduled updates":
+          (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
       "shampoo 4-bit, NaN steps not skipped": (args.lr,
                                                shampoo(skip_nonfinite=False)),
       "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
