@@ -1,7 +1,7 @@
 """The compiled programs of ``train_lm.py``'s training loop, one per entry of
-the host's schedule: a whole training step each, or (``--split-step``) one
-gradient program of the model shared by all entries and, per entry, a program
-of the optimizer alone. Compiled one after the other (seconds per program) or
+the host's schedule: a whole training step each, or (for a variant whose name
+ends in ``SPLIT_STEP``) one gradient program of the model shared by all entries
+and, per entry, a program of the optimizer alone. Compiled one after the other (seconds per program) or
 side by side by ``o4.compile_scheduled`` (seconds: the wall-clock of all)."""
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def compile_split(loss_fn, state, dues, xy, options=None):
 
 
 def compile_arguments(name, args):
-  """:func:`compile_programs`'s keywords for the variant ``name`` from the
-  command line."""
+  """``train_lm.compile_programs``'s keywords for the variant ``name`` from
+  the command line."""
   options = None
   if args.compile_concurrently:
     options = dict(
