@@ -29,7 +29,13 @@ def optimizers(args, base=None):
   soap = lambda config=base, **kw: (lambda s: o4.soap(
       s, b2=0.95, weight_decay=0.1, config=config, precondition_every=args.
       precondition_every, **kw))
-  return {
+  bf16_rotations = dataclasses.replace(base, preconditioning_precision="bf16")
+  soap_b1_09 = {
+      f"soap 4-bit, bf16 rotations, b1 0.9 lr {lr}, host-scheduled refresh":
+          (float(lr), soap(bf16_rotations, b1=0.9))
+      for lr in ("1e-3", "2e-3", "3e-3")
+  }
+  return soap_b1_09 | {
       "adamw lr 1e-3": (1e-3, adamw),
       "adamw lr 2e-3": (2e-3, adamw),
       "shampoo 4-bit": (args.lr, shampoo()),
@@ -51,6 +57,9 @@ def optimizers(args, base=None):
       "shampoo 4-bit, NaN steps not skipped": (args.lr,
                                                shampoo(skip_nonfinite=False)),
       "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
+      "shampoo 4-bit, fp32 linear algebra, host-scheduled updates":
+          (args.lr,
+           shampoo(dataclasses.replace(base, linalg_precision="highest"))),
       "shampoo all-4-bit, host-scheduled updates":
           (args.lr, shampoo(adam=o4.AdamConfig())),
       "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
@@ -62,11 +71,6 @@ def optimizers(args, base=None):
       "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
           (1e-3,
            soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
-      "soap 4-bit, bf16 rotations, b1 0.9 lr 1e-3, host-scheduled refresh":
-          (1e-3,
-           soap(
-               dataclasses.replace(base, preconditioning_precision="bf16"),
-               b1=0.9)),
       "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
       "host-scheduled refresh":
           (1e-3,

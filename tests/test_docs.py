@@ -69,20 +69,24 @@ def _documented_commands(script: str):
     with open(os.path.join(ROOT, page)) as f:
       text = f.read()
     for span in re.findall(
-        r"`(python benchmarks/" + re.escape(script) + r"[^`]*)`", text):
+        r"`(python\s+benchmarks/" + re.escape(script) + r"[^`]*)`", text):
       # Markdown reads a line break and its indent as one space
       commands.append(shlex.split(re.sub(r"\s+", " ", span))[2:])
   return commands
 
 
-def test_documented_train_lm_commands_name_variants_that_exist():
+@pytest.mark.parametrize("script,least", [("train_lm", 10),
+                                          ("compile_phases", 2)])
+def test_documented_train_lm_commands_name_variants_that_exist(script, least):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   sys.path.insert(0, ROOT)
+  import importlib
   import train_lm
-  commands = _documented_commands("train_lm.py")
-  assert len(commands) >= 10
+  parser = importlib.import_module(script).parser
+  commands = _documented_commands(script + ".py")
+  assert len(commands) >= least
   for argv in commands:
-    args = train_lm.parser().parse_args(argv)
+    args = parser().parse_args(argv)
     for name in filter(None, (args.only or "").split(";")):
       try:
         train_lm.lookup(name, args)

@@ -1,0 +1,191 @@
+"""Where the compile of each training program goes (GPU): XLA's HLO passes,
+its backend (code generation and ptxas), and the rest, per program, and what
+each optimizer program holds per preconditioner order.
+
+    python benchmarks/compile_phases.py [--only "adamw lr 1e-3;shampoo 4-bit,
+    host-scheduled updates, split step"] [--flag-sets "default=;no tuning=
+    --xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"]
+    [--out benchmarks/results/compile_phases]
+
+The programs are ``benchmarks/train_lm.py``'s: a variant's whole step (the
+program of step 1), or, for a split step, the model's gradient and the
+optimizer's update for every ``due`` (plain, statistics, statistics and roots).
+Each variant compiles in its own process per flag set (XLA reads its flags once
+per process), one program after the other. XLA's own timers (``VLOG`` of
+``gpu_compiler``) give the seconds of the HLO passes and of the backend; the
+rest of a program's wall-clock is tracing, lowering and loading. Per program:
+fusions, library calls (cuBLAS, cuSOLVER), and the fusions and library calls
+whose result has a preconditioner's order (``[k, n, n]``) by order. Prints a
+table and writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import train_lm  # pylint: disable=wrong-import-position
+from train_lm_variants import SPLIT_STEP  # pylint: disable=wrong-import-position
+
+MARK = "@@ compiling "
+TIMER = re.compile(r"GpuCompiler::(RunHloPasses|RunBackend) for \S+ time: "
+                   r"([0-9.]+) (s|ms|us)")
+UNIT_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+OPS = re.compile(r"\n\s*\S+ = (\S+|\([^=]*?\)) (fusion|custom-call)\(")
+STACK = re.compile(r"\[\d+,(\d+),\1\]")
+
+
+def programs(name: str, args):
+  """``[(label, lowered program)]`` of ``name``'s training step."""
+  import jax
+  import optax_shampoo4 as o4
+  run = train_lm.setup(name, args)
+  x, y = train_lm.batch(run, run.corpus[0], np.random.default_rng(0))
+  if not name.endswith(SPLIT_STEP):
+    due = run.schedule(1) if run.schedule else None
+    step = run.jit(train_lm.training_step(run))
+    yield "whole step", lambda: step.lower(run.state, x, y, due=due)
+    return
+  gradient = jax.jit(jax.value_and_grad(train_lm.loss_function(run.model)))
+  yield "gradient", lambda: gradient.lower(run.state.params, x, y)
+  update = jax.jit(o4.apply_scheduled_gradients, donate_argnums=0,
+                   static_argnames="due")
+  grads = jax.eval_shape(lambda params: params, run.state.params)
+  dues = dict.fromkeys(run.schedule(s) for s in range(1, args.steps + 1))
+  for due in sorted(dues):
+    yield f"update {due}", lambda due=due: update.lower(run.state, grads,
+                                                        due=due)
+
+
+def op_counts(text: str, stacks: bool) -> dict:
+  """Fusions and library calls of a compiled program and, with ``stacks`` (an
+  optimizer's program), those of them whose result is a stack of one order (by
+  order)."""
+  counts = collections.Counter()
+  by_order = collections.Counter()
+  for shape, op in OPS.findall(text):
+    counts[op] += 1
+    stack = STACK.search(shape) if stacks else None
+    if stack:
+      by_order[int(stack.group(1))] += 1
+  return dict(fusions=counts["fusion"], library_calls=counts["custom-call"],
+              gemms=text.count('custom_call_target="__cublas$lt$matmul"'),
+              by_order=dict(sorted(by_order.items())))
+
+
+def compile_child(name: str, args) -> list:
+  """Compiles ``name``'s programs one after the other; a mark on stderr
+  before each lets the parent assign XLA's timer lines to it."""
+  import jax
+  rows = []
+  for label, lower in programs(name, args):
+    print(MARK + label, file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    compiled = lower().compile()
+    rows.append(
+        dict(program=label, wall_s=time.perf_counter() - start,
+             device=jax.devices()[0].device_kind, jax=jax.__version__,
+             **op_counts(compiled.as_text(), label.startswith("update"))))
+  print(MARK + "done", file=sys.stderr, flush=True)
+  return rows
+
+
+def phase_seconds(stderr: str) -> dict:
+  """``{program label: {"hlo_passes_s", "backend_s"}}`` from the timer lines
+  between the marks (the larger module when a program compiles several)."""
+  phases, label = {}, None
+  for line in stderr.splitlines():
+    if line.startswith(MARK):
+      label = line[len(MARK):]
+      phases[label] = {"hlo_passes_s": 0.0, "backend_s": 0.0}
+      continue
+    timer = TIMER.search(line)
+    if timer and label in phases:
+      key = "hlo_passes_s" if timer.group(1) == "RunHloPasses" else "backend_s"
+      seconds = float(timer.group(2)) * UNIT_S[timer.group(3)]
+      phases[label][key] = max(phases[label][key], seconds)
+  return phases
+
+
+def run_child(name: str, flag_set: str, flags: str, argv) -> list:
+  env = dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="0",
+             TF_CPP_VMODULE="gpu_compiler=1")
+  done = subprocess.run(
+      [sys.executable,
+       os.path.abspath(__file__), "--child", name] + argv, capture_output=True,
+      text=True, env=env)
+  if done.returncode:
+    print(f"{name} ({flag_set}) failed:\n{done.stderr[-3000:]}", flush=True)
+    return []
+  phases = phase_seconds(done.stderr)
+  rows = json.loads(done.stdout.strip().splitlines()[-1])
+  return [
+      dict(row, name=name, flag_set=flag_set, xla_flags=flags,
+           **phases.get(row["program"], {})) for row in rows
+  ]
+
+
+def print_table(rows) -> None:
+  header = ("flags", "optimizer", "program", "compile s", "HLO passes s",
+            "backend s", "fusions", "library calls", "cuBLAS GEMMs",
+            "fusions + calls of each order")
+  print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+  for r in rows:
+    orders = ", ".join(f"{n}: {c}" for n, c in r["by_order"].items())
+    print("| " + " | ".join([
+        r["flag_set"], r["name"], r["program"], f"{r['wall_s']:.1f}",
+        f"{r.get('hlo_passes_s', 0):.1f}", f"{r.get('backend_s', 0):.1f}",
+        str(r["fusions"]),
+        str(r["library_calls"]),
+        str(r["gemms"]), orders or "—"
+    ]) + " |")
+
+
+def parser():
+  """``train_lm.py``'s options (model, intervals, ``--only``) and the flag
+  sets."""
+  parser = train_lm.parser()
+  parser.description = __doc__.splitlines()[0]
+  parser.add_argument(
+      "--flag-sets",
+      default="default=;no tuning=--xla_gpu_enable_triton_gemm=false "
+      "--xla_gpu_autotune_level=0", help="';'-separated NAME=XLA_FLAGS")
+  parser.set_defaults(
+      out="benchmarks/results/compile_phases", statistics_every=100,
+      inverse_root_every=500,
+      only="adamw lr 1e-3;shampoo 4-bit, host-scheduled "
+      "updates, split step")
+  return parser
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser().parse_args(argv)
+  if args.child:
+    print(json.dumps(compile_child(args.child, args)))
+    return
+  rows = []
+  os.makedirs(args.out, exist_ok=True)
+  for flag_set in args.flag_sets.split(";"):
+    label, _, flags = flag_set.partition("=")
+    for name in args.only.split(";"):
+      rows += run_child(name, label, flags.strip(), argv)
+      print(f"{name} ({label}) compiled", flush=True)
+      with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+  if rows:
+    print(f"\n{rows[0]['device']}, jax {rows[0]['jax']}")
+  print_table(rows)
+
+
+if __name__ == "__main__":
+  main()
