@@ -355,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--update-xla-option", action="append", default=[], metavar="KEY=VALUE",
       help="with --compile-concurrently: an XLA option of the update programs "
-      "(repeatable)")
+      "(repeatable; any replaces compile_scheduled's default for a GPU)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument(
       "--profile-free-running", action="store_true",

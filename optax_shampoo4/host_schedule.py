@@ -50,6 +50,7 @@ compile, the step and the peak memory).
 
 from __future__ import annotations
 
+import types
 from concurrent import futures
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
@@ -63,6 +64,13 @@ from optax_shampoo4 import _checks
 
 #: The keyword of ``update`` that carries the host's schedule.
 DUE_KEYWORD = "preconditioner_due"
+#: XLA options that :func:`compile_scheduled` gives the update programs on a
+#: GPU unless told otherwise: their matrix products go to cuBLAS instead of
+#: Triton's GEMM fusions, whose autotuning took most of the statistics program's
+#: compile, with no measured cost to the step (``docs/benchmarks.md``, "XLA
+#: options of the update programs").
+GPU_UPDATE_COMPILER_OPTIONS = types.MappingProxyType(
+    {"xla_gpu_enable_triton_gemm": False})
 #: One step's schedule: (statistics, roots) or, for SOAP, (refresh, unused);
 #: None where the transformations schedule themselves.
 Due = Optional[Tuple[bool, bool]]
@@ -146,9 +154,9 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
       ``Lowered.compile``. None (default): XLA's own.
     update_compiler_options: XLA options of the programs that update the
       preconditioners (a ``due`` with a true entry), which run once in every
-      ``statistics_every`` steps, over ``compiler_options``.
-      ``{"xla_gpu_enable_triton_gemm": False}`` roughly halves their compile
-      on a GPU at no measured cost to the step;
+      ``statistics_every`` steps, over ``compiler_options``. None (default):
+      :data:`GPU_UPDATE_COMPILER_OPTIONS` on a GPU, which roughly halves their
+      compile there, and nothing elsewhere; ``{}``: XLA's own.
       ``{"xla_gpu_autotune_level": 0}`` alone slows the statistics step
       several times (``docs/benchmarks.md``).
 
@@ -166,6 +174,8 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
   for due in dues:
     if due is not None:
       _check_due("each entry of dues", due)
+  if update_compiler_options is None and jax.default_backend() == "gpu":
+    update_compiler_options = dict(GPU_UPDATE_COMPILER_OPTIONS)
   # tracing holds the GIL: lowering stays sequential, only compiles overlap
   lowered = [step.lower(*args, due=due, **kwargs) for due in dues]
   update_options = {

@@ -4,6 +4,7 @@ transformations use by default, a step with no conditional, NaN safety, and the
 keyword's check."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -205,3 +206,32 @@ def test_compile_scheduled_compiles_the_programs_at_once():
                                                 ((True, False), update_options),
                                                 ((True, True), update_options)]
   assert len({p[2] for p in programs.values()}) == 3
+
+
+def test_compile_scheduled_compiles_gpu_update_programs_without_triton_gemms(
+    monkeypatch):
+  """On a GPU the update programs get ``GPU_UPDATE_COMPILER_OPTIONS`` over
+  ``compiler_options`` unless ``update_compiler_options`` is given (``{}``:
+  XLA's own); the plain program keeps ``compiler_options``; elsewhere nothing
+  is added."""
+
+  class Step:
+
+    def lower(self, *args, due):
+      del args
+      return types.SimpleNamespace(compile=lambda options: options)
+
+  dues = [(False, False), (True, False)]
+  compile_with = lambda **kw: list(
+      o4.compile_scheduled(Step(), dues, jnp.ones(3), **kw).values())
+  assert compile_with() == [None, None]  # the CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert compile_with() == [None, {"xla_gpu_enable_triton_gemm": False}]
+  assert compile_with(compiler_options=dict(level=4)) == [
+      dict(level=4),
+      dict(level=4, xla_gpu_enable_triton_gemm=False)
+  ]
+  assert compile_with(update_compiler_options={}) == [None, None]
+  assert compile_with(update_compiler_options=dict(level=0)) == [
+      None, dict(level=0)
+  ]
