@@ -25,7 +25,6 @@ import collections
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import compile_time  # pylint: disable=wrong-import-position
 import train_lm  # pylint: disable=wrong-import-position
 from train_lm_variants import SPLIT_STEP  # pylint: disable=wrong-import-position
 
@@ -119,15 +119,12 @@ def phase_seconds(stderr: str) -> dict:
 def run_child(name: str, flag_set: str, flags: str, argv) -> list:
   env = dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="0",
              TF_CPP_VMODULE="gpu_compiler=1")
-  done = subprocess.run(
-      [sys.executable,
-       os.path.abspath(__file__), "--child", name] + argv, capture_output=True,
-      text=True, env=env)
-  if done.returncode:
-    print(f"{name} ({flag_set}) failed:\n{done.stderr[-3000:]}", flush=True)
+  output = compile_time.child(
+      os.path.abspath(__file__), name, argv, env, flag_set)
+  if output is None:
     return []
-  phases = phase_seconds(done.stderr)
-  rows = json.loads(done.stdout.strip().splitlines()[-1])
+  rows, stderr = output
+  phases = phase_seconds(stderr)
   return [
       dict(row, name=name, flag_set=flag_set, xla_flags=flags,
            **phases.get(row["program"], {})) for row in rows

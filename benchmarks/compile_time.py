@@ -65,19 +65,23 @@ def compile_one(name: str, args) -> dict:
               device=str(jax.devices()[0].device_kind), jax=jax.__version__)
 
 
+def child(script: str, name: str, argv, env, label: str):
+  """``(the JSON of its last stdout line, its stderr)`` of ``script --child
+  name argv`` run in ``env``, or None (its stderr printed) if it failed."""
+  done = subprocess.run([sys.executable, script, "--child", name] + argv,
+                        capture_output=True, text=True, env=env)
+  if done.returncode:
+    print(f"{name} ({label}) failed:\n{done.stderr[-3000:]}", flush=True)
+    return None
+  return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
 def run_child(name: str, level: int, argv) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
       env.get("XLA_FLAGS", "") + f" --xla_gpu_autotune_level={level}")
-  done = subprocess.run(
-      [sys.executable,
-       os.path.abspath(__file__), "--child", name] + argv, capture_output=True,
-      text=True, env=env)
-  if done.returncode:
-    print(f"{name} at level {level} failed:\n{done.stderr[-3000:]}", flush=True)
-    return None
-  return dict(
-      json.loads(done.stdout.strip().splitlines()[-1]), autotune_level=level)
+  output = child(os.path.abspath(__file__), name, argv, env, f"level {level}")
+  return dict(output[0], autotune_level=level) if output else None
 
 
 def print_table(rows) -> None:
