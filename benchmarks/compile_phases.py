@@ -5,7 +5,7 @@ each optimizer program holds per preconditioner order.
     python benchmarks/compile_phases.py [--only "adamw lr 1e-3;shampoo 4-bit,
     host-scheduled updates, split step"] [--flag-sets "default=;no tuning=
     --xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"]
-    [--out benchmarks/results/compile_phases]
+    [--pass-times] [--out benchmarks/results/compile_phases]
 
 The programs are ``benchmarks/train_lm.py``'s: a variant's whole step (the
 program of step 1), or, for a split step, the model's gradient and the
@@ -13,7 +13,9 @@ optimizer's update for every ``due`` (plain, statistics, statistics and roots).
 Each variant compiles in its own process per flag set (XLA reads its flags once
 per process), one program after the other. XLA's own timers (``VLOG`` of
 ``gpu_compiler``) give the seconds of the HLO passes and of the backend; the
-rest of a program's wall-clock is tracing, lowering and loading. Per program:
+rest of a program's wall-clock is tracing, lowering and loading;
+``--pass-times`` adds each program's longest HLO passes, from the module
+metadata XLA dumps. Per program:
 fusions, library calls (cuBLAS, cuSOLVER), and the fusions and library calls
 whose result has a preconditioner's order (``[k, n, n]``) by order. Prints a
 table and writes ``results.json``.
@@ -25,7 +27,9 @@ import collections
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -40,6 +44,11 @@ MARK = "@@ compiling "
 TIMER = re.compile(r"GpuCompiler::(RunHloPasses|RunBackend) for \S+ time: "
                    r"([0-9.]+) (s|ms|us)")
 UNIT_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+# the jitted functions whose modules are the programs, as XLA names them
+PROGRAM_MODULES = ("jit_step", "jit_loss_fn", "jit_apply_scheduled_gradients")
+PASS = re.compile(
+    r'pass_name: "([^"]*)".*?start_timestamp_usec: (\d+)\s*'
+    r"end_timestamp_usec: (\d+)", re.S)
 OPS = re.compile(r"\n\s*\S+ = (\S+|\([^=]*?\)) (fusion|custom-call)\(")
 STACK = re.compile(r"\[\d+,(\d+),\1\]")
 
@@ -116,7 +125,32 @@ def phase_seconds(stderr: str) -> dict:
   return phases
 
 
-def run_child(name: str, flag_set: str, flags: str, argv) -> list:
+def pass_seconds(dump: str) -> list:
+  """Per compiled program, in compile order, its three longest HLO passes
+  ``[(pass, seconds)]``, from the module metadata XLA wrote under ``dump``."""
+  names = {}
+  for f in os.listdir(dump):
+    config = re.fullmatch(r"module_(\d+)\.(\S+)\.config\.pbtxt", f)
+    if config and config.group(2) in PROGRAM_MODULES:
+      names[int(config.group(1))] = config.group(2)
+  programs = []
+  for module in sorted(names):
+    with open(os.path.join(dump,
+                           f"module_{module:04d}.metadata.textproto")) as f:
+      text = f.read()
+    seconds = collections.Counter()
+    for name, start, end in PASS.findall(text):
+      seconds[name] += (int(end) - int(start)) / 1e6
+    programs.append([(n, round(t, 2)) for n, t in seconds.most_common(3)])
+  return programs
+
+
+def run_child(name: str, flag_set: str, flags: str, argv,
+              pass_times: bool) -> list:
+  dump = tempfile.mkdtemp() if pass_times else None
+  if dump:
+    flags += (f" --xla_dump_to={dump} --xla_dump_module_metadata=true "
+              f"--xla_dump_hlo_module_re={'|'.join(PROGRAM_MODULES)}")
   env = dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="0",
              TF_CPP_VMODULE="gpu_compiler=1")
   output = compile_time.child(
@@ -125,16 +159,21 @@ def run_child(name: str, flag_set: str, flags: str, argv) -> list:
     return []
   rows, stderr = output
   phases = phase_seconds(stderr)
-  return [
+  rows = [
       dict(row, name=name, flag_set=flag_set, xla_flags=flags,
            **phases.get(row["program"], {})) for row in rows
   ]
+  if dump:
+    for row, passes in zip(rows, pass_seconds(dump)):
+      row["largest_passes"] = passes
+    shutil.rmtree(dump, ignore_errors=True)
+  return rows
 
 
 def print_table(rows) -> None:
   header = ("flags", "optimizer", "program", "compile s", "HLO passes s",
             "backend s", "fusions", "library calls", "cuBLAS GEMMs",
-            "fusions + calls of each order")
+            "fusions + calls of each order", "largest HLO passes, s")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   for r in rows:
     orders = ", ".join(f"{n}: {c}" for n, c in r["by_order"].items())
@@ -143,7 +182,8 @@ def print_table(rows) -> None:
         f"{r.get('hlo_passes_s', 0):.1f}", f"{r.get('backend_s', 0):.1f}",
         str(r["fusions"]),
         str(r["library_calls"]),
-        str(r["gemms"]), orders or "—"
+        str(r["gemms"]), orders or "—", ", ".join(
+            f"{n} {t:.1f}" for n, t in r.get("largest_passes", [])) or "—"
     ]) + " |")
 
 
@@ -156,6 +196,10 @@ def parser():
       "--flag-sets",
       default="default=;no tuning=--xla_gpu_enable_triton_gemm=false "
       "--xla_gpu_autotune_level=0", help="';'-separated NAME=XLA_FLAGS")
+  parser.add_argument(
+      "--pass-times", action="store_true",
+      help="also time each HLO pass (XLA's module metadata, dumped to a "
+      "temporary directory)")
   parser.set_defaults(
       out="benchmarks/results/compile_phases", statistics_every=100,
       inverse_root_every=500,
@@ -175,7 +219,7 @@ def main(argv=None):
   for flag_set in args.flag_sets.split(";"):
     label, _, flags = flag_set.partition("=")
     for name in args.only.split(";"):
-      rows += run_child(name, label, flags.strip(), argv)
+      rows += run_child(name, label, flags.strip(), argv, args.pass_times)
       print(f"{name} ({label}) compiled", flush=True)
       with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
