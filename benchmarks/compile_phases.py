@@ -15,7 +15,7 @@ per process), one program after the other. XLA's own timers (``VLOG`` of
 ``gpu_compiler``) give the seconds of the HLO passes and of the backend; the
 rest of a program's wall-clock is tracing, lowering and loading;
 ``--pass-times`` adds each program's longest HLO passes, from the module
-metadata XLA dumps. Per program:
+metadata XLA dumps. Per program: its instructions as lowered (StableHLO),
 fusions, library calls (cuBLAS, cuSOLVER), and the fusions and library calls
 whose result has a preconditioner's order (``[k, n, n]``) by order. Prints a
 table and writes ``results.json``.
@@ -44,6 +44,7 @@ MARK = "@@ compiling "
 TIMER = re.compile(r"GpuCompiler::(RunHloPasses|RunBackend) for \S+ time: "
                    r"([0-9.]+) (s|ms|us)")
 UNIT_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+LOWERED_OP = re.compile(r" = (?:stablehlo|chlo)\.")
 # the jitted functions whose modules are the programs, as XLA names them
 PROGRAM_MODULES = ("jit_step", "jit_loss_fn", "jit_apply_scheduled_gradients")
 PASS = re.compile(
@@ -99,9 +100,11 @@ def compile_child(name: str, args) -> list:
   for label, lower in programs(name, args):
     print(MARK + label, file=sys.stderr, flush=True)
     start = time.perf_counter()
-    compiled = lower().compile()
+    lowered = lower()
+    compiled = lowered.compile()
     rows.append(
         dict(program=label, wall_s=time.perf_counter() - start,
+             lowered_instructions=len(LOWERED_OP.findall(lowered.as_text())),
              device=jax.devices()[0].device_kind, jax=jax.__version__,
              **op_counts(compiled.as_text(), label.startswith("update"))))
   print(MARK + "done", file=sys.stderr, flush=True)
@@ -171,14 +174,16 @@ def run_child(name: str, flag_set: str, flags: str, argv,
 
 
 def print_table(rows) -> None:
-  header = ("flags", "optimizer", "program", "compile s", "HLO passes s",
-            "backend s", "fusions", "library calls", "cuBLAS GEMMs",
-            "fusions + calls of each order", "largest HLO passes, s")
+  header = ("flags", "optimizer", "program", "lowered instructions",
+            "compile s", "HLO passes s", "backend s", "fusions",
+            "library calls", "cuBLAS GEMMs", "fusions + calls of each order",
+            "largest HLO passes, s")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   for r in rows:
     orders = ", ".join(f"{n}: {c}" for n, c in r["by_order"].items())
     print("| " + " | ".join([
-        r["flag_set"], r["name"], r["program"], f"{r['wall_s']:.1f}",
+        r["flag_set"], r["name"], r["program"],
+        str(r.get("lowered_instructions", "—")), f"{r['wall_s']:.1f}",
         f"{r.get('hlo_passes_s', 0):.1f}", f"{r.get('backend_s', 0):.1f}",
         str(r["fusions"]),
         str(r["library_calls"]),

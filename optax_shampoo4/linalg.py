@@ -17,10 +17,12 @@ orthonormal, one product: a first-order correction).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
@@ -149,6 +151,15 @@ def orthogonality_error(rows: jax.Array) -> jax.Array:
       axis=(-2, -1))
 
 
+@functools.lru_cache(maxsize=None)
+def _gaussian_probes(n: int, probes: int) -> np.ndarray:
+  # Drawn on the host: a constant of the program rather than a random-number
+  # generator in it, whose instructions every order's statistics step compiled.
+  z = np.random.default_rng(0).standard_normal((n, probes)).astype(np.float32)
+  z.setflags(write=False)
+  return z
+
+
 def orthogonality_error_estimate(rows: jax.Array, probes: int = 4,
                                  numerics: Numerics = FP32) -> jax.Array:
   """A cheap stand-in for :func:`orthogonality_error`: ``max |(V Vᵀ − I) z|``
@@ -159,8 +170,7 @@ def orthogonality_error_estimate(rows: jax.Array, probes: int = 4,
   certainty); errors spread over all entries add up as ``e·√n``, so the estimate
   leans towards rejecting.
   """
-  n = rows.shape[-1]
-  z = jax.random.normal(jax.random.PRNGKey(0), (n, probes), rows.dtype)
+  z = jnp.asarray(_gaussian_probes(rows.shape[-1], probes), rows.dtype)
   residual = matmul(rows, matmul(transpose(rows), z, numerics), numerics) - z
   return jnp.max(jnp.abs(residual), axis=(-2, -1))
 

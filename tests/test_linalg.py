@@ -82,6 +82,20 @@ def test_orthogonality_estimate_tracks_the_exact_error():
       jnp.min(estimate)) > preconditioners.ORTHOGONALITY_TOLERANCE
 
 
+def test_orthogonality_estimate_draws_no_random_numbers_in_the_program():
+  """The probes are a constant drawn on the host: the statistics step of
+  every order compiled a random-number generator before."""
+  rows = jnp.eye(48, dtype=jnp.float32)[None]
+  text = jax.jit(linalg.orthogonality_error_estimate).lower(rows).as_text()
+  assert "threefry" not in text and "rng_bit_generator" not in text
+  # fixed probes: the same estimate for the same rows, call after call
+  skewed = rows.at[0, 3, 5].set(0.3)
+  first = linalg.orthogonality_error_estimate(skewed)
+  np.testing.assert_array_equal(first,
+                                linalg.orthogonality_error_estimate(skewed))
+  assert 0.05 < float(first[0]) < 1.5
+
+
 def _qr_factor(x):
   q, r = np.linalg.qr(x)
   return q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
