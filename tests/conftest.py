@@ -25,7 +25,6 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 import optax_shampoo4  # noqa: E402,F401
 
 
-def pytest_sessionfinish(session):
-  del session
+def pytest_sessionfinish():
   if os.environ.get("OPTAX_SHAMPOO4_TEST_CACHE_OWNER") == str(os.getpid()):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -77,7 +77,7 @@ def _documented_commands(script: str):
 
 @pytest.mark.parametrize("script,least", [("train_lm", 10),
                                           ("compile_phases", 2)])
-def test_documented_train_lm_commands_name_variants_that_exist(script, least):
+def test_documented_benchmark_commands_name_variants_that_exist(script, least):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   sys.path.insert(0, ROOT)
   import importlib
