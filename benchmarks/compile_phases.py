@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import compile_time  # pylint: disable=wrong-import-position
 import train_lm  # pylint: disable=wrong-import-position
+import train_lm_programs  # pylint: disable=wrong-import-position
 from train_lm_variants import SPLIT_STEP  # pylint: disable=wrong-import-position
 
 MARK = "@@ compiling "
@@ -55,9 +56,9 @@ STACK = re.compile(r"\[\d+,(\d+),\1\]")
 
 
 def programs(name: str, args):
-  """``[(label, lowered program)]`` of ``name``'s training step."""
+  """``(label, function that lowers the program)`` of each program of
+  ``name``'s training step."""
   import jax
-  import optax_shampoo4 as o4
   run = train_lm.setup(name, args)
   x, y = train_lm.batch(run, run.corpus[0], np.random.default_rng(0))
   if not name.endswith(SPLIT_STEP):
@@ -65,10 +66,9 @@ def programs(name: str, args):
     step = run.jit(train_lm.training_step(run))
     yield "whole step", lambda: step.lower(run.state, x, y, due=due)
     return
-  gradient = jax.jit(jax.value_and_grad(train_lm.loss_function(run.model)))
+  gradient, update = train_lm_programs.split_step(
+      train_lm.loss_function(run.model))
   yield "gradient", lambda: gradient.lower(run.state.params, x, y)
-  update = jax.jit(o4.apply_scheduled_gradients, donate_argnums=0,
-                   static_argnames="due")
   grads = jax.eval_shape(lambda params: params, run.state.params)
   dues = dict.fromkeys(run.schedule(s) for s in range(1, args.steps + 1))
   for due in sorted(dues):

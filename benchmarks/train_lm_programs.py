@@ -51,6 +51,16 @@ def compile_whole(jitted_step, state, dues, xy, options=None):
   return programs, seconds
 
 
+def split_step(loss_fn):
+  """The split step's two jitted functions: the loss and gradient of
+  ``loss_fn(params, x, y)``, and ``o4.apply_scheduled_gradients`` with the
+  state donated and ``due`` static."""
+  import jax
+  import optax_shampoo4 as o4
+  return jax.jit(jax.value_and_grad(loss_fn)), jax.jit(
+      o4.apply_scheduled_gradients, donate_argnums=0, static_argnames="due")
+
+
 def compile_split(loss_fn, state, dues, xy, options=None):
   """``({due: SplitProgram}, seconds)``: the gradient of ``loss_fn(params, x,
   y)`` compiled once, then the optimizer's programs, as
@@ -58,9 +68,7 @@ def compile_split(loss_fn, state, dues, xy, options=None):
   program compiles while the optimizer's programs lower and compile."""
   import jax
   import optax_shampoo4 as o4
-  gradient = jax.jit(jax.value_and_grad(loss_fn))
-  update = jax.jit(o4.apply_scheduled_gradients, donate_argnums=0,
-                   static_argnames="due")
+  gradient, update = split_step(loss_fn)
   grads = jax.eval_shape(lambda params: params, state.params)
   start = time.perf_counter()
   lowered = gradient.lower(state.params, *xy)

@@ -54,8 +54,8 @@ def optimizers(args, base=None):
           (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
       "shampoo 4-bit, max order 768, host-scheduled updates":
           (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
-      "shampoo 4-bit, NaN steps not skipped": (args.lr,
-                                               shampoo(skip_nonfinite=False)),
+      "shampoo 4-bit, NaN steps not skipped":
+          (args.lr, shampoo(skip_nonfinite=False)),
       "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
       "shampoo 4-bit, fp32 linear algebra, host-scheduled updates":
           (args.lr,
@@ -65,30 +65,24 @@ def optimizers(args, base=None):
       "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
       "soap 4-bit lr 3e-3": (3e-3, soap()),
       "soap 4-bit lr 1e-3": (1e-3, soap()),
-      "soap 4-bit, bf16 rotations lr 1e-3":
-          (1e-3,
-           soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+      "soap 4-bit, bf16 rotations lr 1e-3": (1e-3, soap(bf16_rotations)),
       "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
-          (1e-3,
-           soap(dataclasses.replace(base, preconditioning_precision="bf16"))),
+          (1e-3, soap(bf16_rotations)),
       "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
-      "host-scheduled refresh":
-          (1e-3,
-           soap(
-               dataclasses.replace(base, preconditioning_precision="bf16",
-                                   bjorck_steps=(1, 1)))),
+      "host-scheduled refresh": (
+          1e-3, soap(dataclasses.replace(bf16_rotations, bjorck_steps=(1, 1)))),
       "soap 4-bit, bf16 rotations, 4 GiB working set lr 1e-3, "
       "host-scheduled refresh":
           (1e-3,
            soap(
-               dataclasses.replace(base, preconditioning_precision="bf16",
-                                   working_set_bytes=4 * 2**30))),
+               dataclasses.replace(bf16_rotations, working_set_bytes=4 * 2**30))
+          ),
       "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
       "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
       "soap 4-bit, 8-bit moments lr 1e-3":
           (1e-3, soap(moments=o4.AdamConfig(bits=8))),
-      "soap 4-bit, fp32 moments lr 1e-3": (1e-3,
-                                           soap(moments=o4.AdamConfig(bits=32)))
+      "soap 4-bit, fp32 moments lr 1e-3":
+          (1e-3, soap(moments=o4.AdamConfig(bits=32)))
   }
 
 
