@@ -14,7 +14,8 @@ Public API:
   step): due_at, apply_scheduled_gradients, compile_scheduled, and
   ``update``'s keyword ``preconditioner_due``.
 - Transformations: scale_by_shampoo, scale_by_soap, scale_by_adam_4bit.
-- Configs: ShampooConfig, AdamConfig, DimensionNumbers.
+- Configs: ShampooConfig, AdamConfig, DimensionNumbers (NO_PRECONDITIONER,
+  unpreconditioned_biases).
 - Quantization: quantize, dequantize, codebook, QuantizedArray.
 - Memory: state_nbytes, memory_report, format_memory_report, parameter_memory,
   format_parameter_memory.
@@ -50,7 +51,8 @@ from optax_shampoo4.alias import (  # noqa: E402
     adamw_4bit, shampoo_adamw, shampoo_sgdm, soap)
 from optax_shampoo4.codes import codebook  # noqa: E402
 from optax_shampoo4.config import (  # noqa: E402
-    AdamConfig, DimensionNumbers, ShampooConfig)
+    NO_PRECONDITIONER, AdamConfig, DimensionNumbers, ShampooConfig,
+    unpreconditioned_biases)
 from optax_shampoo4.fused import apply_gradients, fused_step  # noqa: E402
 from optax_shampoo4.moments import FactoredMoment  # noqa: E402
 from optax_shampoo4.memory import (  # noqa: E402
@@ -87,6 +89,8 @@ __all__ = [
     "ShampooConfig",
     "AdamConfig",
     "DimensionNumbers",
+    "NO_PRECONDITIONER",
+    "unpreconditioned_biases",
     "quantize",
     "dequantize",
     "codebook",

@@ -43,15 +43,31 @@ def _dynamic_tree(bits: int, signed: bool) -> np.ndarray:
   return np.sort(np.asarray(values, np.float64))
 
 
+def _linear2_values(codes, bits: int):
+  """Linear-2 values of integer ``codes`` (numpy or jax): ``n·|n| / (L − 1)²``
+  with ``n = 2·code − (L − 1)``, ``L = 2**bits``, and 0 at ``L/2 − 1``.
+
+  ``n·|n|`` is an exact integer in fp32, so the one rounding is the product by
+  the fp32 reciprocal: numpy and every XLA backend give the same bits (XLA turns
+  a division by a constant into that product anyway). A handful of
+  elementwise operations instead of a select per code.
+  """
+  xp = np if isinstance(codes, np.ndarray) else jnp
+  top = 2**bits - 1
+  n = 2 * codes.astype(xp.int32) - top
+  values = (n * xp.abs(n)).astype(xp.float32) * np.float32(1.0 / top**2)
+  return xp.where(codes == top // 2, np.float32(0.0), values)
+
+
 @functools.lru_cache(maxsize=None)
 def _codebook64(name: str, bits: int) -> np.ndarray:
   if bits not in BITS:
     raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
   levels = 2**bits
   if name == "linear2":
-    x = np.linspace(-1.0, 1.0, levels)
-    x[levels // 2 - 1] = 0.0  # give the signed map an exact zero
-    table = np.sign(x) * x**2
+    # sign(x)·x² of x = linspace(-1, 1, levels) with an exact zero, as the one
+    # fp32 product per code that decode() computes
+    table = _linear2_values(np.arange(levels), bits).astype(np.float64)
   elif name == "dynamic_tree":
     table = _dynamic_tree(bits, signed=True)
   elif name == "dynamic_tree_unsigned":
@@ -168,7 +184,10 @@ def decode(codes: jax.Array, name: str, bits: int,
            value_lookup=None) -> jax.Array:
   """Codebook values of ``codes``; ``value_lookup(codes)`` (a kernel's load from
   a table of the codebook) replaces the selects a 4-bit codebook that is not
-  evenly spaced otherwise takes."""
+  evenly spaced otherwise takes. Linear-2 is computed from the code (a few
+  operations, no look-up), at both widths."""
+  if name == "linear2":
+    return _linear2_values(codes, bits)
   table = codebook(name, bits)
   if bits <= 4:
     spaced = _evenly_spaced(name, bits)

@@ -101,7 +101,51 @@ def test_3d_kernel_update_matches_float64_reference(override):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-3, atol=5e-5)
 
 
+def test_unpreconditioned_biases_pass_linen_and_nnx_biases_to_the_base():
+  """Every leaf named ``bias`` (linen's path ends in it, nnx's in ``bias``
+  then ``value``) gets no preconditioner: its update is the gradient itself,
+  while the default rule preconditions a 2-D attention bias; the kernels keep
+  their preconditioners."""
+  from flax import nnx
+  attention = nnx.MultiHeadAttention(num_heads=4, in_features=32,
+                                     qkv_features=64, decode=False,
+                                     rngs=nnx.Rngs(0))
+  # linen: query, key, value and DenseGeneral biases; nnx: query, key, value
+  for params, expected_2d in ((flax_params(), 4),
+                              (nnx.state(attention, nnx.Param), 3)):
+    params = jax.tree.map(jnp.zeros_like, params)
+    grads = jax.tree.map(
+        lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
+        params)
+    bits32 = dict(bits=32, storage="matrix", inverse_root_method="eigh")
+    updates = {
+        rule:
+            jax.tree_util.tree_leaves_with_path(
+                one_step(
+                    o4.ShampooConfig(**bits32, dimension_numbers=spec), params,
+                    grads))
+        for rule, spec in (("default", None), ("biases",
+                                               o4.unpreconditioned_biases))
+    }
+    leaves = jax.tree_util.tree_leaves_with_path(grads)
+    two_d_biases = 0
+    for (path, g), (_, default), (_, biases) in zip(leaves, updates["default"],
+                                                    updates["biases"]):
+      key = jax.tree_util.keystr(path)
+      if "bias" in key:
+        np.testing.assert_array_equal(np.asarray(biases), np.asarray(g), key)
+        if g.ndim == 2:
+          two_d_biases += 1
+          assert not np.allclose(np.asarray(default), np.asarray(g)), key
+      else:
+        np.testing.assert_array_equal(
+            np.asarray(biases), np.asarray(default), key)
+    assert two_d_biases == expected_2d
+
+
 def test_bad_dimension_numbers_raise_naming_the_problem():
+  with pytest.raises(ValueError, match="or neither"):
+    o4.DimensionNumbers(rows=(0,), cols=())
   with pytest.raises(ValueError, match="overlap"):
     o4.DimensionNumbers(rows=(0,), cols=(0,)).resolve(3)
   with pytest.raises(ValueError, match="out of range"):

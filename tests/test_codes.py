@@ -53,6 +53,19 @@ def test_linear2_exact_formula_and_8bit():
                      8).min() > -1.0  # no −1 code, like the 4-bit map
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear2_decodes_from_the_code_without_selects_or_lookups(bits):
+  """Linear-2 decodes every code to its table entry, computed in the program
+  from the code: no chain of selects (one per code) and no gather."""
+  codes = jnp.arange(2**bits, dtype=jnp.uint8)
+  decode = jax.jit(lambda c: cd.decode(c, "linear2", bits))
+  np.testing.assert_array_equal(
+      np.asarray(decode(codes)), o4.codebook("linear2", bits))
+  program = decode.lower(codes).as_text()
+  assert program.count("stablehlo.select") <= 1  # the exact zero
+  assert "gather" not in program
+
+
 @pytest.mark.parametrize(
     "bad", [dict(name="nope", bits=4),
             dict(name="linear2", bits=3)])
