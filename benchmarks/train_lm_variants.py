@@ -35,15 +35,18 @@ def optimizers(args, base=None):
           (float(lr), soap(bf16_rotations, b1=0.9))
       for lr in ("1e-3", "2e-3", "3e-3")
   }
-  biases = dict(dimension_numbers=o4.unpreconditioned_biases)
-  no_bias_preconditioners = {
-      "shampoo 4-bit, biases unpreconditioned, host-scheduled updates":
-          (args.lr, shampoo(dataclasses.replace(base, **biases))),
-      "soap 4-bit, bf16 rotations, b1 0.9, biases unpreconditioned lr 1e-3, "
+  # the shape rule for every leaf, as before ShampooConfig's default left the
+  # leaves named "bias" unpreconditioned
+  shape_rule = dict(dimension_numbers=None)
+  bias_preconditioners = {
+      "shampoo 4-bit, biases preconditioned, host-scheduled updates":
+          (args.lr, shampoo(dataclasses.replace(base, **shape_rule))),
+      "soap 4-bit, bf16 rotations, b1 0.9, biases preconditioned lr 1e-3, "
       "host-scheduled refresh":
-          (1e-3, soap(dataclasses.replace(bf16_rotations, **biases), b1=0.9)),
+          (1e-3,
+           soap(dataclasses.replace(bf16_rotations, **shape_rule), b1=0.9)),
   }
-  return soap_b1_09 | no_bias_preconditioners | {
+  return soap_b1_09 | bias_preconditioners | {
       "adamw lr 1e-3": (1e-3, adamw),
       "adamw lr 2e-3": (2e-3, adamw),
       "shampoo 4-bit": (args.lr, shampoo()),

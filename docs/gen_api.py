@@ -3,6 +3,7 @@ docs/gen_api.py``."""
 
 import inspect
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -23,7 +24,9 @@ def render() -> str:
       lines += [f"## `{name}`", "", f"`{obj!r}`", ""]
       continue
     try:
-      signature = str(inspect.signature(obj))
+      # a function default's repr holds its address: name it instead
+      signature = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1",
+                         str(inspect.signature(obj)))
     except (TypeError, ValueError):
       signature = "(...)"
     lines += [

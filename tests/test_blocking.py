@@ -102,10 +102,11 @@ def test_3d_kernel_update_matches_float64_reference(override):
 
 
 def test_unpreconditioned_biases_pass_linen_and_nnx_biases_to_the_base():
-  """Every leaf named ``bias`` (linen's path ends in it, nnx's in ``bias``
-  then ``value``) gets no preconditioner: its update is the gradient itself,
-  while the default rule preconditions a 2-D attention bias; the kernels keep
-  their preconditioners."""
+  """By default every leaf named ``bias`` (linen's path ends in it, nnx's in
+  ``bias`` then ``value``) gets no preconditioner: its update is the gradient
+  itself, while the shape rule (``dimension_numbers=None``) preconditions a
+  2-D attention bias; the kernels keep their preconditioners."""
+  assert o4.ShampooConfig().dimension_numbers is o4.unpreconditioned_biases
   from flax import nnx
   attention = nnx.MultiHeadAttention(num_heads=4, in_features=32,
                                      qkv_features=64, decode=False,
@@ -124,12 +125,13 @@ def test_unpreconditioned_biases_pass_linen_and_nnx_biases_to_the_base():
                 one_step(
                     o4.ShampooConfig(**bits32, dimension_numbers=spec), params,
                     grads))
-        for rule, spec in (("default", None), ("biases",
-                                               o4.unpreconditioned_biases))
+        for rule, spec in (("shape rule", None), ("biases",
+                                                  o4.unpreconditioned_biases))
     }
     leaves = jax.tree_util.tree_leaves_with_path(grads)
     two_d_biases = 0
-    for (path, g), (_, default), (_, biases) in zip(leaves, updates["default"],
+    for (path, g), (_, default), (_, biases) in zip(leaves,
+                                                    updates["shape rule"],
                                                     updates["biases"]):
       key = jax.tree_util.keystr(path)
       if "bias" in key:
