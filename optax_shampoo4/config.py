@@ -10,6 +10,7 @@ intervals) stay plain arguments of the factories, so they can be traced. See
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
@@ -97,7 +98,9 @@ def unpreconditioned_biases(params: Any) -> Any:
   matrix. A GPT's 36 such biases made orders 12 and 64 of its stacks and
   about a tenth of its statistics program (``docs/algorithms.md``, "Shapes").
   A leaf is a bias when the last key of its path is ``bias`` (linen) or
-  ``bias`` then ``value`` (``nnx``).
+  ``bias`` then ``value`` (``nnx``), or, in a flattened tree, when that key's
+  last ``/``- or ``.``-separated name is (``"block/attn/bias"``,
+  ``"['attn']['bias']"``).
   """
 
   def leaf_spec(path, _):
@@ -105,7 +108,9 @@ def unpreconditioned_biases(params: Any) -> Any:
     names = [n for n in names if isinstance(n, str)]
     if names[-1:] == ["value"]:
       names = names[:-1]
-    return NO_PRECONDITIONER if names[-1:] == ["bias"] else None
+    # a flattened tree's key: "block/attn/bias", "h0.attn.bias", "['attn']['bias']"
+    last = [w for w in re.split(r"[/.\[\]'\"]+", names[-1]) if w] if names else []
+    return NO_PRECONDITIONER if last[-1:] == ["bias"] else None
 
   return jax.tree_util.tree_map_with_path(leaf_spec, params)
 

@@ -107,13 +107,23 @@ def test_unpreconditioned_biases_pass_linen_and_nnx_biases_to_the_base():
   itself, while the shape rule (``dimension_numbers=None``) preconditions a
   2-D attention bias; the kernels keep their preconditioners."""
   assert o4.ShampooConfig().dimension_numbers is o4.unpreconditioned_biases
+  import flax
   from flax import nnx
   attention = nnx.MultiHeadAttention(num_heads=4, in_features=32,
                                      qkv_features=64, decode=False,
                                      rngs=nnx.Rngs(0))
-  # linen: query, key, value and DenseGeneral biases; nnx: query, key, value
-  for params, expected_2d in ((flax_params(), 4),
-                              (nnx.state(attention, nnx.Param), 3)):
+  # linen: query, key, value and DenseGeneral biases; nnx: query, key, value;
+  # the linen tree flattened to "/"-joined and keystr names
+  linen = flax_params()
+  flat = {
+      sep: {
+          sep.join(path) if sep else jax.tree_util.keystr(
+              tuple(jax.tree_util.DictKey(k) for k in path)): leaf
+          for path, leaf in flax.traverse_util.flatten_dict(linen).items()
+      } for sep in ("/", "")
+  }
+  for params, expected_2d in ((linen, 4), (nnx.state(attention, nnx.Param), 3),
+                              (flat["/"], 4), (flat[""], 4)):
     params = jax.tree.map(jnp.zeros_like, params)
     grads = jax.tree.map(
         lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
