@@ -103,56 +103,54 @@ def test_3d_kernel_update_matches_float64_reference(override):
 
 def test_unpreconditioned_biases_pass_linen_and_nnx_biases_to_the_base():
   """By default every leaf named ``bias`` (linen's path ends in it, nnx's in
-  ``bias`` then ``value``) gets no preconditioner: its update is the gradient
-  itself, while the shape rule (``dimension_numbers=None``) preconditions a
-  2-D attention bias; the kernels keep their preconditioners."""
-  assert o4.ShampooConfig().dimension_numbers is o4.unpreconditioned_biases
+  ``bias`` then ``value``, a flattened tree's key in ``/bias`` or
+  ``['bias']``) gets no preconditioner: its update is the gradient itself,
+  while the shape rule (``dimension_numbers=None``) preconditions a 2-D
+  attention bias; the kernels' updates are the same under both."""
   import flax
   from flax import nnx
+  assert o4.ShampooConfig().dimension_numbers is o4.unpreconditioned_biases
+  random_like = lambda tree: jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape), tree)
+  bits32 = dict(bits=32, storage="matrix", inverse_root_method="eigh")
+
+  def updates(params, spec):
+    config = o4.ShampooConfig(**bits32, dimension_numbers=spec)
+    return jax.tree_util.tree_leaves_with_path(
+        one_step(config, params, random_like(params)))
+
+  linen = jax.tree.map(jnp.zeros_like, flax_params())
+  two_d_biases = 0
+  for (path, g), (_, shape_rule), (_, default) in zip(
+      jax.tree_util.tree_leaves_with_path(random_like(linen)),
+      updates(linen, None), updates(linen, o4.unpreconditioned_biases)):
+    key = jax.tree_util.keystr(path)
+    if key.endswith("['bias']"):
+      np.testing.assert_array_equal(np.asarray(default), np.asarray(g), key)
+      if g.ndim == 2:  # query, key, value and DenseGeneral: (heads, head_dim)
+        two_d_biases += 1
+        assert not np.allclose(np.asarray(shape_rule), np.asarray(g)), key
+    else:
+      np.testing.assert_array_equal(
+          np.asarray(default), np.asarray(shape_rule), key)
+  assert two_d_biases == 4
+
   attention = nnx.MultiHeadAttention(num_heads=4, in_features=32,
                                      qkv_features=64, decode=False,
                                      rngs=nnx.Rngs(0))
-  # linen: query, key, value and DenseGeneral biases; nnx: query, key, value;
-  # the linen tree flattened to "/"-joined and keystr names
-  linen = flax_params()
-  flat = {
-      sep: {
-          sep.join(path) if sep else jax.tree_util.keystr(
-              tuple(jax.tree_util.DictKey(k) for k in path)): leaf
-          for path, leaf in flax.traverse_util.flatten_dict(linen).items()
-      } for sep in ("/", "")
-  }
-  for params, expected_2d in ((linen, 4), (nnx.state(attention, nnx.Param), 3),
-                              (flat["/"], 4), (flat[""], 4)):
-    params = jax.tree.map(jnp.zeros_like, params)
-    grads = jax.tree.map(
-        lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
-        params)
-    bits32 = dict(bits=32, storage="matrix", inverse_root_method="eigh")
-    updates = {
-        rule:
-            jax.tree_util.tree_leaves_with_path(
-                one_step(
-                    o4.ShampooConfig(**bits32, dimension_numbers=spec), params,
-                    grads))
-        for rule, spec in (("shape rule", None), ("biases",
-                                                  o4.unpreconditioned_biases))
-    }
-    leaves = jax.tree_util.tree_leaves_with_path(grads)
-    two_d_biases = 0
-    for (path, g), (_, default), (_, biases) in zip(leaves,
-                                                    updates["shape rule"],
-                                                    updates["biases"]):
-      key = jax.tree_util.keystr(path)
-      if "bias" in key:
-        np.testing.assert_array_equal(np.asarray(biases), np.asarray(g), key)
-        if g.ndim == 2:
-          two_d_biases += 1
-          assert not np.allclose(np.asarray(default), np.asarray(g)), key
-      else:
-        np.testing.assert_array_equal(
-            np.asarray(biases), np.asarray(default), key)
-    assert two_d_biases == expected_2d
+  params = nnx.state(attention, nnx.Param)
+  for (path, g), (_, default) in zip(
+      jax.tree_util.tree_leaves_with_path(random_like(params)),
+      updates(params, o4.unpreconditioned_biases)):
+    biased = jax.tree_util.keystr(path).endswith("['bias'].value")
+    assert np.array_equal(np.asarray(default), np.asarray(g)) == biased, path
+
+  flat = flax.traverse_util.flatten_dict(linen)
+  for name in (lambda path: "/".join(path), lambda path: jax.tree_util.keystr(
+      tuple(jax.tree_util.DictKey(k) for k in path))):
+    spec = o4.unpreconditioned_biases({name(p): x for p, x in flat.items()})
+    assert {k for k, v in spec.items() if v is not None
+           } == {name(p) for p in flat if p[-1] == "bias"}
 
 
 def test_bad_dimension_numbers_raise_naming_the_problem():
