@@ -22,15 +22,23 @@ CONSTANTS = dict(b1=0.9, b2=0.95, eps=1e-8)
 def test_fp32_matches_float64_numpy_soap_through_refreshes(moment_on_refresh):
   """Every leaf of a mixed tree, 12 steps with a basis refresh every 3rd: a
   plain matrix, one cut into two blocks at ``max_order`` 8, a 3-D kernel with
-  per-head dimension numbers, and a bias (plain Adam). Square blocks: a block's
-  first statistic is then full-rank, so fp32 and float64 agree to 1e-4."""
+  per-head dimension numbers, a bias and a 2-D leaf marked ``NO_PRECONDITIONER``
+  (both plain Adam). Square blocks: a block's first statistic is then
+  full-rank, so fp32 and float64 agree to 1e-4."""
   rng = np.random.default_rng(0)
-  shapes = {"w": (8, 8), "tall": (16, 8), "heads": (8, 2, 8), "b": (5,)}
+  shapes = {
+      "w": (8, 8),
+      "tall": (16, 8),
+      "heads": (8, 2, 8),
+      "b": (5,),
+      "head_b": (2, 8)
+  }
   dims = {
       "w": None,
       "tall": None,
       "heads": o4.DimensionNumbers(rows=0, cols=2),
-      "b": None
+      "b": None,
+      "head_b": o4.NO_PRECONDITIONER
   }
   config = o4.ShampooConfig(bits=32, max_order=8, dimension_numbers=dims)
   tx = o4.scale_by_soap(**CONSTANTS, config=config,
@@ -62,6 +70,7 @@ def test_fp32_matches_float64_numpy_soap_through_refreshes(moment_on_refresh):
                              for h in range(2)))
       ],
       "b": adam_updates([g["b"] for g in stream], **CONSTANTS),
+      "head_b": adam_updates([g["head_b"] for g in stream], **CONSTANTS),
   }
   for name in shapes:
     for step, (got, want) in enumerate(
