@@ -95,12 +95,12 @@ def unpreconditioned_biases(params: Any) -> Any:
 
   Flax's attention and ``DenseGeneral`` biases are ``(heads, head_dim)``, which
   the shape rule, seeing two axes longer than 1, would precondition as a
-  matrix. A GPT's 36 such biases made orders 12 and 64 of its stacks and
-  about a tenth of its statistics program (``docs/algorithms.md``, "Shapes").
-  A leaf is a bias when the last key of its path is ``bias`` (linen) or
-  ``bias`` then ``value`` (``nnx``), or, in a flattened tree, when that key's
-  last ``/``- or ``.``-separated name is (``"block/attn/bias"``,
-  ``"['attn']['bias']"``).
+  matrix. A GPT's 36 such biases made orders 12 and 64 of its stacks and 12 %
+  of its statistics program's instructions (``docs/benchmarks.md``,
+  "Attention biases"). A leaf is a bias when the last key of its path is
+  ``bias`` (linen), or ``bias`` then ``value`` (``nnx``), or, in a flattened
+  tree, a key whose last ``/``- or ``.``-separated name is ``bias``
+  (``"block/attn/bias"``, ``"['attn']['bias']"``).
   """
 
   def leaf_spec(path, _):
@@ -108,9 +108,10 @@ def unpreconditioned_biases(params: Any) -> Any:
     names = [n for n in names if isinstance(n, str)]
     if names[-1:] == ["value"]:
       names = names[:-1]
-    # a flattened tree's key: "block/attn/bias", "h0.attn.bias", "['attn']['bias']"
-    last = [w for w in re.split(r"[/.\[\]'\"]+", names[-1]) if w] if names else []
-    return NO_PRECONDITIONER if last[-1:] == ["bias"] else None
+    # a flattened tree's keys: "block/attn/bias", "h0.attn.bias", keystr's
+    words = re.split(r"[/.\[\]'\"]+", names[-1]) if names else []
+    is_bias = [w for w in words if w][-1:] == ["bias"]
+    return NO_PRECONDITIONER if is_bias else None
 
   return jax.tree_util.tree_map_with_path(leaf_spec, params)
 
