@@ -200,9 +200,9 @@ class ShampooConfig:
       goes to the base optimizer unpreconditioned, whatever its shape, and
       every other leaf follows the shape rule; ``None``: the shape rule for
       all. Without preconditioners for its 36 ``(heads, head_dim)`` attention
-      biases, the 86 M-param GPT's split training loop compiled in
-      1.57–1.77× AdamW's time instead of 1.99–2.04×, at the same loss within
-      run-to-run noise (``docs/benchmarks.md``, "Attention biases").
+      biases, the training programs of the benchmarks' 86 M-param GPT
+      compiled faster at the same loss within run-to-run noise
+      (``docs/benchmarks.md``, "Attention biases").
     working_set_bytes: fp32 bytes the statistics, root and preconditioning work
       may hold at once per order class; stacks are processed chunk by chunk
       within it. ``None``: whole stacks at once (fastest compile on small
