@@ -87,6 +87,7 @@ def matrix_layout(
   if dimension_numbers is not None:
     batch, rows, cols = dimension_numbers.resolve(len(shape))
     size = lambda axes: math.prod(shape[a] for a in axes)
+    # NO_PRECONDITIONER's empty groups have size 1 too
     if size(rows) == 1 or size(cols) == 1:
       return None
     return MatrixLayout(batch + rows + cols, size(batch), size(rows),
