@@ -102,24 +102,75 @@ def decision_boundaries(name: str, bits: int) -> np.ndarray:
   return ((table[:-1] + table[1:]) / 2.0).astype(np.float32)
 
 
+def _dynamic_tree_lower_code(x: jax.Array, bits: int,
+                             signed: bool) -> jax.Array:
+  """A dynamic-tree code ``k`` with ``k ≤ code(x) ≤ k + 1``.
+
+  Exponent level ``e`` holds ``(2K + 18j + 9) · 10^(e + 1 − bits) / (2K)``, the
+  ``K`` bucket means of one decade (:func:`_dynamic_tree`), and the decades'
+  edges fall in the gaps between levels: ``log10`` gives the level, and the
+  bucket ``j`` follows by arithmetic, rounded down past its midpoint by a
+  margin wider than its rounding error. Below the level's first entry the
+  code is the entry under it.
+  """
+  shift, top = 0 if signed else 1, 2**bits - 1
+  y = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
+  level = jnp.clip(jnp.floor(jnp.log10(y)) + (bits - 1), 0,
+                   bits - 2).astype(jnp.int32)
+  size = jnp.left_shift(1, level + shift).astype(jnp.float32)
+  n = y * (2 * size) * jnp.exp(np.log(10.0) * (bits - 1 - level))
+  bucket = (n - (2 * size + 9)) / 18
+  p = size - shift + jnp.where(bucket < 0, -1.0,
+                               jnp.floor(jnp.minimum(bucket, size - 1) + 0.1))
+  p = p.astype(jnp.int32)  # index among the entries ≥ 0
+  if not signed:
+    return p
+  middle = top // 2
+  return jnp.where(x < 0, middle - 1 - p, middle + p)
+
+
+def _linear2_lower_code(x: jax.Array, bits: int) -> jax.Array:
+  """A linear-2 code ``k`` with ``k ≤ code(x) ≤ k + 1``: entry ``q`` is ``n·|n|
+  / (L − 1)²`` with ``n = 2q − (L − 1)``, so ``sign(x)·√|x|`` is linear in
+  ``q``; a midpoint sits up to 0.35 of a code past ``q + ½`` there."""
+  top = 2**bits - 1
+  q = (jnp.sign(x) * jnp.sqrt(jnp.abs(x)) * top + top) / 2
+  return jnp.floor(q + 0.1).astype(jnp.int32)
+
+
+def _linear_nozero_lower_code(x: jax.Array, bits: int) -> jax.Array:
+  """Entry ``q`` is ``(q + 1) / 2**bits``."""
+  return jnp.floor(x * 2**bits - 1 + 0.1).astype(jnp.int32)
+
+
+# name -> a code k with k ≤ code(x) ≤ k + 1, by the codebook's formula
+_LOWER_CODES = {
+    "linear2":
+        _linear2_lower_code,
+    "dynamic_tree":
+        functools.partial(_dynamic_tree_lower_code, signed=True),
+    "dynamic_tree_unsigned":
+        functools.partial(_dynamic_tree_lower_code, signed=False),
+    "linear_nozero":
+        _linear_nozero_lower_code,
+}
+
+
 def encode(normalized: jax.Array, name: str, bits: int) -> jax.Array:
   """Index of the nearest codebook entry, ties to the lower one: #{k :
-  normalized > midpoint_k}, by a branchless binary search (8 comparisons against
-  looked-up midpoints instead of 255). NaN compares false everywhere and gets
-  code 0. (4-bit codes: :func:`encode_scaled`.)"""
-  boundaries = decision_boundaries(name, bits)
-  table = jnp.asarray(boundaries)
-  # The first comparison is against the middle midpoint itself: a look-up at a
-  # constant index (all zeros) is a gather XLA constant-folds into an array the
-  # size of the tensor (seconds of compile per leaf).
-  step = 2**(bits - 1)
-  index = jnp.where(normalized > boundaries[step - 1], step,
-                    0).astype(jnp.int32)
-  step //= 2
-  while step >= 1:
-    index = index + jnp.where(normalized > table[index + (step - 1)], step, 0)
-    step //= 2
-  return index.astype(jnp.uint8)
+  normalized > midpoint_k}. NaN gets code 0. (4-bit codes:
+  :func:`encode_scaled`.)
+
+  The codebook's formula gives a code ``k`` with ``k ≤ code ≤ k + 1``, and one
+  comparison against ``midpoint_k``, looked up, settles it: one gather per
+  element, where a binary search of looked-up midpoints takes eight dependent
+  ones.
+  """
+  top = 2**bits - 1
+  lower = jnp.clip(_LOWER_CODES[name](normalized, bits), 0, top - 1)
+  midpoints = jnp.asarray(decision_boundaries(name, bits))
+  code = lower + (normalized > midpoints[lower]).astype(jnp.int32)
+  return jnp.where(jnp.isnan(normalized), 0, code).astype(jnp.uint8)
 
 
 def _evenly_spaced(name: str, bits: int):

@@ -68,6 +68,15 @@ def test_linear2_decodes_from_the_code_without_selects_or_lookups(bits):
   assert "gather" not in program
 
 
+@pytest.mark.parametrize("codebook", cd.CODEBOOKS)
+def test_8bit_encoder_looks_up_one_midpoint(codebook):
+  """The 8-bit encoder's program reads the midpoint table once per element (a
+  binary search would read it eight times)."""
+  encode = jax.jit(lambda x: cd.encode(x, codebook, 8))
+  program = encode.lower(jnp.linspace(-1, 1, 64)).as_text()
+  assert program.count("\"stablehlo.gather\"(") == 1
+
+
 @pytest.mark.parametrize(
     "bad", [dict(name="nope", bits=4),
             dict(name="linear2", bits=3)])
@@ -107,10 +116,10 @@ def test_4bit_binary_search_counts_exceeded_midpoints(codebook):
 
 @pytest.mark.parametrize("codebook", cd.CODEBOOKS)
 def test_8bit_code_counts_exceeded_midpoints(codebook):
-  """The 8-bit encoder (a binary search of looked-up midpoints) against a numpy
+  """The 8-bit encoder (the formula's lower code and one midpoint) against a numpy
   count of ``x > midpoint_k`` on uniform values, values spread over twelve
-  decades, every midpoint and the floats just above and below it, ±1, ±0,
-  denormals, NaN and ±inf."""
+  decades, every midpoint and the floats just above and below it, a dense
+  grid around every midpoint, ±1, ±0, denormals, NaN and ±inf."""
   rng = np.random.default_rng(3)
   midpoints = cd.decision_boundaries(codebook, 8)
   x = np.concatenate([
@@ -119,6 +128,7 @@ def test_8bit_code_counts_exceeded_midpoints(codebook):
       midpoints,
       np.nextafter(midpoints, np.float32(np.inf)),
       np.nextafter(midpoints, np.float32(-np.inf)),
+      np.outer(midpoints, 1 + np.linspace(-2e-3, 2e-3, 41)).ravel(),
       [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, np.nan, np.inf, -np.inf]
   ]).astype(np.float32)
   with np.errstate(invalid="ignore"):
