@@ -266,6 +266,14 @@ def parse_args(argv=None):
       "--bjorck-steps", default=None,
       help="ShampooConfig.bjorck_steps as 'statistics,use' (default: the "
       "optimizer's own); the output's name then ends in _bjorck<s><u>")
+  parser.add_argument(
+      "--preconditioning-precision", default=None, choices=("bf16", "high"),
+      help="ShampooConfig.preconditioning_precision (SOAP's rotations, "
+      "Shampoo's products); the output's name then ends in _<precision>")
+  parser.add_argument(
+      "--max-order", type=int, default=o4.ShampooConfig.max_order,
+      help="ShampooConfig.max_order; the output's name then ends in "
+      "_order<n> unless it is the default")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="write each profiled program's optimized HLO")
   parser.add_argument(
@@ -283,7 +291,9 @@ def step_of(args, kind: str):
   """The jitted step of ``kind`` of the optimizer profiled: Shampoo's by its
   intervals, SOAP's by the host's schedule (no conditional either way)."""
   steps = args.bjorck_steps and tuple(map(int, args.bjorck_steps.split(",")))
-  config = o4.ShampooConfig(bits=args.bits, bjorck_steps=steps)
+  config = o4.ShampooConfig(
+      bits=args.bits, bjorck_steps=steps, max_order=args.max_order,
+      preconditioning_precision=args.preconditioning_precision)
   if args.optimizer == "soap":
     tx = o4.soap(1e-3, config=config)
     return tx, step_program(tx, (SOAP_KINDS[kind], False))
@@ -376,6 +386,10 @@ def main(argv=None):
   prefix = "" if args.optimizer == "shampoo" else "soap_"
   suffix = "_bjorck" + args.bjorck_steps.replace(
       ",", "") if args.bjorck_steps else ""
+  if args.preconditioning_precision:
+    suffix += "_" + args.preconditioning_precision
+  if args.max_order != o4.ShampooConfig.max_order:
+    suffix += f"_order{args.max_order}"
   common.write_json(f"profile_{prefix}{args.model}_{args.bits}bit{suffix}", {
       **payload, "tables": tables
   })

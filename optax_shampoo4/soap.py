@@ -298,8 +298,14 @@ def _rotated_adam(rotation: _Rotation, bases, gradients, moments, constants):
         list(zip(grad_groups, blocking.to_groups(plan, mu), nu_groups)), bases,
         constants)
   plain_nu, plain_updates = _plain_adam(plan, grads, mu, nu, constants)
-  return (blocking.to_leaves(plan, group_updates, plain_updates),
-          blocking.to_leaves(plan, group_nu, plain_nu))
+  # Each leaf's V is cut from its group's stack. Written out leaf by leaf, the
+  # leaves' quantizations share no operand; otherwise XLA:GPU fuses one leaf's
+  # scale reduction with the encoding of every leaf cut from the same stacks,
+  # at the reduction's parallelism (docs/benchmarks.md, "SOAP's 8-bit moments:
+  # one look-up per encoded element").
+  nu = jax.lax.optimization_barrier(
+      blocking.to_leaves(plan, group_nu, plain_nu))
+  return blocking.to_leaves(plan, group_updates, plain_updates), nu
 
 
 def scale_by_soap(
