@@ -109,9 +109,10 @@ def _dynamic_tree_lower_code(x: jax.Array, bits: int,
   Exponent level ``e`` holds ``(2K + 18j + 9) · 10^(e + 1 − bits) / (2K)``, the
   ``K`` bucket means of one decade (:func:`_dynamic_tree`), and the decades'
   edges fall in the gaps between levels: ``log10`` gives the level, and the
-  bucket ``j`` follows by arithmetic, rounded down past its midpoint by a
-  margin wider than its rounding error. Below the level's first entry the
-  code is the entry under it.
+  bucket ``j`` follows by arithmetic, taken as the lower entry until 0.4 of a
+  bucket past their midpoint (far wider than the arithmetic's error, so the
+  code is never overshot). Below the level's first entry the guess is the
+  entry under it.
   """
   shift, top = 0 if signed else 1, 2**bits - 1
   y = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
