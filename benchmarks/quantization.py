@@ -25,7 +25,8 @@ def main(n: int = 4096):
       100.0
   ]]
   results = {"copy": {"seconds": copy_time, "bytes": 2 * x.nbytes}}
-  for bits, codebook in ((4, "linear2"), (8, "linear2"), (4, "dynamic_tree")):
+  for bits, codebook in ((4, "linear2"), (8, "linear2"), (4, "dynamic_tree"),
+                         (8, "dynamic_tree")):
     encode = jax.jit(
         lambda a: quantize(a, bits=bits, codebook=codebook, block_size=64))
     decode = jax.jit(dequantize)
