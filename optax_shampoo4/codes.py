@@ -140,8 +140,9 @@ def _linear2_lower_code(x: jax.Array, bits: int) -> jax.Array:
 
 
 def _linear_nozero_lower_code(x: jax.Array, bits: int) -> jax.Array:
-  """Entry ``q`` is ``(q + 1) / 2**bits``."""
-  return jnp.floor(x * 2**bits - 1 + 0.1).astype(jnp.int32)
+  """An evenly spaced codebook's entry ``q`` is ``first + q·spacing``."""
+  first, spacing = _evenly_spaced("linear_nozero", bits)
+  return jnp.floor((x - first) / spacing + 0.1).astype(jnp.int32)
 
 
 # name -> a code k with k ≤ code(x) ≤ k + 1, by the codebook's formula
