@@ -271,6 +271,10 @@ def parse_args(argv=None):
       help="ShampooConfig.preconditioning_precision (SOAP's rotations, "
       "Shampoo's products); the output's name then ends in _<precision>")
   parser.add_argument(
+      "--linalg-precision", default=None, choices=o4.config.LINALG_PRECISIONS,
+      help="ShampooConfig.linalg_precision (the statistics step, SOAP's "
+      "refresh); the output's name then ends in _linalg_<precision>")
+  parser.add_argument(
       "--max-order", type=int, default=o4.ShampooConfig.max_order,
       help="ShampooConfig.max_order; the output's name then ends in "
       "_order<n> unless it is the default")
@@ -293,7 +297,8 @@ def step_of(args, kind: str):
   steps = args.bjorck_steps and tuple(map(int, args.bjorck_steps.split(",")))
   config = o4.ShampooConfig(
       bits=args.bits, bjorck_steps=steps, max_order=args.max_order,
-      preconditioning_precision=args.preconditioning_precision)
+      preconditioning_precision=args.preconditioning_precision,
+      linalg_precision=args.linalg_precision)
   if args.optimizer == "soap":
     tx = o4.soap(1e-3, config=config)
     return tx, step_program(tx, (SOAP_KINDS[kind], False))
@@ -388,6 +393,8 @@ def main(argv=None):
       ",", "") if args.bjorck_steps else ""
   if args.preconditioning_precision:
     suffix += "_" + args.preconditioning_precision
+  if args.linalg_precision:
+    suffix += "_linalg_" + args.linalg_precision
   if args.max_order != o4.ShampooConfig.max_order:
     suffix += f"_order{args.max_order}"
   common.write_json(f"profile_{prefix}{args.model}_{args.bits}bit{suffix}", {

@@ -258,6 +258,17 @@ def profile(name, args, compiled, state, xy):
   return carry[0], breakdown
 
 
+def rejected_updates(opt_state) -> int:
+  """The preconditioner or basis updates that the optimizer rejected (its
+  ``failure_count`` fields) over the run."""
+  import jax
+  paths = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+  return sum(
+      int(leaf)
+      for path, leaf in paths
+      if getattr(path[-1], "name", None) == "failure_count")
+
+
 def run_one(name, args):
   import jax
   import lm
@@ -279,7 +290,7 @@ def run_one(name, args):
                    for d in jax.devices()[:args.devices])
   times, losses = record["step_s"], record["losses"]
   ms = lambda f, x: 1e3 * float(f(x[5:]))
-  return dict(
+  result = dict(
       name=name, devices=args.devices, sync_every=args.sync_every,
       batch=run.size["batch"], context=run.size["context"],
       state_bytes_per_device=int(
@@ -296,6 +307,8 @@ def run_one(name, args):
       compile_arguments=compile_with, corpus=lm.corpus_fingerprint(run.corpus),
       losses=losses, step_s=times, device=str(
           jax.devices()[0].device_kind), jax=jax.__version__, profile=breakdown)
+  result["rejected_updates"] = rejected_updates(state.opt_state)
+  return result
 
 
 def parser() -> argparse.ArgumentParser:

@@ -75,6 +75,13 @@ def summarize(results, out):
         f"{r['compile_s']:.1f} ({ratio(r['compile_s'], best['compile_s'])})")
     rows.append(cells)
     print("| " + " | ".join(cells) + " |")
+  rejected = {
+      r["name"]: r["rejected_updates"]
+      for r in results
+      if r.get("rejected_updates")
+  }
+  print("\nRejected preconditioner / basis updates: " +
+        (", ".join(f"{k}: {v}" for k, v in rejected.items()) or "none"))
   print_profiles(results)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"target": target, "results": results}, f)

@@ -35,6 +35,9 @@ def optimizers(args, base=None):
           (float(lr), soap(bf16_rotations, b1=0.9))
       for lr in ("1e-3", "2e-3", "3e-3")
   }
+  tf32_refresh = dataclasses.replace(bf16_rotations, linalg_precision="high")
+  soap_b1_09["soap 4-bit, bf16 rotations, TF32 refresh, b1 0.9 lr 1e-3, "
+             "host-scheduled refresh"] = (1e-3, soap(tf32_refresh, b1=0.9))
   # the shape rule for every leaf, as before ShampooConfig's default left the
   # leaves named "bias" unpreconditioned
   shape_rule = dict(dimension_numbers=None)

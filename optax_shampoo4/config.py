@@ -22,7 +22,7 @@ from optax_shampoo4.quantization import validate_quantization_args
 STORAGES = ("eigenvectors", "matrix", "cholesky")
 INVERSE_ROOT_METHODS = ("eigh", "newton")
 PRECONDITIONING_PRECISIONS = ("bf16", "default", "high", "highest")
-LINALG_PRECISIONS = ("highest", "bf16_3x")
+LINALG_PRECISIONS = ("highest", "bf16_3x", "high")
 SECOND_MOMENTS = ("rank1", "block", "factored")
 IMPLEMENTATIONS = ("xla", "pallas")
 MIB = 2**20
@@ -188,11 +188,15 @@ class ShampooConfig:
       under 1 % and the byte-level LM's loss within noise
       (``docs/benchmarks.md``).
     linalg_precision: precision of the statistics and root updates:
-      ``"highest"`` (fp32) or ``"bf16_3x"`` (three bf16 passes, relative error
-      ≈1e-5; CPUs use fp32 either way). Default: ``"highest"`` at 32 bits,
+      ``"highest"`` (fp32), ``"bf16_3x"`` (three bf16 passes, relative error
+      ≈1e-5) or ``"high"`` (one TF32 pass on GPUs, ≈5e-4, three bf16 passes on
+      TPUs; the orthonormalization's Gram matrices stay at ``"bf16_3x"``); CPUs
+      use fp32 whichever is named. Default: ``"highest"`` at 32 bits,
       ``"bf16_3x"`` for quantized storage, the fastest precision with
       fp32-level eigenvalues (``docs/benchmarks.md``, "Precision of the
-      statistics step").
+      statistics step"). ``"high"`` suits SOAP's 4-bit bases, whose own
+      rounding (≈1e-2) is far above TF32's (``docs/benchmarks.md``, "SOAP's
+      refresh at TF32").
     dimension_numbers: per-leaf :class:`DimensionNumbers` overriding the shape
       rule of ``docs/algorithms.md`` ("Shapes"): a pytree like the params with
       ``None`` for "the shape rule", or a function of the params returning

@@ -47,10 +47,22 @@ class Numerics(NamedTuple):
       ``with_sharding_constraint`` that keeps a stack sharded along its leading
       axis), or None. :func:`per_matrix` reads its ``mesh`` and ``axes``
       attributes when it has them.
+    orthonormalization: the precision of :func:`orthonormalize_columns`' Gram
+      matrices and corrections and of :func:`orthogonality_error_estimate`
+      (default: ``precision``). Their shift and tolerances are sized for
+      rounding near fp32's, so a single TF32 pass (``Precision.HIGH`` on GPUs,
+      rounding ≈ 5e-4) stays out of them.
   """
 
   precision: Any = HIGHEST
   constraint: Optional[Callable[[jax.Array], jax.Array]] = None
+  orthonormalization: Any = None
+
+  def orthonormalizing(self) -> "Numerics":
+    """These numerics with the products at ``orthonormalization`` (when set)."""
+    if self.orthonormalization is None:
+      return self
+    return self._replace(precision=self.orthonormalization)
 
 
 FP32 = Numerics()
@@ -170,6 +182,7 @@ def orthogonality_error_estimate(rows: jax.Array, probes: int = 4,
   certainty); errors spread over all entries add up as ``e·√n``, so the estimate
   leans towards rejecting.
   """
+  numerics = numerics.orthonormalizing()
   z = jnp.asarray(_gaussian_probes(rows.shape[-1], probes), rows.dtype)
   residual = matmul(rows, matmul(transpose(rows), z, numerics), numerics) - z
   return jnp.max(jnp.abs(residual), axis=(-2, -1))
@@ -211,6 +224,7 @@ def orthonormalize_columns(x: jax.Array, passes: int = 3, shift: float = 10.0,
   """
   n = x.shape[-1]
   eye = jnp.eye(n, dtype=x.dtype)
+  numerics = numerics.orthonormalizing()
 
   def cholesky_pass(x, gram_matrix):
     frobenius = jnp.sqrt(

@@ -44,7 +44,7 @@ from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
                                             make_codec)
 from optax_shampoo4.shampoo import update_statistics
 from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
-                                   linalg_precision, make_plan, stack_key,
+                                   linalg_numerics, make_plan, stack_key,
                                    update_context)
 
 # What happens to the second moment when the bases move: "project" it through
@@ -120,13 +120,12 @@ class _Rotation(NamedTuple):
     config = self.stacks.config
     refresh_steps, rotation_steps = config.bjorck_steps_of("soap")
     if each_step:
-      steps, precision = rotation_steps, linalg.PRODUCT_PRECISIONS[
-          self.precision]
+      steps, numerics = rotation_steps, linalg.Numerics(
+          linalg.PRODUCT_PRECISIONS[self.precision])
     else:
-      steps, precision = refresh_steps, linalg_precision(config)
+      steps, numerics = refresh_steps, linalg_numerics(config)
     loader = lambda order: functools.partial(
-        load_basis, make_codec(config, order), steps, numerics=linalg.Numerics(
-            precision))
+        load_basis, make_codec(config, order), steps, numerics=numerics)
     chunk = self.stacks.chunk(
         max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
     return loader(group.rows), loader(group.cols), chunk

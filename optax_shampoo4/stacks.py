@@ -19,12 +19,17 @@ from optax_shampoo4 import blocking, linalg
 from optax_shampoo4.config import ShampooConfig, dimension_numbers_leaves
 from optax_shampoo4.nonfinite import all_finite
 
-# Products of the statistics / root updates: fp32, or three bf16 passes (≈1e-5
-# relative error, about twice the fp32 rate on GPUs). XLA's CPU backend has no
-# faster path for the bf16 algorithms: CPUs use fp32.
+_BF16_3X = lax.DotAlgorithmPreset.BF16_BF16_F32_X3
+# (products, orthonormalization) of the statistics / root updates: fp32; three
+# bf16 passes (≈1e-5 relative error, about twice the fp32 rate on GPUs); or
+# "high", one TF32 pass on GPUs (≈5e-4, about three times bf16_3x's rate on an
+# H100) except in the orthonormalization, whose shift is sized for fp32-level
+# rounding. XLA's CPU backend has no faster path for these algorithms: CPUs use
+# fp32.
 LINALG_PRECISIONS = {
-    "highest": lax.Precision.HIGHEST,
-    "bf16_3x": lax.DotAlgorithmPreset.BF16_BF16_F32_X3
+    "highest": (lax.Precision.HIGHEST, None),
+    "bf16_3x": (_BF16_3X, None),
+    "high": (lax.Precision.HIGH, _BF16_3X),
 }
 
 
@@ -132,8 +137,8 @@ class Stacks:
   def numerics(self, order: int) -> linalg.Numerics:
     """The precision and sharding constraint of the order's statistics and
     root updates."""
-    return linalg.Numerics(
-        linalg_precision(self.config), self.constraint(order))
+    return linalg_numerics(
+        self.config)._replace(constraint=self.constraint(order))
 
   def constrain(self, stack, order: int):
     """The statistics of a stack stay sharded; the stored root is replicated
@@ -187,9 +192,11 @@ class Stacks:
     return self.constraint(order)(oriented)
 
 
-def linalg_precision(config: ShampooConfig):
-  """The precision of the statistics and root updates on this backend (CPUs
-  always use fp32)."""
+def linalg_numerics(config: ShampooConfig) -> linalg.Numerics:
+  """The precisions of the statistics and root updates on this backend (CPUs
+  always use fp32), without a sharding constraint."""
   if jax.default_backend() == "cpu":
-    return lax.Precision.HIGHEST
-  return LINALG_PRECISIONS[config.linalg_precision_name]
+    return linalg.FP32
+  precision, orthonormalization = LINALG_PRECISIONS[
+      config.linalg_precision_name]
+  return linalg.Numerics(precision, orthonormalization=orthonormalization)

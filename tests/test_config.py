@@ -67,6 +67,25 @@ def test_bjorck_steps_default_to_each_algorithms_own():
       type(s) is int for s in given.bjorck_steps)
 
 
+@pytest.mark.parametrize("name, products, orthonormalization", [
+    (None, "BF16_BF16_F32_X3", None),
+    ("highest", "HIGHEST", None),
+    ("high", "HIGH", "BF16_BF16_F32_X3"),
+])
+def test_linalg_precision_names_the_products_and_orthonormalization(
+    monkeypatch, name, products, orthonormalization):
+  """On a GPU, ``"high"`` runs the products at TF32 and the orthonormalization
+  at three bf16 passes; a CPU runs every name at fp32."""
+  from optax_shampoo4.stacks import linalg_numerics
+  config = o4.ShampooConfig(linalg_precision=name)
+  assert linalg_numerics(config) == o4.linalg.FP32
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  numerics = linalg_numerics(config)
+  precision_name = lambda p: None if p is None else p.name
+  assert precision_name(numerics.precision) == products
+  assert precision_name(numerics.orthonormalization) == orthonormalization
+
+
 def test_dimension_numbers_from_a_function_are_checked_at_init():
   """A function's result is only known at init: a leaf that is not a
   DimensionNumbers raises there, naming the argument, not deep in blocking."""

@@ -96,6 +96,40 @@ def test_orthogonality_estimate_draws_no_random_numbers_in_the_program():
   assert 0.05 < float(first[0]) < 1.5
 
 
+def test_orthonormalization_runs_at_its_own_precision():
+  """``Numerics.orthonormalization`` takes the Cholesky-QR Gram matrices, their
+  corrections and the orthogonality estimate; the statistic's products with the
+  basis keep ``precision``."""
+  numerics = linalg.Numerics(jax.lax.Precision.HIGH,
+                             orthonormalization=jax.lax.Precision.HIGHEST)
+  rows = jnp.eye(32, dtype=jnp.float32)[None]
+  statistic = jnp.diag(jnp.linspace(2.0, 1.0, 32))[None]
+
+  def precisions(fn, *args):
+    text = jax.jit(fn).lower(*args).as_text()
+    return [
+        line.split("precision = [")[1].split(",")[0]
+        for line in text.splitlines()
+        if "dot_general" in line
+    ]
+
+  step = precisions(
+      functools.partial(linalg.subspace_iteration_step, numerics=numerics),
+      statistic, rows)
+  # A·V and the Rayleigh quotients A·P; three Gram matrices and the two
+  # first-order corrections of orthonormalize_columns
+  assert sorted(step) == ["HIGH"] * 2 + ["HIGHEST"] * 5, step
+  assert precisions(
+      functools.partial(linalg.orthogonality_error_estimate,
+                        numerics=numerics), rows) == ["HIGHEST"] * 2
+  # without it, every product runs at ``precision``
+  assert set(
+      precisions(
+          functools.partial(linalg.subspace_iteration_step,
+                            numerics=linalg.Numerics(jax.lax.Precision.HIGH)),
+          statistic, rows)) == {"HIGH"}
+
+
 def _qr_factor(x):
   q, r = np.linalg.qr(x)
   return q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
