@@ -358,38 +358,73 @@ def map_chunks(fn: Callable[..., Any], chunk: int, *stacks: Any) -> Any:
   starts early enough to end at the stack's end, so it may redo a few entries
   of the one before, instead of padding the stack (a copy of every input) and
   cutting the padding off the outputs (another).
+
+  When the chunks tile the stack, an output shaped like an input array is
+  written over that input, chunk by chunk, after the chunk is read: the loop
+  then starts from no zero-filled output stack, written every call, and XLA
+  updates the input in place when nothing else reads it.
   """
   length = jax.tree.leaves(stacks)[0].shape[0]
   if chunk >= length:
     return fn(*stacks)
   count = -(-length // chunk)
   size = -(-length // count)
+  inputs, input_tree = jax.tree.flatten(stacks, is_leaf=_is_stack)
 
-  def take(start):
-    return _restack(stacks, lambda a: lax.dynamic_slice_in_dim(a, start, size),
-                    size)
+  def take(start, inputs):
+    return _restack(
+        input_tree.unflatten(inputs),
+        lambda a: lax.dynamic_slice_in_dim(a, start, size), size)
 
-  shapes = jax.eval_shape(lambda: fn(*take(0)))
-  zeros = _restack(shapes, lambda s: jnp.zeros(
-      (length,) + s.shape[1:], s.dtype), length)
-  treedef = jax.tree.structure(zeros)
+  shapes = jax.eval_shape(lambda: fn(*take(0, inputs)))
+  zeros = _restack(
+      shapes, lambda s: jax.ShapeDtypeStruct((length,) + s.shape[1:], s.dtype),
+      length)
+  outputs, treedef = jax.tree.flatten(zeros)
+  overwritten = _overwritable_inputs(inputs,
+                                     outputs) if count * size == length else {}
+  initial = [
+      inputs[overwritten[j]] if j in overwritten else jnp.zeros(
+          o.shape, o.dtype) for j, o in enumerate(outputs)
+  ]
 
   def body(index, out):
     start = jnp.minimum(index * size, length - size)
-    pieces = jax.tree.leaves(fn(*take(start)))
-    return treedef.unflatten([
+    current = list(inputs)
+    for j, i in overwritten.items():
+      current[i] = out[j]
+    pieces = jax.tree.leaves(fn(*take(start, current)))
+    return [
         lax.dynamic_update_slice_in_dim(o, p, start, 0)
-        for o, p in zip(jax.tree.leaves(out), pieces)
-    ])
+        for o, p in zip(out, pieces)
+    ]
 
-  return lax.fori_loop(0, count, body, zeros)
+  return treedef.unflatten(lax.fori_loop(0, count, body, initial))
+
+
+def _is_stack(x) -> bool:
+  return hasattr(x, "map_stack")
+
+
+def _overwritable_inputs(inputs, outputs) -> dict:
+  """``{output index: input index}``: each output paired with a distinct plain
+  input array (not one inside a ``map_stack`` container, whose arrays may be
+  sliced differently) of its shape and dtype."""
+  pairs, taken = {}, set()
+  for j, out in enumerate(outputs):
+    for i, x in enumerate(inputs):
+      if (i not in taken and not _is_stack(x) and x.shape == out.shape and
+          x.dtype == out.dtype):
+        pairs[j] = i
+        taken.add(i)
+        break
+  return pairs
 
 
 def _restack(tree: Any, fn: Callable[[jax.Array], jax.Array],
              length: int) -> Any:
   """``fn`` on every array of ``tree``; containers with static stack metadata
   (``map_stack``) are told the new stack length."""
-  is_stack = lambda x: hasattr(x, "map_stack")
   return jax.tree.map(
       lambda x: x.map_stack(fn, length)
-      if is_stack(x) else fn(x), tree, is_leaf=is_stack)
+      if _is_stack(x) else fn(x), tree, is_leaf=_is_stack)

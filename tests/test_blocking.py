@@ -240,6 +240,34 @@ def test_map_chunks_overlaps_its_last_chunk_instead_of_padding():
   assert "concatenate" not in jaxpr and "length=3" in jaxpr, jaxpr
 
 
+def test_map_chunks_writes_tiling_chunks_over_their_inputs():
+  """8 entries 4 at a time: each output shaped like an input array starts as
+  that input (no zero-filled stack in the program) and every entry comes from
+  the input as it was, including an input that two outputs and two arguments
+  share."""
+
+  def fn(x, y, quantized):
+    return x * 2.0 + y, x - y, quantized.dequantize().sum(axis=(1, 2))
+
+  x = jnp.arange(8 * 8 * 8, dtype=jnp.float32).reshape(8, 8, 8)
+  y = jnp.cos(x)
+  quantized = o4.quantize(
+      jax.random.normal(jax.random.PRNGKey(0), (8, 8, 8)), bits=4,
+      block_size=16)
+  for args in ((x, y, quantized), (x, x, quantized)):
+    got = blocking.map_chunks(fn, 4, *args)
+    want = fn(*args)
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  jaxpr = str(
+      jax.make_jaxpr(lambda *a: blocking.map_chunks(fn, 4, *a))(x, y,
+                                                                quantized))
+  # the two (8, 8, 8) outputs start as x and y; only the sums' (8,) buffer is
+  # zero-filled
+  assert "f32[8,8,8] = broadcast_in_dim" not in jaxpr, jaxpr
+  assert "f32[8] = broadcast_in_dim" in jaxpr, jaxpr
+
+
 class Tiny(nn.Module):
 
   @nn.compact
