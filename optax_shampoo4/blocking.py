@@ -376,11 +376,11 @@ def map_chunks(fn: Callable[..., Any], chunk: int, *stacks: Any) -> Any:
         input_tree.unflatten(inputs),
         lambda a: lax.dynamic_slice_in_dim(a, start, size), size)
 
-  shapes = jax.eval_shape(lambda: fn(*take(0, inputs)))
-  zeros = _restack(
-      shapes, lambda s: jax.ShapeDtypeStruct((length,) + s.shape[1:], s.dtype),
-      length)
-  outputs, treedef = jax.tree.flatten(zeros)
+  chunk_shapes = jax.eval_shape(lambda: fn(*take(0, inputs)))
+  stack_shapes = _restack(
+      chunk_shapes, lambda s: jax.ShapeDtypeStruct(
+          (length,) + s.shape[1:], s.dtype), length)
+  outputs, treedef = jax.tree.flatten(stack_shapes)
   overwritten = _overwritable_inputs(inputs,
                                      outputs) if count * size == length else {}
   initial = [
@@ -413,8 +413,9 @@ def _overwritable_inputs(inputs, outputs) -> dict:
   pairs, taken = {}, set()
   for j, out in enumerate(outputs):
     for i, x in enumerate(inputs):
-      if (i not in taken and not _is_stack(x) and x.shape == out.shape and
-          x.dtype == out.dtype):
+      if (i not in taken and not _is_stack(x) and
+          getattr(x, "shape", None) == out.shape and
+          getattr(x, "dtype", None) == out.dtype):
         pairs[j] = i
         taken.add(i)
         break
