@@ -243,8 +243,7 @@ def test_map_chunks_overlaps_its_last_chunk_instead_of_padding():
 def test_map_chunks_writes_tiling_chunks_over_their_inputs():
   """8 entries 4 at a time: each output shaped like an input array starts as
   that input (no zero-filled stack in the program) and every entry comes from
-  the input as it was, including an input that two outputs and two arguments
-  share."""
+  the input as it was, also when one array is passed as two arguments."""
 
   def fn(x, y, quantized):
     return x * 2.0 + y, x - y, quantized.dequantize().sum(axis=(1, 2))
