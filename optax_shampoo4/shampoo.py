@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shampoo4 import _checks, blocking, linalg
+from optax_shampoo4 import _checks, blocking, chunks, linalg
 from optax_shampoo4.config import ShampooConfig
 from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
 from optax_shampoo4.nonfinite import step_counters
@@ -77,7 +77,7 @@ def update_statistics(stacks: Stacks, preconditioners, group_blocks,
 
     padding = jnp.asarray(blocking.padding_slots(stacks.plan, order))
     stack = stacks.constrain(preconditioners[stack_key(order)], order)
-    updated, ok = blocking.map_chunks(chunk_update,
+    updated, ok = chunks.map_chunks(chunk_update,
                                       stacks.chunk(order,
                                                    UPDATE_FP32_COPIES), stack,
                                       stacks.oriented(order, group_blocks),
@@ -93,7 +93,7 @@ def update_inverse_roots(stacks: Stacks, preconditioners, hyper: Hyper):
   for order in stacks.plan.orders:
     storage = make_storage(stacks.config, order, stacks.numerics(order))
     stack = stacks.constrain(preconditioners[stack_key(order)], order)
-    updated, ok = blocking.map_chunks(
+    updated, ok = chunks.map_chunks(
         lambda s: storage.update_inverse_root(s, hyper),
         stacks.chunk(order, UPDATE_FP32_COPIES), stack)
     new[stack_key(order)] = stacks.constrain(updated, order)
@@ -125,7 +125,7 @@ def precondition(stacks: Stacks, preconditioners,
 
     chunk = stacks.chunk(
         max(group.rows, group.cols), PRODUCT_FP32_COPIES, len(group.blocks))
-    out.append(blocking.map_chunks(product, chunk, g, left, right))
+    out.append(chunks.map_chunks(product, chunk, g, left, right))
   return out
 
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shampoo4 import _checks, blocking, linalg
+from optax_shampoo4 import _checks, blocking, chunks, linalg
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
@@ -158,7 +158,7 @@ class _Rotation(NamedTuple):
             self.precision)
         return update, v
 
-      update, v = blocking.map_chunks(step, chunk, g, m, v, left, right)
+      update, v = chunks.map_chunks(step, chunk, g, m, v, left, right)
       updates.append(update)
       second_moments.append(v)
     return updates, second_moments
@@ -179,7 +179,7 @@ class _Rotation(NamedTuple):
                                       load_right(old_right), self.precision)
 
       out.append(
-          blocking.map_chunks(carry, chunk, v, left, right, old_left,
+          chunks.map_chunks(carry, chunk, v, left, right, old_left,
                               old_right))
     return out
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_shampoo4 import blocking, linalg
+from optax_shampoo4 import blocking, chunks, linalg
 from optax_shampoo4.config import ShampooConfig, dimension_numbers_leaves
 from optax_shampoo4.nonfinite import all_finite
 
@@ -174,7 +174,7 @@ class Stacks:
     length = self.plan.stack_length(order) if length is None else length
     if self.config.stacks_spread:  # a loop over a sharded axis would gather it
       return length
-    return blocking.chunk_length(order, length, self.config.working_set_bytes,
+    return chunks.chunk_length(order, length, self.config.working_set_bytes,
                                  copies)
 
   def oriented(self, order: int, group_blocks):

@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 import optax_shampoo4 as o4
-from optax_shampoo4 import blocking, linalg, stacks
+from optax_shampoo4 import blocking, chunks, linalg, stacks
 from helpers import matrix_shapes
 
 
@@ -227,7 +227,7 @@ def test_map_chunks_overlaps_its_last_chunk_instead_of_padding():
   quantized = o4.quantize(
       jax.random.normal(jax.random.PRNGKey(0), (7, 8, 8)), bits=4,
       block_size=16)
-  doubled, sums = blocking.map_chunks(fn, 3, x, quantized)
+  doubled, sums = chunks.map_chunks(fn, 3, x, quantized)
   assert set(sizes) == {3}
   np.testing.assert_array_equal(np.asarray(doubled), 2.0 * np.asarray(x))
   np.testing.assert_allclose(
@@ -235,7 +235,7 @@ def test_map_chunks_overlaps_its_last_chunk_instead_of_padding():
       np.asarray(quantized.dequantize()).sum(axis=(1, 2)), rtol=1e-6)
   # one loop of three iterations, no concatenation of the inputs
   jaxpr = str(
-      jax.make_jaxpr(lambda a, q: blocking.map_chunks(fn, 3, a, q))(x,
+      jax.make_jaxpr(lambda a, q: chunks.map_chunks(fn, 3, a, q))(x,
                                                                     quantized))
   assert "concatenate" not in jaxpr and "length=3" in jaxpr, jaxpr
 
@@ -254,12 +254,12 @@ def test_map_chunks_writes_tiling_chunks_over_their_inputs():
       jax.random.normal(jax.random.PRNGKey(0), (8, 8, 8)), bits=4,
       block_size=16)
   for args in ((x, y, quantized), (x, x, quantized)):
-    got = blocking.map_chunks(fn, 4, *args)
+    got = chunks.map_chunks(fn, 4, *args)
     want = fn(*args)
     for a, b in zip(got, want):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
   jaxpr = str(
-      jax.make_jaxpr(lambda *a: blocking.map_chunks(fn, 4, *a))(x, y,
+      jax.make_jaxpr(lambda *a: chunks.map_chunks(fn, 4, *a))(x, y,
                                                                 quantized))
   # the two (8, 8, 8) outputs start as x and y; only the sums' (8,) buffer is
   # zero-filled
