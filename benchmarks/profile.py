@@ -8,7 +8,8 @@ For the plain, statistics and inverse-root step programs of ``shampoo_adamw``
 (or, with ``--optimizer soap``, the plain and refresh steps of ``soap``, each
 scheduled by the host) on a model's shapes, traces a few calls with ``jax.profiler`` and prints the device
 time of each op class (matrix products, Cholesky / triangular solves / eigh,
-fusions, copies) and the slowest ops. Then times the fp32 matrix-product
+fusions, copies), the slowest ops, and the time of each source line of the
+library (:mod:`benchmarks.kernel_sources`). Then times the fp32 matrix-product
 algorithms XLA offers for the preconditioner algebra on an order-1200 stack
 (rate and error against ``Precision.HIGHEST``), and the batched factorizations
 the statistics step uses.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, kernel_sources
 from benchmarks.shampoo_step import STEP_KINDS, step_program
 import optax_shampoo4 as o4
 from optax_shampoo4 import linalg, shampoo_adamw
@@ -42,6 +43,9 @@ CLASSES = (  # (class, pattern on the kernel / op name), first match wins
      r"copy|transpose|memcpy|memset|concatenate|slice|dynamic"),
     ("fusion", r"fusion|reduce|convert|select|compare|add|multiply"),
 )
+
+# the profiled program's own frames, left out of the by-source table
+SCRIPT_FILES = ("profile.py", "shampoo_step.py")
 
 
 def classify(name: str) -> str:
@@ -278,6 +282,9 @@ def parse_args(argv=None):
       "--max-order", type=int, default=o4.ShampooConfig.max_order,
       help="ShampooConfig.max_order; the output's name then ends in "
       "_order<n> unless it is the default")
+  parser.add_argument(
+      "--source-depth", type=int, default=2,
+      help="frames of each kernel's call stack in the by-source table")
   parser.add_argument("--dump-hlo", action="store_true",
                       help="write each profiled program's optimized HLO")
   parser.add_argument(
@@ -308,22 +315,25 @@ def step_of(args, kind: str):
 
 
 def profile_step(args, kind: str, label: str, params, grads):
-  """``(per-op device times, trace lines)`` of one step of ``kind`` (its
-  optimized HLO written with ``--dump-hlo``)."""
+  """``(per-op device times, trace lines, optimized HLO text)`` of one step of
+  ``kind`` (the text also written with ``--dump-hlo``)."""
   tx, step = step_of(args, kind)
   carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
+  # the executable traced is the one whose text names its kernels' sources
+  compiled = step.lower(carry[0], carry[1], grads).compile()
 
   def run():
-    carry[0], carry[1] = step(carry[0], carry[1], grads)
+    carry[0], carry[1] = compiled(carry[0], carry[1], grads)
     return carry[1]
 
   per_op, lines = device_times(run)
+  hlo_text = compiled.as_text()
   if args.dump_hlo:
     name = common.file_name(
         f"hlo_{args.optimizer}_{args.model}_{args.bits}bit_{label}.txt")
     with open(common.output_path(name), "w") as f:
-      f.write(step.lower(carry[0], carry[1], grads).compile().as_text())
-  return per_op, lines
+      f.write(hlo_text)
+  return per_op, lines, hlo_text
 
 
 def profile_steps(args, params, grads):
@@ -340,14 +350,15 @@ def profile_steps(args, params, grads):
   for kind, label, tolerance in programs:
     linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = tolerance
     try:
-      per_op, lines = profile_step(args, kind, label, params, grads)
+      per_op, lines, hlo_text = profile_step(args, kind, label, params, grads)
     finally:
       linalg.CHOLESKY_QR_CORRECTION_TOLERANCE = default_tolerance
-    new_tables, payload[label] = summarize(
-        f"{args.optimizer} {args.model} {label} step, bits={args.bits}", per_op,
-        args.top)
+    title = f"{args.optimizer} {args.model} {label} step, bits={args.bits}"
+    new_tables, payload[label] = summarize(title, per_op, args.top)
+    table, payload[label]["by_source_ms"] = kernel_sources.table(
+        title, per_op, hlo_text, SCRIPT_FILES, args.source_depth, args.top)
     payload[label]["trace_lines"] = lines
-    tables += new_tables
+    tables += new_tables + [table]
   return payload, tables
 
 
