@@ -155,8 +155,8 @@ import jax, jax.numpy as jnp, numpy as np
 import optax_shampoo4 as o4
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 mesh = Mesh(np.array(jax.devices()), ("fsdp",))
-params = {"w1": jnp.ones((512, 1024)) * 0.01,
-          "w2": jnp.ones((1024, 512)) * 0.01, "b": jnp.zeros(512)}
+params = {"w1": jnp.ones((256, 512)) * 0.01,
+          "w2": jnp.ones((512, 256)) * 0.01, "b": jnp.zeros(256)}
 params = jax.device_put(params, {"w1": NamedSharding(mesh, P(None, "fsdp")),
                                  "w2": NamedSharding(mesh, P("fsdp", None)),
                                  "b": NamedSharding(mesh, P())})

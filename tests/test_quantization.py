@@ -1,6 +1,8 @@
 """The quantizer against a plain numpy float64 reference written here
 (docs/algorithms.md)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,6 +230,14 @@ def test_bad_shapes_raise():
     o4.quantize(jnp.ones(8, jnp.int32))
 
 
+# one compile per drawn shape (eager, every operation compiles for it);
+# test_jit_vmap_and_eager_agree ties the jitted codes to the eager ones
+@functools.partial(jax.jit, static_argnames=("codebook", "bits", "block_size"))
+def _jitted_roundtrip(x, codebook, bits, block_size):
+  return o4.dequantize(
+      o4.quantize(x, codebook=codebook, bits=bits, block_size=block_size))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     hnp.arrays(
@@ -238,8 +248,8 @@ def test_bad_shapes_raise():
     st.sampled_from([2, 64, 128]))
 def test_property_roundtrip_error_is_bounded(x, codebook_bits, block_size):
   codebook, bits = codebook_bits
-  q = o4.quantize(x, codebook=codebook, bits=bits, block_size=block_size)
-  decoded = np.asarray(o4.dequantize(q))
+  decoded = np.asarray(
+      _jitted_roundtrip(x, codebook=codebook, bits=bits, block_size=block_size))
   assert decoded.shape == x.shape and np.all(np.isfinite(decoded))
   _, scales, _ = reference_codes(x, o4.codebook(codebook, bits), block_size)
   scale = np.repeat(scales, block_size, axis=-1)[..., :x.shape[-1]]
