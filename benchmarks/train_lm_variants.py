@@ -38,6 +38,10 @@ def optimizers(args, base=None):
   tf32_refresh = dataclasses.replace(bf16_rotations, linalg_precision="high")
   soap_b1_09["soap 4-bit, bf16 rotations, TF32 refresh, b1 0.9 lr 1e-3, "
              "host-scheduled refresh"] = (1e-3, soap(tf32_refresh, b1=0.9))
+  for label, config in (("", bf16_rotations), (", TF32 refresh", tf32_refresh)):
+    order_768 = dataclasses.replace(config, max_order=768)
+    soap_b1_09[f"soap 4-bit, bf16 rotations{label}, max order 768, b1 0.9 lr "
+               "1e-3, host-scheduled refresh"] = (1e-3, soap(order_768, b1=0.9))
   # the shape rule for every leaf, as before ShampooConfig's default left the
   # leaves named "bias" unpreconditioned
   shape_rule = dict(dimension_numbers=None)
