@@ -9,6 +9,26 @@ from __future__ import annotations
 SPLIT_STEP = ", split step"
 
 
+def _soap_b1_09_variants(soap, bf16_rotations):
+  """SOAP with AdamW's ``b1=0.9`` and bf16 rotations: learning rates, the TF32
+  refresh and blocks of order 768 (``soap``: the factory of a SOAP variant
+  given its config and keywords)."""
+  import dataclasses
+  out = {
+      f"soap 4-bit, bf16 rotations, b1 0.9 lr {lr}, host-scheduled refresh":
+          (float(lr), soap(bf16_rotations, b1=0.9))
+      for lr in ("1e-3", "2e-3", "3e-3")
+  }
+  tf32_refresh = dataclasses.replace(bf16_rotations, linalg_precision="high")
+  out["soap 4-bit, bf16 rotations, TF32 refresh, b1 0.9 lr 1e-3, "
+      "host-scheduled refresh"] = (1e-3, soap(tf32_refresh, b1=0.9))
+  for label, config in (("", bf16_rotations), (", TF32 refresh", tf32_refresh)):
+    order_768 = dataclasses.replace(config, max_order=768)
+    out[f"soap 4-bit, bf16 rotations{label}, max order 768, b1 0.9 lr 1e-3, "
+        "host-scheduled refresh"] = (1e-3, soap(order_768, b1=0.9))
+  return out
+
+
 def optimizers(args, base=None):
   """name -> (peak lr, factory of the optimizer given a schedule), built in the
   child process; ``base``: the ShampooConfig the Shampoo and SOAP variants start
@@ -30,18 +50,7 @@ def optimizers(args, base=None):
       s, b2=0.95, weight_decay=0.1, config=config, precondition_every=args.
       precondition_every, **kw))
   bf16_rotations = dataclasses.replace(base, preconditioning_precision="bf16")
-  soap_b1_09 = {
-      f"soap 4-bit, bf16 rotations, b1 0.9 lr {lr}, host-scheduled refresh":
-          (float(lr), soap(bf16_rotations, b1=0.9))
-      for lr in ("1e-3", "2e-3", "3e-3")
-  }
-  tf32_refresh = dataclasses.replace(bf16_rotations, linalg_precision="high")
-  soap_b1_09["soap 4-bit, bf16 rotations, TF32 refresh, b1 0.9 lr 1e-3, "
-             "host-scheduled refresh"] = (1e-3, soap(tf32_refresh, b1=0.9))
-  for label, config in (("", bf16_rotations), (", TF32 refresh", tf32_refresh)):
-    order_768 = dataclasses.replace(config, max_order=768)
-    soap_b1_09[f"soap 4-bit, bf16 rotations{label}, max order 768, b1 0.9 lr "
-               "1e-3, host-scheduled refresh"] = (1e-3, soap(order_768, b1=0.9))
+  soap_b1_09 = _soap_b1_09_variants(soap, bf16_rotations)
   # the shape rule for every leaf, as before ShampooConfig's default left the
   # leaves named "bias" unpreconditioned
   shape_rule = dict(dimension_numbers=None)
