@@ -78,10 +78,10 @@ def update_statistics(stacks: Stacks, preconditioners, group_blocks,
     padding = jnp.asarray(blocking.padding_slots(stacks.plan, order))
     stack = stacks.constrain(preconditioners[stack_key(order)], order)
     updated, ok = chunks.map_chunks(chunk_update,
-                                      stacks.chunk(order,
-                                                   UPDATE_FP32_COPIES), stack,
-                                      stacks.oriented(order, group_blocks),
-                                      padding)
+                                    stacks.chunk(order,
+                                                 UPDATE_FP32_COPIES), stack,
+                                    stacks.oriented(order, group_blocks),
+                                    padding)
     new[stack_key(order)] = stacks.constrain(updated, order)
     failures += jnp.sum(~ok)
   return new, failures

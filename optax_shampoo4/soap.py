@@ -179,8 +179,7 @@ class _Rotation(NamedTuple):
                                       load_right(old_right), self.precision)
 
       out.append(
-          chunks.map_chunks(carry, chunk, v, left, right, old_left,
-                              old_right))
+          chunks.map_chunks(carry, chunk, v, left, right, old_left, old_right))
     return out
 
 

@@ -175,7 +175,7 @@ class Stacks:
     if self.config.stacks_spread:  # a loop over a sharded axis would gather it
       return length
     return chunks.chunk_length(order, length, self.config.working_set_bytes,
-                                 copies)
+                               copies)
 
   def oriented(self, order: int, group_blocks):
     """The stack of oriented gradient blocks whose Grams are this step's

@@ -235,8 +235,7 @@ def test_map_chunks_overlaps_its_last_chunk_instead_of_padding():
       np.asarray(quantized.dequantize()).sum(axis=(1, 2)), rtol=1e-6)
   # one loop of three iterations, no concatenation of the inputs
   jaxpr = str(
-      jax.make_jaxpr(lambda a, q: chunks.map_chunks(fn, 3, a, q))(x,
-                                                                    quantized))
+      jax.make_jaxpr(lambda a, q: chunks.map_chunks(fn, 3, a, q))(x, quantized))
   assert "concatenate" not in jaxpr and "length=3" in jaxpr, jaxpr
 
 
@@ -259,8 +258,7 @@ def test_map_chunks_writes_tiling_chunks_over_their_inputs():
     for a, b in zip(got, want):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
   jaxpr = str(
-      jax.make_jaxpr(lambda *a: chunks.map_chunks(fn, 4, *a))(x, y,
-                                                                quantized))
+      jax.make_jaxpr(lambda *a: chunks.map_chunks(fn, 4, *a))(x, y, quantized))
   # the two (8, 8, 8) outputs start as x and y; only the sums' (8,) buffer is
   # zero-filled
   assert "f32[8,8,8] = broadcast_in_dim" not in jaxpr, jaxpr
