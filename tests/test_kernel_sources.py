@@ -30,7 +30,7 @@ def _outer(x):
   return _inner(x) + 1.0  # outer-line
 
 
-def test_call_stacks_follow_each_instruction_to_its_callers():
+def test_call_stacks_follow_an_instruction_to_its_callers():
   text = jax.jit(_outer).lower(jnp.ones(8)).compile().as_text()
   stacks = kernel_sources.call_stacks(text)
   sine = [
