@@ -11,8 +11,8 @@ SPLIT_STEP = ", split step"
 
 def _soap_b1_09_variants(soap, bf16_rotations):
   """SOAP with AdamW's ``b1=0.9`` and bf16 rotations: learning rates, the TF32
-  refresh and blocks of order 768 (``soap``: the factory of a SOAP variant
-  given its config and keywords)."""
+  refresh, blocks of order 768 and a 2 GiB working set (``soap``: the factory
+  of a SOAP variant given its config and keywords)."""
   import dataclasses
   out = {
       f"soap 4-bit, bf16 rotations, b1 0.9 lr {lr}, host-scheduled refresh":
@@ -26,6 +26,9 @@ def _soap_b1_09_variants(soap, bf16_rotations):
     order_768 = dataclasses.replace(config, max_order=768)
     out[f"soap 4-bit, bf16 rotations{label}, max order 768, b1 0.9 lr 1e-3, "
         "host-scheduled refresh"] = (1e-3, soap(order_768, b1=0.9))
+    wider = dataclasses.replace(config, working_set_bytes=2 * 2**30)
+    out[f"soap 4-bit, bf16 rotations{label}, 2 GiB working set, b1 0.9 lr "
+        "1e-3, host-scheduled refresh"] = (1e-3, soap(wider, b1=0.9))
   return out
 
 

@@ -144,7 +144,8 @@ def parameter_memory(
   """Each parameter's share of ``opt_state``'s bytes.
 
   Moments: every part of the state shaped like ``params`` (Adam's ``mu``/``nu``,
-    4-bit or not; SOAP's).
+    4-bit or not), and SOAP's block-stacked moments (a group's bytes split
+    evenly over its blocks).
   Preconditioners: the two stack slots of each of the parameter's blocks (a
     stack's bytes split evenly over
   its slots, padding slots left out), with the blocking of ``config`` (the one
@@ -152,16 +153,22 @@ def parameter_memory(
   (``AdamConfig(packed=True)``) and padding are in no row; their bytes are
   :func:`state_nbytes` minus the rows' sum.
   """
+  from optax_shampoo4.block_moments import BlockMoment, block_shares
   from optax_shampoo4.stacks import make_plan, stack_key
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  moments = [0] * len(leaves_with_paths)
-  is_params_shaped = lambda x: _params_shaped_parts(x, treedef) is not None
-  for node in jax.tree.leaves(opt_state, is_leaf=is_params_shaped):
-    parts = _params_shaped_parts(node, treedef)
-    for i, part in enumerate(parts or ()):
-      moments[i] += state_nbytes(part)
-  preconditioners = [0.0] * len(leaves_with_paths)
   plan, _, _ = make_plan(config, params)
+  moments = [0.0] * len(leaves_with_paths)
+  is_moment = lambda x: isinstance(x, BlockMoment) or _params_shaped_parts(
+      x, treedef) is not None
+  for node in jax.tree.leaves(opt_state, is_leaf=is_moment):
+    if isinstance(node, BlockMoment):
+      parts = block_shares(plan, node, state_nbytes)
+    else:
+      parts = [
+          state_nbytes(p) for p in _params_shaped_parts(node, treedef) or ()
+      ]
+    moments = [m + p for m, p in zip(moments, parts)] if parts else moments
+  preconditioners = [0.0] * len(leaves_with_paths)
   for stacks in _stacks_of(opt_state):
     per_slot = {
         order: state_nbytes(stacks[stack_key(order)]) / plan.stack_length(order)
@@ -173,8 +180,8 @@ def parameter_memory(
             block.leaf] += per_slot[group.rows] + per_slot[group.cols]
   return [
       ParameterShare(
-          jax.tree_util.keystr(path), tuple(np.shape(leaf)), moments[i],
-          int(round(preconditioners[i])))
+          jax.tree_util.keystr(path), tuple(np.shape(leaf)),
+          int(round(moments[i])), int(round(preconditioners[i])))
       for i, (path, leaf) in enumerate(leaves_with_paths)
   ]
 

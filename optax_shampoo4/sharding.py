@@ -19,6 +19,11 @@ multiple of the block size: both arrays' lengths divide by the device count);
 4-bit Factor's row factors along rows. Column maxima of rank-1 scales and 4-bit
 Factor's column factors (reductions over all rows) and anything that does not
 divide are replicated.
+
+SOAP's moments live in block stacks (:class:`~optax_shampoo4.BlockMoment`): a
+group's stack is sharded along its blocks when the device count divides their
+number, else each block's moment along its rows by the rule above; the moments
+of tensors without a preconditioner follow the params like Adam's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optax_shampoo4.adam import ScaleByAdam4bitState
+from optax_shampoo4.block_moments import BlockMoment
 from optax_shampoo4.moments import FactoredMoment
 from optax_shampoo4.quantization import QuantizedArray
 from optax_shampoo4.shampoo import ShampooState
@@ -49,17 +55,20 @@ def _leading_axis(sharding):
   return spec[0] if spec else None
 
 
-def _moment_sharding(moment, param_sharding, mesh: Mesh):
+def _moment_sharding(moment, axis, mesh: Mesh, batch: int = 0):
+  """The sharding of a moment whose tensor is sharded along its first axis
+  over the mesh axis ``axis`` (``None``: replicated), under ``batch`` leading
+  axes that stay whole (a stack of blocks' moments)."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  axis = _leading_axis(param_sharding)
   if axis is None:
     return jax.tree.map(lambda _: replicated, moment)
   devices = math.prod(
       mesh.shape[name]
       for name in (axis if isinstance(axis, tuple) else (axis,)))
-  divides = lambda a: a.ndim >= 1 and a.shape[0] % devices == 0
+  divides = lambda a: a.ndim > batch and a.shape[batch] % devices == 0
   along_rows = lambda a: NamedSharding(
-      mesh, PartitionSpec(axis, *([None] * (a.ndim - 1))))
+      mesh,
+      PartitionSpec(*([None] * batch), axis, *([None] * (a.ndim - 1 - batch))))
   if isinstance(moment, QuantizedArray):
     if not (divides(moment.codes) and
             divides(moment.scales[0])):  # a block would straddle two devices
@@ -127,9 +136,29 @@ class _Target(NamedTuple):
       return jax.tree.map(lambda _: self.replicated, tree)
     shardings, treedef = jax.tree.flatten(self.params_sharding)
     return treedef.unflatten([
-        _moment_sharding(m, s, self.mesh)
+        _moment_sharding(m, _leading_axis(s), self.mesh)
         for m, s in zip(treedef.flatten_up_to(tree), shardings)
     ])
+
+  def block_moment(self, moment: BlockMoment) -> BlockMoment:
+    """SOAP's moments: each group's stack along its blocks when the devices
+    divide their count, else along each block's rows like a row-sharded
+    param's moment; the other tensors' moments like Adam's."""
+    devices = self.mesh.shape[self.axis]
+
+    def group(stored):
+      if all(a.shape[0] % devices == 0 for a in jax.tree.leaves(stored)):
+        return self.stacks(stored)
+      return _moment_sharding(stored, self.axis, self.mesh, batch=1)
+
+    params = [None] * (max(moment.plain_leaves, default=-1) + 1)
+    if self.params_sharding is not None:
+      params = jax.tree.leaves(self.params_sharding)
+    plain = tuple(
+        _moment_sharding(m, _leading_axis(params[i]), self.mesh)
+        for i, m in zip(moment.plain_leaves, moment.plain))
+    return BlockMoment(
+        tuple(group(g) for g in moment.groups), plain, moment.plain_leaves)
 
 
 def _shampoo_state_sharding(node: ShampooState, target: _Target):
@@ -154,7 +183,7 @@ def _leaf_state_sharding(node: Any, target: _Target):
     return _shampoo_state_sharding(node, target)
   if isinstance(node, SoapState):  # bases like Shampoo's stacks
     return SoapState(replicated, target.stacks(node.bases),
-                     target.moments(node.mu), target.moments(node.nu),
+                     target.block_moment(node.mu), target.block_moment(node.nu),
                      replicated, replicated)
   if isinstance(node, ScaleByAdam4bitState):
     return ScaleByAdam4bitState(replicated, target.moments(node.mu),

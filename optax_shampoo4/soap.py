@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shampoo4 import _checks, blocking, chunks, linalg
+from optax_shampoo4 import _checks, block_moments, blocking, chunks, linalg
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
@@ -70,10 +70,12 @@ class SoapState(NamedTuple):
       counted.
     bases: one :class:`~optax_shampoo4.preconditioners.EigenBasis` stack per
       order ``"order_<n>"``.
-    mu: first moments, like the params (stored per ``AdamConfig``), in the
-      original basis.
-    nu: second moments, like the params, in the rotated basis of each
-      preconditioned tensor.
+    mu: first moments in the original basis, a
+      :class:`~optax_shampoo4.block_moments.BlockMoment` (stored per
+      ``AdamConfig`` in the block groups' layout; :func:`soap_moments` gives
+      them shaped like the params).
+    nu: second moments, likewise, in the rotated basis of each preconditioned
+      tensor.
     nonfinite_count: steps skipped because a gradient leaf held NaN/Inf (int32).
     failure_count: basis updates rejected (non-finite or non-orthogonal) and
       kept as they were (int32).
@@ -85,6 +87,17 @@ class SoapState(NamedTuple):
   nu: Any
   nonfinite_count: jax.Array
   failure_count: jax.Array
+
+
+def soap_moments(state: SoapState, params: Any,
+                 config: ShampooConfig = ShampooConfig()):
+  """``(mu, nu)`` of ``state`` as fp32 trees like ``params`` (arrays or
+  ``jax.ShapeDtypeStruct`` s), with the blocking of ``config`` (the one the
+  optimizer was built with)."""
+  plan, treedef, _ = make_plan(config, params)
+  return tuple(
+      treedef.unflatten(block_moments.moment_leaves(plan, moment))
+      for moment in (state.mu, state.nu))
 
 
 def _rotate(left, matrix, right, precision: str):
@@ -238,31 +251,27 @@ def _check_arguments(arguments: Dict[str, Any]) -> None:
                        MOMENT_ON_REFRESH)
 
 
-def _load_moments(layout, treedef, state, grads, b1):
-  """``(M, V)`` as fp32 lists: ``M`` already advanced by this step's gradient
-  (in the original basis), ``V`` as stored (its update happens per block, in
-  the rotated basis)."""
-  mu = [
-      b1 * layout.load_first(m, g.shape) + (1.0 - b1) * g
-      for m, g in zip(treedef.flatten_up_to(state.mu), grads)
-  ]
-  nu = [
-      layout.load_second(v, g.shape)
-      for v, g in zip(treedef.flatten_up_to(state.nu), grads)
-  ]
-  return mu, nu
+def _load_moments(plan, state, gradients, b1):
+  """``(M, V)``, each ``(group stacks, leaves)`` in fp32 (the leaves ``None``
+  where the tensor is in the groups): ``M`` already advanced by this step's
+  gradient (in the original basis), ``V`` as stored (its update happens per
+  block, in the rotated basis). ``gradients`` is ``(leaves, group stacks)``."""
+  grads, grad_groups = gradients
+  mu_groups, mu_leaves = block_moments.load(plan, state.mu)
+  advance = lambda m, g: None if m is None else b1 * m + (1.0 - b1) * g
+  mu = ([advance(m, g) for m, g in zip(mu_groups, grad_groups)],
+        [advance(m, g) for m, g in zip(mu_leaves, grads)])
+  return mu, block_moments.load(plan, state.nu)
 
 
-def _store_moments(layout, treedef, state, moments, shapes, finite):
+def _store_moments(layout, plan, state, moments, finite):
   """The stored ``(mu, nu)`` of the new state: the old ones unless
   ``finite``."""
   mu, nu = moments
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
                                        new, old)
-  new_mu = treedef.unflatten(
-      [layout.store_first(m, s) for m, s in zip(mu, shapes)])
-  new_nu = treedef.unflatten(
-      [layout.store_second(v, s) for v, s in zip(nu, shapes)])
+  new_mu = block_moments.store(layout, plan, *mu, second=False)
+  new_nu = block_moments.store(layout, plan, *nu, second=True)
   return keep(new_mu, state.mu), keep(new_nu, state.nu)
 
 
@@ -283,27 +292,20 @@ def _plain_adam(plan, grads, mu, nu, constants):
 
 
 def _rotated_adam(rotation: _Rotation, bases, gradients, moments, constants):
-  """``(updates, V)`` as leaves: Adam in the bases for the blocked tensors
-  (``V`` in the rotated basis), plain Adam for the others.
+  """``(update leaves, V)``: Adam in the bases for the blocked tensors (``V``
+  in the rotated basis), plain Adam for the others.
 
-  ``gradients`` is ``(leaves, block groups)`` and ``moments`` ``(M leaves, V
-  leaves, V block groups)``, all fp32.
+  ``gradients`` is ``(leaves, group stacks)``, and ``moments`` ``(M, V)`` as
+  :func:`_load_moments` gives them, all fp32; ``V`` comes back in that form.
   """
   plan = rotation.stacks.plan
-  (grads, grad_groups), (mu, nu, nu_groups) = gradients, moments
+  (grads, grad_groups), (mu, nu) = gradients, moments
   with jax.named_scope("soap_rotated_adam"):
-    group_updates, group_nu = rotation.apply(
-        list(zip(grad_groups, blocking.to_groups(plan, mu), nu_groups)), bases,
-        constants)
-  plain_nu, plain_updates = _plain_adam(plan, grads, mu, nu, constants)
-  # Each leaf's V is cut from its group's stack. Written out leaf by leaf, the
-  # leaves' quantizations share no operand; otherwise XLA:GPU fuses one leaf's
-  # scale reduction with the encoding of every leaf cut from the same stacks,
-  # at the reduction's parallelism (docs/benchmarks.md, "SOAP's 8-bit moments:
-  # one look-up per encoded element").
-  nu = jax.lax.optimization_barrier(
-      blocking.to_leaves(plan, group_nu, plain_nu))
-  return blocking.to_leaves(plan, group_updates, plain_updates), nu
+    group_updates, nu_groups = rotation.apply(
+        list(zip(grad_groups, mu[0], nu[0])), bases, constants)
+  nu_leaves, plain_updates = _plain_adam(plan, grads, mu[1], nu[1], constants)
+  return blocking.to_leaves(plan, group_updates,
+                            plain_updates), (nu_groups, nu_leaves)
 
 
 def scale_by_soap(
@@ -361,9 +363,11 @@ def scale_by_soap(
     if is_params_placeholder(params):
       return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
                        counter())
-    mu, nu = layout.zeros(params)
-    return SoapState(counter(), _init_bases(config, params, hyper), mu, nu,
-                     counter(), counter())
+    plan, _, _ = make_plan(config, params)
+    return SoapState(counter(), _init_bases(config, params, hyper),
+                     block_moments.zeros(layout, plan, second=False),
+                     block_moments.zeros(layout, plan, second=True), counter(),
+                     counter())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -371,17 +375,16 @@ def scale_by_soap(
     plan, treedef, leaves, stacks, step, finite = update_context(
         config, updates, state.count)
     grads = [x.astype(jnp.float32) for x in leaves]
-    shapes = [x.shape for x in leaves]
-    mu, nu = _load_moments(layout, treedef, state, grads, b1)
-    grad_groups = blocking.to_groups(plan, grads)
+    gradients = (grads, blocking.to_groups(plan, grads))
+    mu, (nu_groups, nu_leaves) = _load_moments(plan, state, gradients, b1)
     rotation = _Rotation(stacks, config.preconditioning_precision or "high")
     # the host's schedule replaces the interval: then only finiteness gates
     due = finite & due_at(step, precondition_every) if scheduled is None else (
         finite)
     with jax.named_scope("soap_refresh"):
       bases, nu_groups, failures = _refresh_when_due(
-          rotation, state.bases, grad_groups, blocking.to_groups(plan, nu),
-          hyper, due, moment_on_refresh == "project",
+          rotation, state.bases, gradients[1], nu_groups, hyper, due,
+          moment_on_refresh == "project",
           None if scheduled is None else scheduled[0])
     bases = stacks.constrain_all(bases)
 
@@ -389,10 +392,10 @@ def scale_by_soap(
     # differently when the betas are traced (optax.inject_hyperparams) than when
     # they are constants
     corrections = (1.0 - b1**step, 1.0 - b2**step)
-    outputs, nu = _rotated_adam(rotation, bases, (grads, grad_groups),
-                                (mu, nu, nu_groups), (b2, eps, corrections))
-    new_mu, new_nu = _store_moments(layout, treedef, state, (mu, nu), shapes,
-                                    finite)
+    outputs, nu = _rotated_adam(rotation, bases, gradients,
+                                (mu, (nu_groups, nu_leaves)),
+                                (b2, eps, corrections))
+    new_mu, new_nu = _store_moments(layout, plan, state, (mu, nu), finite)
     new_state = SoapState(bases=bases, mu=new_mu, nu=new_nu,
                           failure_count=state.failure_count + failures,
                           **step_counters(state, step, finite))

@@ -244,4 +244,30 @@ def test_soap_sharded_over_8_devices_equals_one_device():
   assert o4.state_nbytes(
       soap_state.bases,
       per_device=True) <= o4.state_nbytes(soap_state.bases) / 8 * 1.01
-  assert soap_state.mu["a"].sharding.spec[0] == "fsdp"
+  # one block per group: each block's moment is sharded along its rows
+  for group in soap_state.mu.groups + soap_state.nu.groups:
+    assert group.sharding.spec[:2] == (None, "fsdp"), group.sharding
+
+
+def test_soaps_quantized_block_moments_shard_along_blocks_or_rows():
+  """8-bit moments in block stacks: a group of eight blocks is sharded along
+  its blocks; a one-block group along its rows (codes and row maxima; the
+  column maxima span all rows and stay whole). Two sharded steps give the
+  one-device moments (square blocks: a one-gradient statistic is then
+  full-rank, so both runs find the same bases)."""
+  params = {"many": jnp.full((8 * 80, 80), 0.1), "one": jnp.full((72, 72), 0.1)}
+  config = o4.ShampooConfig(max_order=80)
+  tx = o4.soap(1e-2, config=config, precondition_every=1)
+  _, _, (_, sharded), (_, single), _ = fsdp_runs(tx, params, 2)
+  soap_state = substate(sharded, o4.SoapState)
+  one, many = soap_state.nu.groups  # by block shape: (72, 72), (80, 80)
+  for a in jax.tree.leaves(many):
+    assert a.sharding.spec[0] == "fsdp", (a.shape, a.sharding)
+  assert one.codes.sharding.spec[:2] == (None, "fsdp")
+  assert one.scales[0].sharding.spec[:2] == (None, "fsdp")
+  assert one.scales[1].sharding.is_fully_replicated
+  for a, b in zip(
+      o4.soap_moments(soap_state, params, config),
+      o4.soap_moments(substate(single, o4.SoapState), params, config)):
+    for name in params:
+      assert relative(np.asarray(a[name]), np.asarray(b[name])) < 1e-2, name

@@ -83,3 +83,19 @@ def test_parameter_memory_splits_the_state_by_parameter():
   counters = o4.state_nbytes(state) - sum(r.nbytes for r in rows.values())
   assert 0 < counters <= 64  # a handful of int32 counters
   assert "['a']" in o4.format_parameter_memory(state, params, config)
+
+
+def test_parameter_memory_counts_soaps_block_stacked_moments():
+  """SOAP's moments live in block stacks: a leaf cut into two blocks of one
+  group gets both blocks' bytes, and the rows still add up to the state."""
+  params = {"a": jnp.ones((16, 8)), "b": jnp.ones((8, 8)), "bias": jnp.ones(8)}
+  config = o4.ShampooConfig(bits=32, max_order=8)
+  state = jax.eval_shape(
+      o4.soap(1e-3, config=config, moments=o4.AdamConfig(bits=32)).init, params)
+  rows = {r.path: r for r in o4.parameter_memory(state, params, config)}
+  for name, size in (("a", 16 * 8), ("b", 8 * 8), ("bias", 8)):
+    assert rows[f"['{name}']"].moment_bytes == 2 * 4 * size, name
+  eigen = lambda n: 4 * (n * n + n)  # one fp32 basis: eigenvectors, eigenvalues
+  assert rows["['a']"].preconditioner_bytes == 4 * eigen(8)
+  counters = o4.state_nbytes(state) - sum(r.nbytes for r in rows.values())
+  assert 0 <= counters <= 64, counters
