@@ -15,7 +15,9 @@ Shampoo's statistics):
 
 The bases are the eigenvector storage of 4-bit Shampoo without its inverse
 roots, so the state is about ``0.5625 B`` per basis entry plus the two moments
-(``AdamConfig``: about 2 B per parameter at 8 bits, the default, 1 B at 4).
+(``AdamConfig``: about 2 B per parameter at 8 bits, the default, 1 B at 4),
+stored in the layout of the block groups that the rotations run on
+(:mod:`optax_shampoo4.block_moments`).
 Tensors without a preconditioner (biases, scales) take plain Adam.
 ``docs/algorithms.md`` §7 has the details.
 
@@ -28,24 +30,22 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shampoo4 import _checks, block_moments, blocking, chunks, linalg
+from optax_shampoo4 import _checks, block_moments, blocking
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
 from optax_shampoo4.nonfinite import step_counters
-from optax_shampoo4.preconditioners import (Hyper, init_basis, load_basis,
-                                            make_codec)
+from optax_shampoo4.preconditioners import Hyper, init_basis, make_codec
 from optax_shampoo4.shampoo import update_statistics
-from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
-                                   linalg_numerics, make_plan, stack_key,
-                                   update_context)
+from optax_shampoo4.soap_rotation import Rotation
+from optax_shampoo4.stacks import (NOT_PARAMS, is_params_placeholder, make_plan,
+                                   stack_key, update_context)
 
 # What happens to the second moment when the bases move: "project" it through
 # the change of basis, V ← (P_L∘P_L) V (P_R∘P_R)ᵀ with P = U_new U_oldᵀ (each
@@ -53,9 +53,6 @@ from optax_shampoo4.stacks import (NOT_PARAMS, Stacks, is_params_placeholder,
 # entries (both bases are sorted by decreasing eigenvalue). On the byte-level
 # LM, "keep" ends 0.3 nats worse (docs/algorithms.md §7).
 MOMENT_ON_REFRESH = ("keep", "project")
-# fp32 buffers of one block's rotation: gradient, moments, both bases, rotated
-# copies and the update.
-ROTATION_FP32_COPIES = 10
 # Initial eigenvalues: an isotropic term leaves every eigenbasis unchanged and
 # keeps the first orthonormalization well-posed on a rank-deficient G Gᵀ; it
 # decays by the statistics' beta per refresh.
@@ -100,102 +97,6 @@ def soap_moments(state: SoapState, params: Any,
       for moment in (state.mu, state.nu))
 
 
-def _rotate(left, matrix, right, precision: str):
-  """``left @ matrix @ rightᵀ`` over a stack (``precision``: a
-  ``preconditioning_precision`` name)."""
-  return linalg.product(
-      linalg.product(left, matrix, precision), linalg.transpose(right),
-      precision)
-
-
-def _project_second_moment(v, new_left, new_right, old_left, old_right,
-                           precision: str):
-  """``V`` carried from the old rotated basis to the new one, entry variances
-  moved by ``P∘P``."""
-  transfer = lambda new, old: jnp.square(
-      linalg.product(new, linalg.transpose(old), precision))
-  return _rotate(
-      transfer(new_left, old_left), v, transfer(new_right, old_right),
-      precision)
-
-
-class _Rotation(NamedTuple):
-  """Adam's step in the rotated basis, block group by block group (chunked
-  within the working set)."""
-
-  stacks: Stacks
-  precision: str  # of the rotations: a preconditioning_precision name
-
-  def _loaders(self, group, each_step: bool):
-    """Loaders of the group's left and right bases and its chunk length, for
-    each step's rotations or else for the refresh's projection: a 4-bit basis
-    is rectified by the Björck steps and at the precision of that use."""
-    config = self.stacks.config
-    refresh_steps, rotation_steps = config.bjorck_steps_of("soap")
-    if each_step:
-      steps, numerics = rotation_steps, linalg.Numerics(
-          linalg.PRODUCT_PRECISIONS[self.precision])
-    else:
-      steps, numerics = refresh_steps, linalg_numerics(config)
-    loader = lambda order: functools.partial(
-        load_basis, make_codec(config, order), steps, numerics=numerics)
-    chunk = self.stacks.chunk(
-        max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
-    return loader(group.rows), loader(group.cols), chunk
-
-  def _slices(self, bases):
-    plan = self.stacks.plan
-    return blocking.group_slices(
-        plan,
-        {order: bases[stack_key(order)].eigenvectors for order in plan.orders})
-
-  def apply(self, groups, bases, constants):
-    """``(update blocks, new V blocks)`` of every group from its gradient, ``M``
-    and ``V`` blocks."""
-    b2, eps, corrections = constants
-    updates, second_moments = [], []
-    for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups,
-                                               self._slices(bases)):
-      load_left, load_right, chunk = self._loaders(group, each_step=True)
-
-      def step(g, m, v, left, right):
-        u_left, u_right = load_left(left), load_right(right)
-        v = b2 * v + (1.0 - b2) * jnp.square(
-            _rotate(u_left, g, u_right, self.precision))
-        normalized = (_rotate(u_left, m, u_right, self.precision) /
-                      corrections[0]) / (
-                          jnp.sqrt(v / corrections[1]) + eps)
-        update = linalg.product(
-            linalg.product(
-                linalg.transpose(u_left), normalized, self.precision), u_right,
-            self.precision)
-        return update, v
-
-      update, v = chunks.map_chunks(step, chunk, g, m, v, left, right)
-      updates.append(update)
-      second_moments.append(v)
-    return updates, second_moments
-
-  def project(self, second_moments, new_bases, old_bases):
-    """Every group's ``V`` blocks carried from the old bases to the new ones."""
-    out = []
-    for group, v, (left, right), (old_left,
-                                  old_right) in zip(self.stacks.plan.groups,
-                                                    second_moments,
-                                                    self._slices(new_bases),
-                                                    self._slices(old_bases)):
-      load_left, load_right, chunk = self._loaders(group, each_step=False)
-
-      def carry(v, left, right, old_left, old_right):
-        return _project_second_moment(v, load_left(left), load_right(right),
-                                      load_left(old_left),
-                                      load_right(old_right), self.precision)
-
-      out.append(
-          chunks.map_chunks(carry, chunk, v, left, right, old_left, old_right))
-    return out
-
-
 def _init_bases(config: ShampooConfig, params, hyper: Hyper):
   """Every order's stack of bases for ``params`` (identity rows)."""
   plan, _, _ = make_plan(config, params)
@@ -207,7 +108,7 @@ def _init_bases(config: ShampooConfig, params, hyper: Hyper):
   }
 
 
-def _refresh_when_due(rotation: _Rotation, bases, grad_groups, nu_groups,
+def _refresh_when_due(rotation: Rotation, bases, grad_groups, nu_groups,
                       hyper: Hyper, due, project: bool, scheduled=None):
   """``(bases, V blocks, failures)`` after the basis refresh that ``due``
   asks for: Shampoo's statistics step, with ``V`` projected onto the new bases
@@ -291,7 +192,7 @@ def _plain_adam(plan, grads, mu, nu, constants):
   return nu, updates
 
 
-def _rotated_adam(rotation: _Rotation, bases, gradients, moments, constants):
+def _rotated_adam(rotation: Rotation, bases, gradients, moments, constants):
   """``(update leaves, V)``: Adam in the bases for the blocked tensors (``V``
   in the rotated basis), plain Adam for the others.
 
@@ -377,7 +278,7 @@ def scale_by_soap(
     grads = [x.astype(jnp.float32) for x in leaves]
     gradients = (grads, blocking.to_groups(plan, grads))
     mu, (nu_groups, nu_leaves) = _load_moments(plan, state, gradients, b1)
-    rotation = _Rotation(stacks, config.preconditioning_precision or "high")
+    rotation = Rotation(stacks, config.preconditioning_precision or "high")
     # the host's schedule replaces the interval: then only finiteness gates
     due = finite & due_at(step, precondition_every) if scheduled is None else (
         finite)
