@@ -18,15 +18,15 @@ def render() -> str:
       "(checked by `tests/test_docs.py`).",
       ""
   ]
+  # a function's repr holds its address: name it instead
+  named = lambda text: re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1", text)
   for name in optax_shampoo4.__all__:
     obj = getattr(optax_shampoo4, name)
     if not (inspect.isfunction(obj) or inspect.isclass(obj)):
-      lines += [f"## `{name}`", "", f"`{obj!r}`", ""]
+      lines += [f"## `{name}`", "", f"`{named(repr(obj))}`", ""]
       continue
     try:
-      # a function default's repr holds its address: name it instead
-      signature = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1",
-                         str(inspect.signature(obj)))
+      signature = named(str(inspect.signature(obj)))
     except (TypeError, ValueError):
       signature = "(...)"
     lines += [

@@ -68,7 +68,7 @@ from optax_shampoo4.quantization import (  # noqa: E402
     QuantizedArray, dequantize, quantize)
 from optax_shampoo4.shampoo import ShampooState, scale_by_shampoo  # noqa: E402
 from optax_shampoo4.soap import (  # noqa: E402
-    SoapState, scale_by_soap, soap_moments)
+    SOAP_CONFIG, SoapState, scale_by_soap, soap_moments)
 from optax_shampoo4.block_moments import BlockMoment  # noqa: E402
 
 __version__ = "0.1.0"
@@ -79,6 +79,7 @@ __all__ = [
     "soap",
     "scale_by_soap",
     "SoapState",
+    "SOAP_CONFIG",
     "soap_moments",
     "BlockMoment",
     "adamw_4bit",

@@ -21,7 +21,7 @@ from optax_shampoo4 import _checks, fused, nonfinite
 from optax_shampoo4.adam import ScaleByAdam4bitState, scale_by_adam_4bit
 from optax_shampoo4.config import AdamConfig, ShampooConfig
 from optax_shampoo4.shampoo import ShampooState, scale_by_shampoo
-from optax_shampoo4.soap import SoapState, scale_by_soap
+from optax_shampoo4.soap import SOAP_CONFIG, SoapState, scale_by_soap
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -239,7 +239,7 @@ def soap(
     weight_decay: float = 0.01,
     *,
     mask: MaskOrFn = None,
-    config: ShampooConfig = ShampooConfig(),
+    config: ShampooConfig = SOAP_CONFIG,
     moments: AdamConfig = AdamConfig(bits=8),
     precondition_every: int = 10,
     shampoo_beta: Optional[float] = None,
@@ -261,12 +261,14 @@ def soap(
       (``docs/benchmarks.md``, "At four times the batch").
     weight_decay: decoupled weight decay (default 0.01).
     mask: weight-decay mask, as in ``optax.adamw``.
-    config: the bases, :class:`ShampooConfig` (default 4-bit eigenvectors;
-      ``bits=32`` is fp32 SOAP). Where the model's step dominates memory (large
-      batches), ``working_set_bytes=2 * 2**30`` lets the largest block groups'
-      rotations run whole: on the byte-level LM at 32,768 tokens a step it
-      reached AdamW's loss in 0.79× AdamW's time against 0.81–0.82×
-      (``docs/benchmarks.md``, "SOAP's moments in the block stacks' layout").
+    config: the bases, :class:`ShampooConfig` (default
+      :data:`~optax_shampoo4.soap.SOAP_CONFIG`: 4-bit eigenvectors and a
+      2 GiB working set, twice Shampoo's, within which the byte-level LM's
+      rotations run whole; at 32,768 tokens a step it reached AdamW's loss in
+      0.79× AdamW's time against 0.81–0.82× at 1 GiB, at the same peak memory;
+      ``docs/benchmarks.md``, "SOAP's moments in the block stacks' layout").
+      A config you pass keeps its own working set (``ShampooConfig``'s
+      default is 1 GiB). ``bits=32`` is fp32 SOAP.
     moments: the moments, :class:`AdamConfig` (default 8-bit;
       ``AdamConfig(bits=4)`` for the smallest state, which on the byte-level LM
       gives back most of SOAP's gain; ``AdamConfig(bits=32)`` for fp32).

@@ -38,7 +38,7 @@ import optax
 
 from optax_shampoo4 import _checks, block_moments, blocking
 from optax_shampoo4.moments import MomentLayout
-from optax_shampoo4.config import AdamConfig, ShampooConfig
+from optax_shampoo4.config import MIB, AdamConfig, ShampooConfig
 from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
 from optax_shampoo4.nonfinite import step_counters
 from optax_shampoo4.preconditioners import Hyper, init_basis, make_codec
@@ -53,6 +53,12 @@ from optax_shampoo4.stacks import (NOT_PARAMS, is_params_placeholder, make_plan,
 # entries (both bases are sorted by decreasing eigenvalue). On the byte-level
 # LM, "keep" ends 0.3 nats worse (docs/algorithms.md §7).
 MOMENT_ON_REFRESH = ("keep", "project")
+# SOAP's bases: ShampooConfig's defaults but a 2 GiB working set, within which
+# the rotations of an 86 M-param LM's largest block groups run whole instead of
+# in a loop of two chunks; at batches of 8,192 and 32,768 tokens its mean step
+# was 1.7 ms shorter at the same peak memory (docs/benchmarks.md, "SOAP's
+# moments in the block stacks' layout").
+SOAP_CONFIG = ShampooConfig(working_set_bytes=2048 * MIB)
 # Initial eigenvalues: an isotropic term leaves every eigenbasis unchanged and
 # keeps the first orthonormalization well-posed on a rank-deficient G Gᵀ; it
 # decays by the statistics' beta per refresh.
@@ -87,7 +93,7 @@ class SoapState(NamedTuple):
 
 
 def soap_moments(state: SoapState, params: Any,
-                 config: ShampooConfig = ShampooConfig()):
+                 config: ShampooConfig = SOAP_CONFIG):
   """``(mu, nu)`` of ``state`` as fp32 trees like ``params`` (arrays or
   ``jax.ShapeDtypeStruct`` s), with the blocking of ``config`` (the one the
   optimizer was built with)."""
@@ -214,7 +220,7 @@ def scale_by_soap(
     b2: float = 0.95,
     eps: float = 1e-8,
     *,
-    config: ShampooConfig = ShampooConfig(),
+    config: ShampooConfig = SOAP_CONFIG,
     moments: AdamConfig = AdamConfig(bits=8),
     precondition_every: int = 10,
     shampoo_beta: Optional[float] = None,
@@ -229,7 +235,7 @@ def scale_by_soap(
     eps: added to ``√V̂`` in the denominator (default 1e-8).
     config: the bases' structure: ``bits`` (4: linear-2, 8 or 32), Björck
       steps, blocking, ``dimension_numbers``, working set, sharding;
-      ``storage`` must be ``"eigenvectors"``.
+      ``storage`` must be ``"eigenvectors"``. Default :data:`SOAP_CONFIG`.
     moments: how ``M`` and ``V`` are stored (``AdamConfig(bits=4|8|32,
       second_moment="rank1"|"block")``); default 8-bit: at 4 bits the moments
       lose most of what the rotation gains on the byte-level LM
