@@ -31,7 +31,7 @@ from optax_shampoo4 import _checks, adam_kernel, adam_update_kernel
 from optax_shampoo4.config import AdamConfig
 from optax_shampoo4.moments import (FactoredMoment, MomentLayout, PackedMoment,
                                     factored_estimate, pack_moment)
-from optax_shampoo4.nonfinite import all_finite, step_counters
+from optax_shampoo4.nonfinite import all_finite, step_counters, where_finite
 from optax_shampoo4.quantization import QuantizedArray
 
 
@@ -45,10 +45,6 @@ class ScaleByAdam4bitState(NamedTuple):
   mu: Any
   nu: Any
   nonfinite_count: jax.Array
-
-
-def _keep_if(finite, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
 class ApplyStep(NamedTuple):
@@ -90,8 +86,8 @@ def xla_leaf_step(layout, b1, b2, eps, eps_root, g, stored_m, stored_v,
   update = (m / corrections[0]) / (
       jnp.sqrt(v / corrections[1] + eps_root) + eps)
   return (update.astype(g.dtype),
-          _keep_if(finite, layout.store_first(m, shape),
-                   stored_m), _keep_if(finite, stored_v_new, stored_v))
+          where_finite(finite, layout.store_first(m, shape),
+                       stored_m), where_finite(finite, stored_v_new, stored_v))
 
 
 def _kernel_operands(config, view, g, stored_m, stored_v):
@@ -140,7 +136,7 @@ def fused_leaf_step(config, view, constants, g, stored_m, stored_v, corrections,
   operands = _kernel_operands(config, view, g, stored_m, stored_v)
   grad, first_codes, first_scale, second_codes, second_scales = operands
   if config.second_moment == "rank1":
-    new_second_scales = _keep_if(finite, new_second_scales, stored_v.scales)
+    new_second_scales = where_finite(finite, new_second_scales, stored_v.scales)
   else:
     new_second_scales = None
   flags, param = _kernel_flags(corrections, constants, finite, apply)

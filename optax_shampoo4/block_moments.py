@@ -102,7 +102,10 @@ def zeros(layout: MomentLayout, plan: blocking.Plan,
       jnp.zeros((len(g.blocks), g.rows, g.cols), jnp.float32)
       for g in plan.groups
   ]
-  leaves = [jnp.zeros(shape, jnp.float32) for shape in plan.shapes]
+  leaves = [
+      jnp.zeros(shape, jnp.float32) if matrices is None else None
+      for shape, matrices in zip(plan.shapes, plan.layouts)
+  ]
   return store(layout, plan, groups, leaves, second)
 
 

@@ -97,3 +97,9 @@ def step_counters(state: Any, step: jax.Array,
   return dict(
       count=jnp.where(finite, step, state.count).astype(jnp.int32),
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))
+
+
+def where_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where the step's gradient was finite, else ``old``, leaf by leaf
+  (two pytrees of one structure)."""
+  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

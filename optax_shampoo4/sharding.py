@@ -151,11 +151,10 @@ class _Target(NamedTuple):
         return self.stacks(stored)
       return _moment_sharding(stored, self.axis, self.mesh, batch=1)
 
-    params = [None] * (max(moment.plain_leaves, default=-1) + 1)
-    if self.params_sharding is not None:
-      params = jax.tree.leaves(self.params_sharding)
+    params = jax.tree.leaves(self.params_sharding)  # [] without params
+    axis = lambda i: _leading_axis(params[i]) if params else None
     plain = tuple(
-        _moment_sharding(m, _leading_axis(params[i]), self.mesh)
+        _moment_sharding(m, axis(i), self.mesh)
         for i, m in zip(moment.plain_leaves, moment.plain))
     return BlockMoment(
         tuple(group(g) for g in moment.groups), plain, moment.plain_leaves)

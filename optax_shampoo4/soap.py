@@ -40,7 +40,7 @@ from optax_shampoo4 import _checks, block_moments, blocking
 from optax_shampoo4.moments import MomentLayout
 from optax_shampoo4.config import MIB, AdamConfig, ShampooConfig
 from optax_shampoo4.host_schedule import due_at, run_when_due, scheduled_due
-from optax_shampoo4.nonfinite import step_counters
+from optax_shampoo4.nonfinite import where_finite, step_counters
 from optax_shampoo4.preconditioners import Hyper, init_basis, make_codec
 from optax_shampoo4.shampoo import update_statistics
 from optax_shampoo4.soap_rotation import Rotation
@@ -56,8 +56,8 @@ MOMENT_ON_REFRESH = ("keep", "project")
 # SOAP's bases: ShampooConfig's defaults but a 2 GiB working set, within which
 # the rotations of an 86 M-param LM's largest block groups run whole instead of
 # in a loop of two chunks; at batches of 8,192 and 32,768 tokens its mean step
-# was 1.7 ms shorter at the same peak memory (docs/benchmarks.md, "SOAP's
-# moments in the block stacks' layout").
+# was shorter at the same peak memory (docs/benchmarks.md, "SOAP's moments in
+# the block stacks' layout").
 SOAP_CONFIG = ShampooConfig(working_set_bytes=2048 * MIB)
 # Initial eigenvalues: an isotropic term leaves every eigenbasis unchanged and
 # keeps the first orthonormalization well-posed on a rank-deficient G Gᵀ; it
@@ -175,11 +175,10 @@ def _store_moments(layout, plan, state, moments, finite):
   """The stored ``(mu, nu)`` of the new state: the old ones unless
   ``finite``."""
   mu, nu = moments
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                       new, old)
   new_mu = block_moments.store(layout, plan, *mu, second=False)
   new_nu = block_moments.store(layout, plan, *nu, second=True)
-  return keep(new_mu, state.mu), keep(new_nu, state.nu)
+  return (where_finite(finite, new_mu,
+                       state.mu), where_finite(finite, new_nu, state.nu))
 
 
 def _plain_adam(plan, grads, mu, nu, constants):

@@ -254,7 +254,8 @@ def test_soaps_quantized_block_moments_shard_along_blocks_or_rows():
   its blocks; a one-block group along its rows (codes and row maxima; the
   column maxima span all rows and stay whole). Two sharded steps give the
   one-device moments (square blocks: a one-gradient statistic is then
-  full-rank, so both runs find the same bases)."""
+  full-rank, so both runs find the same bases). Without the params'
+  shardings, the groups shard the same and a bias's moments are replicated."""
   params = {"many": jnp.full((8 * 80, 80), 0.1), "one": jnp.full((72, 72), 0.1)}
   config = o4.ShampooConfig(max_order=80)
   tx = o4.soap(1e-2, config=config, precondition_every=1)
@@ -271,3 +272,11 @@ def test_soaps_quantized_block_moments_shard_along_blocks_or_rows():
       o4.soap_moments(substate(single, o4.SoapState), params, config)):
     for name in params:
       assert relative(np.asarray(a[name]), np.asarray(b[name])) < 1e-2, name
+  # without the params' shardings the groups shard alike, and the moments of a
+  # tensor without a preconditioner are replicated
+  mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+  state = jax.eval_shape(tx.init, dict(params, bias=jnp.zeros(72)))
+  shardings = substate(
+      optimizer_state_sharding(state, mesh, "fsdp"), o4.SoapState)
+  assert shardings.nu.groups[0].codes.spec[:2] == (None, "fsdp")
+  assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings.nu.plain))
