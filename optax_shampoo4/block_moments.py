@@ -109,6 +109,16 @@ def zeros(layout: MomentLayout, plan: blocking.Plan,
   return store(layout, plan, groups, leaves, second)
 
 
+def fits(plan: blocking.Plan, moment: BlockMoment) -> bool:
+  """Whether ``moment`` was stored for ``plan``'s blocking: the same tensors
+  without a preconditioner, and as many groups of as many blocks each."""
+  blocks = lambda stored: jax.tree.leaves(stored)[0].shape[0]
+  return (moment.plain_leaves == _plain_leaves(plan) and
+          len(moment.groups) == len(plan.groups) and all(
+              blocks(stored) == len(group.blocks)
+              for group, stored in zip(plan.groups, moment.groups)))
+
+
 def moment_leaves(plan: blocking.Plan, moment: BlockMoment) -> List[jax.Array]:
   """The moment as fp32 tensors shaped like the params, in leaf order."""
   groups, leaves = load(plan, moment)

@@ -97,7 +97,12 @@ def soap_moments(state: SoapState, params: Any,
   """``(mu, nu)`` of ``state`` as fp32 trees like ``params`` (arrays or
   ``jax.ShapeDtypeStruct`` s), with the blocking of ``config`` (the one the
   optimizer was built with)."""
+  _checks.check_type("state", state, SoapState)
   plan, treedef, _ = make_plan(config, params)
+  if not all(block_moments.fits(plan, m) for m in (state.mu, state.nu)):
+    raise ValueError(
+        "params and config must block like those the optimizer was built with: "
+        "state's moments do not fit their blocking")
   return tuple(
       treedef.unflatten(block_moments.moment_leaves(plan, moment))
       for moment in (state.mu, state.nu))

@@ -260,3 +260,21 @@ def test_a_failed_basis_update_is_counted_and_keeps_the_old_basis():
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     o4.soap(1e-3, **kwargs)
+
+
+def test_soap_moments_rejects_params_or_config_that_block_differently():
+  params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}
+  config = o4.ShampooConfig(max_order=8)
+  state = o4.scale_by_soap(config=config).init(params)
+  mu, nu = o4.soap_moments(state, params, config)
+  assert mu["w"].shape == nu["w"].shape == (16, 8) and mu["b"].shape == (8,)
+  for other_params, other_config, match in [
+      (params, o4.ShampooConfig(max_order=16), "config"),  # one block, not two
+      ({
+          "w": jnp.zeros((16, 8))
+      }, config, "params"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      o4.soap_moments(state, other_params, other_config)
+  with pytest.raises(TypeError, match="state"):
+    o4.soap_moments(params, params, config)
