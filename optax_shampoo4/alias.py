@@ -264,8 +264,8 @@ def soap(
     config: the bases, :class:`ShampooConfig` (default
       :data:`~optax_shampoo4.soap.SOAP_CONFIG`: 4-bit eigenvectors and a
       2 GiB working set, twice Shampoo's, within which the byte-level LM's
-      rotations run whole; at 32,768 tokens a step it reached AdamW's loss in
-      0.79× AdamW's time against 0.81–0.82× at 1 GiB, at the same peak memory;
+      rotations run whole; at 32,768 tokens a step its mean step was 1.17–1.18×
+      AdamW's against 1.20× at 1 GiB, at the same peak memory;
       ``docs/benchmarks.md``, "SOAP's moments in the block stacks' layout").
       A config you pass keeps its own working set (``ShampooConfig``'s
       default is 1 GiB). ``bits=32`` is fp32 SOAP.
