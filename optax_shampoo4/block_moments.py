@@ -49,10 +49,6 @@ class BlockMoment:
   plain_leaves: Tuple[int, ...]
 
 
-def _plain_leaves(plan: blocking.Plan) -> Tuple[int, ...]:
-  return tuple(i for i, layout in enumerate(plan.layouts) if layout is None)
-
-
 def _store_stack(store, stack: jax.Array):
   """``store`` (a ``MomentLayout`` method) applied to each block of a stack."""
   return jax.vmap(lambda block: store(block, block.shape))(stack)
@@ -73,7 +69,7 @@ def store(layout: MomentLayout, plan: blocking.Plan,
   tensors without a preconditioner (``leaves``, params-ordered; other entries
   are ignored); ``second`` picks the second moment's storage."""
   store_fn = layout.store_second if second else layout.store_first
-  plain = _plain_leaves(plan)
+  plain = plan.unpreconditioned_leaves
   return BlockMoment(
       tuple(_store_stack(store_fn, g) for g in groups),
       tuple(store_fn(leaves[i], plan.shapes[i]) for i in plain), plain)
@@ -113,7 +109,7 @@ def fits(plan: blocking.Plan, moment: BlockMoment) -> bool:
   """Whether ``moment`` was stored for ``plan``'s blocking: the same tensors
   without a preconditioner, and as many groups of as many blocks each."""
   blocks = lambda stored: jax.tree.leaves(stored)[0].shape[0]
-  return (moment.plain_leaves == _plain_leaves(plan) and
+  return (moment.plain_leaves == plan.unpreconditioned_leaves and
           len(moment.groups) == len(plan.groups) and all(
               blocks(stored) == len(group.blocks)
               for group, stored in zip(plan.groups, moment.groups)))
@@ -131,8 +127,9 @@ def block_shares(plan: blocking.Plan, moment: BlockMoment,
   its blocks (``nbytes``: bytes of a stored pytree)."""
   shares = [0.0] * len(plan.shapes)
   for group, stored in zip(plan.groups, moment.groups):
+    per_block = nbytes(stored) / len(group.blocks)
     for block in group.blocks:
-      shares[block.leaf] += nbytes(stored) / len(group.blocks)
+      shares[block.leaf] += per_block
   for i, stored in zip(moment.plain_leaves, moment.plain):
     shares[i] += nbytes(stored)
   return shares

@@ -165,6 +165,10 @@ class Plan:
   def preconditioned_leaves(self) -> Tuple[int, ...]:
     return tuple(i for i, s in enumerate(self.layouts) if s is not None)
 
+  @property
+  def unpreconditioned_leaves(self) -> Tuple[int, ...]:
+    return tuple(i for i, s in enumerate(self.layouts) if s is None)
+
 
 @functools.lru_cache(maxsize=256)
 def make_plan(

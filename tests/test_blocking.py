@@ -324,6 +324,7 @@ def test_blocking_rules():
   plan = blocking.make_plan(((3072, 768), (768,), (50, 2500)), 1200)
   assert dict(plan.stack_sizes) == {1200: 4, 672: 1, 768: 3, 50: 3, 100: 1}
   assert plan.preconditioned_leaves == (0, 2)
+  assert plan.unpreconditioned_leaves == (1,)
 
 
 def test_oriented_blocks_give_each_slot_its_statistic():
