@@ -166,7 +166,8 @@ class ShampooConfig:
       (default 4096).
     bjorck_steps: Björck steps applied to a loaded 4-bit basis ``(statistics
       update, use)``, the use being Shampoo's inverse roots or SOAP's rotations
-      of every step. Default (``None``): ``(1, 4)`` for Shampoo, whose
+      of every step; SOAP's refresh rectifies its change of basis by the
+      first. Default (``None``): ``(1, 4)`` for Shampoo, whose
       ``λ^(-1/4)`` amplifies a basis's error [S4, §3.2]; ``(1, 0)`` for SOAP,
       whose Adam runs in whatever basis it is given (its preconditioner ``Ũᵀ D
       Ũ`` stays positive definite); a step on each basis per step cost SOAP's

@@ -30,15 +30,11 @@ def _rotate(left, matrix, right, precision: str):
       precision)
 
 
-def _project_second_moment(v, new_left, new_right, old_left, old_right,
-                           precision: str):
-  """``V`` carried from the old rotated basis to the new one, entry variances
-  moved by ``P∘P``."""
-  transfer = lambda new, old: jnp.square(
-      linalg.product(new, linalg.transpose(old), precision))
+def _project_second_moment(v, left_change, right_change, precision: str):
+  """``V`` carried from the old rotated basis to the new one by the changes of
+  basis ``P = U_new U_oldᵀ``: entry variances moved by ``P∘P``."""
   return _rotate(
-      transfer(new_left, old_left), v, transfer(new_right, old_right),
-      precision)
+      jnp.square(left_change), v, jnp.square(right_change), precision)
 
 
 class Rotation(NamedTuple):
@@ -48,22 +44,38 @@ class Rotation(NamedTuple):
   stacks: Stacks
   precision: str  # of the rotations: a preconditioning_precision name
 
-  def _loaders(self, group, each_step: bool):
-    """Loaders of the group's left and right bases and its chunk length, for
-    each step's rotations or else for the refresh's projection: a 4-bit basis
-    is rectified by the Björck steps and at the precision of that use."""
+  def _loaders(self, group):
+    """Loaders of the group's left and right bases for each step's rotations
+    (a 4-bit basis rectified by ``bjorck_steps[1]`` Björck steps) and its chunk
+    length."""
     config = self.stacks.config
-    refresh_steps, rotation_steps = config.bjorck_steps_of("soap")
-    if each_step:
-      steps, numerics = rotation_steps, linalg.Numerics(
-          linalg.PRODUCT_PRECISIONS[self.precision])
-    else:
-      steps, numerics = refresh_steps, linalg_numerics(config)
+    steps = config.bjorck_steps_of("soap")[1]
+    numerics = linalg.Numerics(linalg.PRODUCT_PRECISIONS[self.precision])
     loader = lambda order: functools.partial(
         load_basis, make_codec(config, order), steps, numerics=numerics)
-    chunk = self.stacks.chunk(
+    return loader(group.rows), loader(group.cols), self._chunk(group)
+
+  def _chunk(self, group):
+    return self.stacks.chunk(
         max(group.rows, group.cols), ROTATION_FP32_COPIES, len(group.blocks))
-    return loader(group.rows), loader(group.cols), chunk
+
+  def _change_of_basis(self, order: int):
+    """``(new rows, old rows) -> P = U_new U_oldᵀ`` of two stored bases of
+    ``order``. Of 4-bit bases, ``P`` is formed from the decoded rows and then
+    rectified by ``bjorck_steps[0]`` Björck steps: to first order in the
+    quantization errors that equals the product of the rectified bases, and it
+    takes one rectification per change of basis instead of one per basis."""
+    config = self.stacks.config
+    codec = make_codec(config, order)
+    steps = config.bjorck_steps_of("soap")[0] if codec.quantized else 0
+    numerics = linalg_numerics(config)
+
+    def change(new, old):
+      product = linalg.product(
+          codec.load(new), linalg.transpose(codec.load(old)), self.precision)
+      return linalg.bjorck(product, steps, numerics)
+
+    return change
 
   def _slices(self, bases):
     plan = self.stacks.plan
@@ -78,7 +90,7 @@ class Rotation(NamedTuple):
     updates, second_moments = [], []
     for group, (g, m, v), (left, right) in zip(self.stacks.plan.groups, groups,
                                                self._slices(bases)):
-      load_left, load_right, chunk = self._loaders(group, each_step=True)
+      load_left, load_right, chunk = self._loaders(group)
 
       def step(g, m, v, left, right):
         u_left, u_right = load_left(left), load_right(right)
@@ -106,13 +118,15 @@ class Rotation(NamedTuple):
                                                     second_moments,
                                                     self._slices(new_bases),
                                                     self._slices(old_bases)):
-      load_left, load_right, chunk = self._loaders(group, each_step=False)
+      left_change = self._change_of_basis(group.rows)
+      right_change = self._change_of_basis(group.cols)
 
       def carry(v, left, right, old_left, old_right):
-        return _project_second_moment(v, load_left(left), load_right(right),
-                                      load_left(old_left),
-                                      load_right(old_right), self.precision)
+        return _project_second_moment(v, left_change(left, old_left),
+                                      right_change(right, old_right),
+                                      self.precision)
 
       out.append(
-          chunks.map_chunks(carry, chunk, v, left, right, old_left, old_right))
+          chunks.map_chunks(carry, self._chunk(group), v, left, right, old_left,
+                            old_right))
     return out
