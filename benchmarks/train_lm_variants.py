@@ -32,6 +32,80 @@ def _soap_b1_09_variants(soap, bf16_rotations):
   return out
 
 
+def _shampoo_variants(shampoo, base, lr):
+  """Shampoo's variants: storage bits, intervals, working set, block orders,
+  the loop's schedule (``shampoo``: the factory of a Shampoo variant given its
+  config and keywords; ``lr``: their peak learning rate)."""
+  import dataclasses
+  import optax_shampoo4 as o4
+  replaced = lambda **kw: shampoo(dataclasses.replace(base, **kw))
+  return {
+      "shampoo 4-bit": (lr, shampoo()),
+      "shampoo 32-bit": (lr, replaced(bits=32)),
+      "shampoo all-4-bit": (lr, shampoo(adam=o4.AdamConfig())),
+      "shampoo 4-bit, 100/500":
+          (lr, shampoo(statistics_every=100, inverse_root_every=500)),
+      "shampoo 4-bit, 50/250":
+          (lr, shampoo(statistics_every=50, inverse_root_every=250)),
+      "shampoo 4-bit, 100/100":
+          (lr, shampoo(statistics_every=100, inverse_root_every=100)),
+      "shampoo 4-bit, 256 MiB working set":
+          (lr, replaced(working_set_bytes=256 * 2**20)),
+      "shampoo 4-bit, max order 768": (lr, replaced(max_order=768)),
+      "shampoo 4-bit, max order 768, host-scheduled updates":
+          (lr, replaced(max_order=768)),
+      "shampoo 4-bit, NaN steps not skipped":
+          (lr, shampoo(skip_nonfinite=False)),
+      "shampoo 4-bit, host-scheduled updates": (lr, shampoo()),
+      "shampoo 4-bit, fp32 linear algebra, host-scheduled updates":
+          (lr, replaced(linalg_precision="highest")),
+      "shampoo all-4-bit, host-scheduled updates":
+          (lr, shampoo(adam=o4.AdamConfig())),
+      # the shape rule for every leaf, as before ShampooConfig's default left
+      # the leaves named "bias" unpreconditioned
+      "shampoo 4-bit, biases preconditioned, host-scheduled updates":
+          (lr, replaced(dimension_numbers=None)),
+  }
+
+
+def _soap_variants(soap, base):
+  """SOAP's variants at its default ``b1``: storage bits, rotations'
+  precision and rectification, working set, and the biases preconditioned
+  with AdamW's ``b1`` (``soap``: the factory of a SOAP variant given its
+  config and keywords)."""
+  import dataclasses
+  import optax_shampoo4 as o4
+  bf16_rotations = dataclasses.replace(base, preconditioning_precision="bf16")
+  fp32 = dataclasses.replace(base, bits=32)
+
+  def rotations(b1=None, **changes):
+    """bf16 rotations with ``changes`` to the config, at ``b1`` if given."""
+    keywords = {} if b1 is None else dict(b1=b1)
+    return soap(dataclasses.replace(bf16_rotations, **changes), **keywords)
+
+  return {
+      "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
+      "soap 4-bit lr 3e-3": (3e-3, soap()),
+      "soap 4-bit lr 1e-3": (1e-3, soap()),
+      "soap 4-bit, bf16 rotations lr 1e-3": (1e-3, soap(bf16_rotations)),
+      "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
+          (1e-3, soap(bf16_rotations)),
+      "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
+      "host-scheduled refresh": (1e-3, rotations(bjorck_steps=(1, 1))),
+      "soap 4-bit, bf16 rotations, 4 GiB working set lr 1e-3, "
+      "host-scheduled refresh": (1e-3, rotations(working_set_bytes=4 * 2**30)),
+      "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+      "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
+      "soap 4-bit, 8-bit moments lr 1e-3":
+          (1e-3, soap(moments=o4.AdamConfig(bits=8))),
+      "soap 4-bit, fp32 moments lr 1e-3":
+          (1e-3, soap(moments=o4.AdamConfig(bits=32))),
+      "soap 4-bit, bf16 rotations, b1 0.9, biases preconditioned lr 1e-3, "
+      "host-scheduled refresh": (1e-3, rotations(dimension_numbers=None,
+                                                 b1=0.9)),
+  }
+
+
 def optimizers(args, base=None):
   """name -> (peak lr, factory of the optimizer given a schedule), built in the
   child process; ``base``: the ShampooConfig the Shampoo and SOAP variants start
@@ -40,7 +114,6 @@ def optimizers(args, base=None):
   import optax
   import optax_shampoo4 as o4
   base = base or o4.ShampooConfig()
-  fp32 = dataclasses.replace(base, bits=32)
   intervals = dict(statistics_every=args.statistics_every,
                    inverse_root_every=args.inverse_root_every)
   adamw = lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1)
@@ -53,66 +126,12 @@ def optimizers(args, base=None):
       s, b2=0.95, weight_decay=0.1, config=config, precondition_every=args.
       precondition_every, **kw))
   bf16_rotations = dataclasses.replace(base, preconditioning_precision="bf16")
-  soap_b1_09 = _soap_b1_09_variants(soap, bf16_rotations)
-  # the shape rule for every leaf, as before ShampooConfig's default left the
-  # leaves named "bias" unpreconditioned
-  shape_rule = dict(dimension_numbers=None)
-  bias_preconditioners = {
-      "shampoo 4-bit, biases preconditioned, host-scheduled updates":
-          (args.lr, shampoo(dataclasses.replace(base, **shape_rule))),
-      "soap 4-bit, bf16 rotations, b1 0.9, biases preconditioned lr 1e-3, "
-      "host-scheduled refresh":
-          (1e-3,
-           soap(dataclasses.replace(bf16_rotations, **shape_rule), b1=0.9)),
-  }
-  return soap_b1_09 | bias_preconditioners | {
+  return {
       "adamw lr 1e-3": (1e-3, adamw),
       "adamw lr 2e-3": (2e-3, adamw),
-      "shampoo 4-bit": (args.lr, shampoo()),
-      "shampoo 32-bit": (args.lr, shampoo(fp32)),
-      "shampoo all-4-bit": (args.lr, shampoo(adam=o4.AdamConfig())),
-      "shampoo 4-bit, 100/500":
-          (args.lr, shampoo(statistics_every=100, inverse_root_every=500)),
-      "shampoo 4-bit, 50/250":
-          (args.lr, shampoo(statistics_every=50, inverse_root_every=250)),
-      "shampoo 4-bit, 100/100":
-          (args.lr, shampoo(statistics_every=100, inverse_root_every=100)),
-      "shampoo 4-bit, 256 MiB working set":
-          (args.lr,
-           shampoo(dataclasses.replace(base, working_set_bytes=256 * 2**20))),
-      "shampoo 4-bit, max order 768":
-          (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
-      "shampoo 4-bit, max order 768, host-scheduled updates":
-          (args.lr, shampoo(dataclasses.replace(base, max_order=768))),
-      "shampoo 4-bit, NaN steps not skipped":
-          (args.lr, shampoo(skip_nonfinite=False)),
-      "shampoo 4-bit, host-scheduled updates": (args.lr, shampoo()),
-      "shampoo 4-bit, fp32 linear algebra, host-scheduled updates":
-          (args.lr,
-           shampoo(dataclasses.replace(base, linalg_precision="highest"))),
-      "shampoo all-4-bit, host-scheduled updates":
-          (args.lr, shampoo(adam=o4.AdamConfig())),
-      "soap 4-bit lr 1e-3, host-scheduled refresh": (1e-3, soap()),
-      "soap 4-bit lr 3e-3": (3e-3, soap()),
-      "soap 4-bit lr 1e-3": (1e-3, soap()),
-      "soap 4-bit, bf16 rotations lr 1e-3": (1e-3, soap(bf16_rotations)),
-      "soap 4-bit, bf16 rotations lr 1e-3, host-scheduled refresh":
-          (1e-3, soap(bf16_rotations)),
-      "soap 4-bit, bf16 rotations, rectified each step lr 1e-3, "
-      "host-scheduled refresh": (
-          1e-3, soap(dataclasses.replace(bf16_rotations, bjorck_steps=(1, 1)))),
-      "soap 4-bit, bf16 rotations, 4 GiB working set lr 1e-3, "
-      "host-scheduled refresh":
-          (1e-3,
-           soap(
-               dataclasses.replace(bf16_rotations, working_set_bytes=4 * 2**30))
-          ),
-      "soap 32-bit lr 3e-3": (3e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
-      "soap 32-bit lr 1e-3": (1e-3, soap(fp32, moments=o4.AdamConfig(bits=32))),
-      "soap 4-bit, 8-bit moments lr 1e-3":
-          (1e-3, soap(moments=o4.AdamConfig(bits=8))),
-      "soap 4-bit, fp32 moments lr 1e-3":
-          (1e-3, soap(moments=o4.AdamConfig(bits=32)))
+      **_shampoo_variants(shampoo, base, args.lr),
+      **_soap_variants(soap, base),
+      **_soap_b1_09_variants(soap, bf16_rotations),
   }
 
 

@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, NamedTuple, Optional
 
 import jax
@@ -117,6 +118,21 @@ def _init_bases(config: ShampooConfig, params, hyper: Hyper):
               make_codec(config, order), plan.stack_length(order), order, hyper)
       for order in plan.orders
   }
+
+
+def _init_state(config: ShampooConfig, layout: MomentLayout, hyper: Hyper,
+                params) -> SoapState:
+  """Identity bases and zero moments for ``params``; :data:`NOT_PARAMS` leaves
+  for the placeholder with which ``optax.tree.map_params`` probes a state."""
+  counter = lambda: jnp.zeros([], jnp.int32)
+  if is_params_placeholder(params):
+    return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
+                     counter())
+  plan, _, _ = make_plan(config, params)
+  return SoapState(counter(), _init_bases(config, params, hyper),
+                   block_moments.zeros(layout, plan, second=False),
+                   block_moments.zeros(layout, plan, second=True), counter(),
+                   counter())
 
 
 def _refresh_when_due(rotation: Rotation, bases, grad_groups, nu_groups,
@@ -268,17 +284,7 @@ def scale_by_soap(
   layout = MomentLayout.from_config(moments)
   hyper = Hyper(b2 if shampoo_beta is None else shampoo_beta,
                 INITIAL_EIGENVALUE, 0.0)
-  counter = lambda: jnp.zeros([], jnp.int32)
-
-  def init_fn(params):
-    if is_params_placeholder(params):
-      return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
-                       counter())
-    plan, _, _ = make_plan(config, params)
-    return SoapState(counter(), _init_bases(config, params, hyper),
-                     block_moments.zeros(layout, plan, second=False),
-                     block_moments.zeros(layout, plan, second=True), counter(),
-                     counter())
+  init_fn = functools.partial(_init_state, config, layout, hyper)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
