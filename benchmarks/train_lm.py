@@ -26,7 +26,6 @@ gradient and the optimizer's update (``train_lm_programs``).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -47,6 +46,8 @@ from train_lm_report import SMOOTH, summarize
 import train_lm_programs
 # pylint: disable-next=wrong-import-position
 from train_lm_variants import SPLIT_STEP, host_schedule, lookup, optimizers
+# pylint: disable-next=wrong-import-position
+from train_lm_options import parser
 # steps of the loop that does not wait for each, after the run
 FREE_RUNNING_STEPS = 50
 
@@ -79,6 +80,8 @@ class Setup(NamedTuple):
   size: Dict[str, int]
   jit: Callable  # jax.jit with the state donated (and sharded), due static
   place: Callable  # puts a batch (x, y) where the step expects it
+  # the loop puts the next batch on the device while a step runs
+  prefetch: bool = False
   # step -> preconditioner_due, for a loop that schedules the updates
   schedule: Optional[Callable[[int], Tuple[bool, bool]]] = None
 
@@ -113,7 +116,9 @@ def setup(name, args) -> Setup:
   state = train_state.TrainState.create(apply_fn=model.apply, params=params,
                                         tx=factory(schedule))
   jit = lambda f: jax.jit(f, donate_argnums=0, static_argnames="due")
-  place = lambda x, y: (x, y)
+  place = lambda x, y: (x, y)  # the step's call copies it from host memory
+  if args.prefetch:
+    place = lambda x, y: jax.device_put((x, y))
   if args.devices > 1:
     _, state_sharding, batch_sharding = data_parallel(state, args.devices)
     state = jax.device_put(state, state_sharding)
@@ -122,7 +127,7 @@ def setup(name, args) -> Setup:
     place = lambda x, y: (jax.device_put(x, batch_sharding),
                           jax.device_put(y, batch_sharding))
   return Setup(model, state, lm.load_corpus(args.max_bytes), size, jit, place,
-               host_schedule(name, args))
+               args.prefetch, host_schedule(name, args))
 
 
 def loss_function(model):
@@ -189,14 +194,18 @@ def train(run: Setup, steps: int, sync_every: int = 1, compile_with=None):
           c.memory_analysis().temp_size_in_bytes for c in programs.values()),
       losses=[], step_s=[], dispatch=[])
   state, pending = run.state, []
+  draw = lambda: batch(run, run.corpus[0], rng)
+  upcoming = draw() if run.prefetch else None
   for step in range(1, steps + 1):
-    x, y = batch(run, run.corpus[0], rng)
+    x, y = upcoming if run.prefetch else draw()
     compiled = programs[schedule(step)]
     start = time.perf_counter()
     if not pending:  # the first step of a block
       block_start = start
     state, loss = compiled(state, x, y)
     record["dispatch"].append(time.perf_counter() - start)
+    if run.prefetch and step < steps:  # the same draws, one step earlier
+      upcoming = draw()
     pending.append(loss)
     if step % sync_every and step < steps:
       continue
@@ -299,7 +308,7 @@ def run_one(name, args):
       final_loss=float(np.mean(losses[-SMOOTH:])), held_out_loss=held,
       ms_median=ms(np.median, times), ms_mean=ms(np.mean, times),
       dispatch_ms_median=ms(np.median, record["dispatch"]),
-      ms_free_running=free_ms, state_bytes=int(
+      ms_free_running=free_ms, prefetch=args.prefetch, state_bytes=int(
           o4.state_nbytes(state.opt_state)), peak_bytes=int(peak_bytes),
       temp_bytes=int(record["temp_bytes"]), compile_s=record["compile_s"],
       compile_s_by_program=record["compile_s_by_program"],
@@ -309,72 +318,6 @@ def run_one(name, args):
           jax.devices()[0].device_kind), jax=jax.__version__, profile=breakdown)
   result["rejected_updates"] = rejected_updates(state.opt_state)
   return result
-
-
-def parser() -> argparse.ArgumentParser:
-  """The command line, which ``benchmarks/compile_time.py`` shares."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=1200)
-  parser.add_argument("--size", default="base")
-  parser.add_argument(
-      "--batch", type=int, default=None,
-      help="sequences per step (default: the size's own, 32 for base); the "
-      "optimizer's cost per step is fixed while the model's grows with it")
-  parser.add_argument("--max-bytes", type=int, default=8_000_000)
-  parser.add_argument("--lr", type=float, default=1e-3,
-                      help="Shampoo's peak learning rate")
-  parser.add_argument("--statistics-every", type=int, default=20)
-  parser.add_argument("--inverse-root-every", type=int, default=100)
-  parser.add_argument(
-      "--devices", type=int, default=1,
-      help="data-parallel over this many GPUs, params and "
-      "optimizer state FSDP-sharded, Shampoo's and SOAP's stacks spread over "
-      "them")
-  parser.add_argument("--precondition-every", type=int, default=10,
-                      help="SOAP's basis interval")
-  parser.add_argument(
-      "--precondition-every-after", default=None, metavar="STEP:EVERY",
-      type=lambda text: tuple(map(int, text.split(":"))),
-      help="the loop's schedule refreshes SOAP's bases every EVERY steps after "
-      "STEP (host-scheduled variants)")
-  parser.add_argument(
-      "--sync-every", type=int, default=1,
-      help="the training loop waits for the step (reads its loss) only every "
-      "this many steps; step times are then each block's mean")
-  parser.add_argument(
-      "--only", default=None,
-      help="';'-separated optimizer names (default: all); a name ending in "
-      f"'{SPLIT_STEP}' runs each step as two programs (one device only): the "
-      "model's gradient and the optimizer's update; results already in "
-      "OUT/parts are reused")
-  parser.add_argument(
-      "--profile-steps", type=int, default=0,
-      help="after the run, trace this many plain "
-      "steps and split their wall-clock by part of the program "
-      "(benchmarks/step_trace.py)")
-  parser.add_argument(
-      "--compile-concurrently", action="store_true",
-      help="compile the plain and update programs side by side "
-      "(o4.compile_scheduled); compile s is then the wall-clock of all")
-  parser.add_argument(
-      "--update-autotune-level", type=int, default=None,
-      help="with --compile-concurrently: XLA:GPU's autotune level for the "
-      "programs that update the preconditioners (default: the plain step's)")
-  parser.add_argument(
-      "--xla-option", action="append", default=[], metavar="KEY=VALUE",
-      help="with --compile-concurrently: an XLA option of every program that "
-      "compile_scheduled compiles (with a split step, the optimizer's), e.g. "
-      "xla_gpu_enable_triton_gemm=false (repeatable)")
-  parser.add_argument(
-      "--update-xla-option", action="append", default=[], metavar="KEY=VALUE",
-      help="with --compile-concurrently: an XLA option of the update programs "
-      "(repeatable; any replaces compile_scheduled's default for a GPU)")
-  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-  parser.add_argument(
-      "--profile-free-running", action="store_true",
-      help="trace the profiled steps in a loop that does not wait for each")
-  parser.add_argument("--out", default="benchmarks/results/train_lm")
-  return parser
 
 
 def main(argv=None):

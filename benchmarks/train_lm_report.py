@@ -48,6 +48,8 @@ def summarize(results, out):
       f"jax {results[0]['jax']}; "
       f"target = {best['name']}'s final loss {target:.4f}; the loop waited "
       f"every {results[0].get('sync_every', 1)} step(s)" +
+      ("; batches prefetched to the device" if results[0].get("prefetch"
+                                                             ) else "") +
       (f"; batch {results[0]['batch']} x {results[0]['context']} tokens"
        if "batch" in results[0] else "") +
       ("; compile s: the wall-clock of the programs compiled side by side"
