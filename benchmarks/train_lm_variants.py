@@ -68,14 +68,13 @@ def _shampoo_variants(shampoo, base, lr):
   }
 
 
-def _soap_variants(soap, base):
+def _soap_variants(soap, base, bf16_rotations):
   """SOAP's variants at its default ``b1``: storage bits, rotations'
   precision and rectification, working set, and the biases preconditioned
   with AdamW's ``b1`` (``soap``: the factory of a SOAP variant given its
-  config and keywords)."""
+  config and keywords; ``bf16_rotations``: ``base`` with bf16 rotations)."""
   import dataclasses
   import optax_shampoo4 as o4
-  bf16_rotations = dataclasses.replace(base, preconditioning_precision="bf16")
   fp32 = dataclasses.replace(base, bits=32)
 
   def rotations(b1=None, **changes):
@@ -130,7 +129,7 @@ def optimizers(args, base=None):
       "adamw lr 1e-3": (1e-3, adamw),
       "adamw lr 2e-3": (2e-3, adamw),
       **_shampoo_variants(shampoo, base, args.lr),
-      **_soap_variants(soap, base),
+      **_soap_variants(soap, base, bf16_rotations),
       **_soap_b1_09_variants(soap, bf16_rotations),
   }
 

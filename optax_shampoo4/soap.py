@@ -109,9 +109,8 @@ def soap_moments(state: SoapState, params: Any,
       for moment in (state.mu, state.nu))
 
 
-def _init_bases(config: ShampooConfig, params, hyper: Hyper):
-  """Every order's stack of bases for ``params`` (identity rows)."""
-  plan, _, _ = make_plan(config, params)
+def _init_bases(config: ShampooConfig, plan: blocking.Plan, hyper: Hyper):
+  """Every order's stack of bases for ``plan`` (identity rows)."""
   return {
       stack_key(order):
           init_basis(
@@ -129,7 +128,7 @@ def _init_state(config: ShampooConfig, layout: MomentLayout, hyper: Hyper,
     return SoapState(counter(), NOT_PARAMS, NOT_PARAMS, NOT_PARAMS, counter(),
                      counter())
   plan, _, _ = make_plan(config, params)
-  return SoapState(counter(), _init_bases(config, params, hyper),
+  return SoapState(counter(), _init_bases(config, plan, hyper),
                    block_moments.zeros(layout, plan, second=False),
                    block_moments.zeros(layout, plan, second=True), counter(),
                    counter())
