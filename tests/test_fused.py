@@ -111,13 +111,10 @@ def test_apply_gradients_runs_the_fused_step_of_a_flax_train_state():
       plain.apply_gradients(grads=grads).params["w"])
 
 
-def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
-  """``packed=True`` stores each tensor's bytes of
-  the per-tensor layout in a few shared arrays: the same params and, unpacked,
-  the same moments as ``packed=False`` step by step (kernels on the covered
-  tensors; the dense and "other" tensors through XLA), a NaN step changes
-  neither, and the state has as many arrays for 17 tensors as for 3."""
-  params = {
+def _mixed_params():
+  """Quantized tensors (one bf16, one with a ragged last block), dense ones
+  and one no multiple of 128 ("odd"), 17 in all."""
+  return {
       "w":
           jax.random.normal(jax.random.PRNGKey(1), (48, 256)),
       "bias":
@@ -133,15 +130,21 @@ def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
           "scale": jnp.ones((128,))
       } for _ in range(6)]
   }
+
+
+def _packed_and_per_tensor():
   schedule = optax.linear_schedule(1e-2, 1e-3, 10)
-  packed, per_tensor = (
+  return tuple(
       fused_adamw(schedule, "block", packed=p, weight_decay=0.1,
                   skip_nonfinite=False) for p in (True, False))
-  states = {
-      "packed": packed.init(params),
-      "per_tensor": per_tensor.init(params)
-  }
-  mu = substate(states["packed"], o4.ScaleByAdam4bitState).mu
+
+
+def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
+  """``packed=True`` stores each tensor's bytes of the per-tensor layout in a
+  few shared arrays: the state has as many arrays for 17 tensors as for 3."""
+  params = _mixed_params()
+  packed, per_tensor = _packed_and_per_tensor()
+  mu = substate(packed.init(params), o4.ScaleByAdam4bitState).mu
   assert isinstance(mu, o4.moments.PackedMoment)
   # codes of w (96 rows of 128 elements), bf16 (64), ragged (70, padded to 72)
   # and 6 kernels (64 each)
@@ -151,10 +154,22 @@ def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
       mu.others) == 1  # "odd": 5001 is no multiple of 128
   # count, 2 × (codes, scales, dense, odd's codes and scales), nonfinite_count,
   # the schedule's count
-  assert len(jax.tree.leaves(states["packed"])) == 13
+  assert len(jax.tree.leaves(packed.init(params))) == 13
   # 10 quantized tensors (codes and scales of two moments), 7 fp32 moment pairs,
   # three counters
-  assert len(jax.tree.leaves(states["per_tensor"])) == 4 * 10 + 2 * 7 + 3
+  assert len(jax.tree.leaves(per_tensor.init(params))) == 4 * 10 + 2 * 7 + 3
+
+
+def test_packed_steps_equal_per_tensor_steps_through_a_nan_step():
+  """The same params and, unpacked, the same moments as ``packed=False`` step
+  by step (kernels on the covered tensors; the dense and "other" tensors
+  through XLA), and a NaN step changes neither."""
+  params = _mixed_params()
+  packed, per_tensor = _packed_and_per_tensor()
+  states = {
+      "packed": packed.init(params),
+      "per_tensor": per_tensor.init(params)
+  }
   steps = {
       "packed": jax.jit(packed.step, donate_argnums=(1, 2)),
       "per_tensor": jax.jit(per_tensor.step)
@@ -185,7 +200,12 @@ def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
       states["packed"][0].nonfinite_count) == 1
   assert not np.allclose(
       np.asarray(current["packed"]["w"]), np.asarray(params["w"]))
-  # a state from other params is refused with a clear error, not a shape error
-  # deep in a kernel
+
+
+def test_a_packed_state_of_other_params_is_refused():
+  """A state from other params is refused with a clear error, not a shape
+  error deep in a kernel."""
+  params = _mixed_params()
+  packed, _ = _packed_and_per_tensor()
   with pytest.raises(ValueError, match="packed"):
-    packed.step({"w": params["w"]}, states["packed"], {"w": params["w"]})
+    packed.step({"w": params["w"]}, packed.init(params), {"w": params["w"]})
