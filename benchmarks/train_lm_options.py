@@ -39,11 +39,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
       "them")
   parser.add_argument("--precondition-every", type=int, default=10,
                       help="SOAP's basis interval")
+  step_and_interval = lambda text: tuple(map(int, text.split(":")))
   parser.add_argument(
       "--precondition-every-after", default=None, metavar="STEP:EVERY",
-      type=lambda text: tuple(map(int, text.split(":"))),
+      type=step_and_interval,
       help="the loop's schedule refreshes SOAP's bases every EVERY steps after "
       "STEP (host-scheduled variants)")
+  parser.add_argument(
+      "--inverse-root-every-after", default=None, metavar="STEP:EVERY",
+      type=step_and_interval,
+      help="the loop's schedule updates Shampoo's inverse roots every EVERY "
+      "steps after STEP (host-scheduled variants)")
   parser.add_argument(
       "--only", default=None,
       help="';'-separated optimizer names (default: all); a name ending in "

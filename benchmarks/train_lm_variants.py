@@ -146,10 +146,14 @@ def host_schedule(name, args):
   import optax_shampoo4 as o4
   if "host-scheduled" not in name:
     return None
+
+  def due(every, late):
+    """Due at multiples of ``every``, of ``late = (step, every)`` after it."""
+    return lambda step: o4.due_at(step, late[1]
+                                  if late and step > late[0] else every)
+
   if name.startswith("soap"):
-    late = args.precondition_every_after
-    every = lambda step: (
-        late[1] if late and step > late[0] else args.precondition_every)
-    return lambda step: (o4.due_at(step, every(step)), False)
-  return lambda step: (o4.due_at(step, args.statistics_every),
-                       o4.due_at(step, args.inverse_root_every))
+    refresh = due(args.precondition_every, args.precondition_every_after)
+    return lambda step: (refresh(step), False)
+  roots = due(args.inverse_root_every, args.inverse_root_every_after)
+  return lambda step: (o4.due_at(step, args.statistics_every), roots(step))
