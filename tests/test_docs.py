@@ -94,6 +94,29 @@ def test_documented_benchmark_commands_name_variants_that_exist(script, least):
         pytest.fail(f"unknown variant {name!r} in {argv}")
 
 
+@pytest.mark.parametrize(
+    "flags,variant,column,due",
+    [(("--inverse-root-every", "300", "--inverse-root-every-after", "600:500"),
+      "shampoo 4-bit, host-scheduled updates", 1, [300, 600, 1000]),
+     (("--inverse-root-every", "500", "--inverse-root-every-after",
+       "500:100"), "shampoo 4-bit, host-scheduled updates", 1,
+      [500, 600, 700, 800, 900, 1000, 1100, 1200]),
+     (("--precondition-every", "20", "--precondition-every-after",
+       "300:40"), "soap 4-bit lr 1e-3, host-scheduled refresh", 0,
+      list(range(20, 301, 20)) + list(range(320, 1201, 40)))])
+def test_the_loops_interval_flags_give_the_documented_schedules(
+    flags, variant, column, due):
+  """The steps at which ``train_lm.py``'s loop runs the roots (Shampoo) or the
+  refresh (SOAP) under the flags docs/benchmarks.md describes them with."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import train_lm
+  from train_lm_variants import host_schedule
+  args = train_lm.parser().parse_args(
+      ["--statistics-every", "100", "--steps", "1200", *flags])
+  schedule = host_schedule(variant, args)
+  assert [s for s in range(1, 1201) if schedule(s)[column]] == due
+
+
 def test_documented_profile_commands_parse():
   sys.path.insert(0, ROOT)
   from benchmarks import profile
