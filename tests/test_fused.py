@@ -144,7 +144,8 @@ def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
   few shared arrays: the state has as many arrays for 17 tensors as for 3."""
   params = _mixed_params()
   packed, per_tensor = _packed_and_per_tensor()
-  mu = substate(packed.init(params), o4.ScaleByAdam4bitState).mu
+  state = packed.init(params)
+  mu = substate(state, o4.ScaleByAdam4bitState).mu
   assert isinstance(mu, o4.moments.PackedMoment)
   # codes of w (96 rows of 128 elements), bf16 (64), ragged (70, padded to 72)
   # and 6 kernels (64 each)
@@ -154,7 +155,7 @@ def test_packed_state_holds_the_per_tensor_state_in_a_few_arrays():
       mu.others) == 1  # "odd": 5001 is no multiple of 128
   # count, 2 × (codes, scales, dense, odd's codes and scales), nonfinite_count,
   # the schedule's count
-  assert len(jax.tree.leaves(packed.init(params))) == 13
+  assert len(jax.tree.leaves(state)) == 13
   # 10 quantized tensors (codes and scales of two moments), 7 fp32 moment pairs,
   # three counters
   assert len(jax.tree.leaves(per_tensor.init(params))) == 4 * 10 + 2 * 7 + 3
