@@ -146,6 +146,11 @@ def parse_args(argv=None):
       help="ShampooConfig.linalg_precision (the statistics step, SOAP's "
       "refresh); the output's name then ends in _linalg_<precision>")
   parser.add_argument(
+      "--rectification-precision", default=None,
+      choices=o4.config.LINALG_PRECISIONS,
+      help="ShampooConfig.rectification_precision (the Björck steps on loaded "
+      "bases); the output's name then ends in _rectified_<precision>")
+  parser.add_argument(
       "--max-order", type=int, default=o4.ShampooConfig.max_order,
       help="ShampooConfig.max_order; the output's name then ends in "
       "_order<n> unless it is the default")
@@ -172,7 +177,8 @@ def step_of(args, kind: str):
   config = o4.ShampooConfig(
       bits=args.bits, bjorck_steps=steps, max_order=args.max_order,
       preconditioning_precision=args.preconditioning_precision,
-      linalg_precision=args.linalg_precision)
+      linalg_precision=args.linalg_precision,
+      rectification_precision=args.rectification_precision)
   if args.optimizer == "soap":
     tx = o4.soap(1e-3, config=config)
     return tx, step_program(tx, (SOAP_KINDS[kind], False))
@@ -246,6 +252,8 @@ def main(argv=None):
     suffix += "_" + args.preconditioning_precision
   if args.linalg_precision:
     suffix += "_linalg_" + args.linalg_precision
+  if args.rectification_precision:
+    suffix += "_rectified_" + args.rectification_precision
   if args.max_order != o4.ShampooConfig.max_order:
     suffix += f"_order{args.max_order}"
   common.write_json(f"profile_{prefix}{args.model}_{args.bits}bit{suffix}", {

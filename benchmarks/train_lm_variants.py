@@ -29,6 +29,12 @@ def _soap_b1_09_variants(soap, bf16_rotations):
     wider = dataclasses.replace(config, working_set_bytes=2 * 2**30)
     out[f"soap 4-bit, bf16 rotations{label}, 2 GiB working set, b1 0.9 lr "
         "1e-3, host-scheduled refresh"] = (1e-3, soap(wider, b1=0.9))
+  # the bases rectified at the statistics step's own precision, as before
+  # rectification_precision's TF32 default for 4-bit bases
+  bf16_3x = dataclasses.replace(bf16_rotations, working_set_bytes=2 * 2**30,
+                                rectification_precision="bf16_3x")
+  out["soap 4-bit, bf16 rotations, 2 GiB working set, rectified at bf16_3x, "
+      "b1 0.9 lr 1e-3, host-scheduled refresh"] = (1e-3, soap(bf16_3x, b1=0.9))
   return out
 
 
@@ -61,6 +67,11 @@ def _shampoo_variants(shampoo, base, lr):
           (lr, replaced(linalg_precision="highest")),
       "shampoo all-4-bit, host-scheduled updates":
           (lr, shampoo(adam=o4.AdamConfig())),
+      # before rectification_precision's TF32 default for 4-bit bases
+      "shampoo 4-bit, rectified at bf16_3x, host-scheduled updates":
+          (lr, replaced(rectification_precision="bf16_3x")),
+      "shampoo 4-bit, TF32 linear algebra, host-scheduled updates":
+          (lr, replaced(linalg_precision="high")),
       # the shape rule for every leaf, as before ShampooConfig's default left
       # the leaves named "bias" unpreconditioned
       "shampoo 4-bit, biases preconditioned, host-scheduled updates":

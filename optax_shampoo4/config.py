@@ -30,6 +30,13 @@ MIB = 2**20
 # ShampooConfig.bjorck_steps says why the uses differ. The first entries agree:
 # SOAP's refresh is Shampoo's statistics step (shampoo.update_statistics).
 DEFAULT_BJORCK_STEPS = {"shampoo": (1, 4), "soap": (1, 0)}
+# ShampooConfig's choices whose None means "the default of the bits"
+_OPTIONAL_CHOICES = {
+    "inverse_root_method": INVERSE_ROOT_METHODS,
+    "preconditioning_precision": PRECONDITIONING_PRECISIONS,
+    "linalg_precision": LINALG_PRECISIONS,
+    "rectification_precision": LINALG_PRECISIONS,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +205,12 @@ class ShampooConfig:
       statistics step"). ``"high"`` suits SOAP's 4-bit bases, whose own
       rounding (≈1e-2) is far above TF32's (``docs/benchmarks.md``, "SOAP's
       refresh at TF32").
+    rectification_precision: precision of the Björck steps that rectify a
+      loaded quantized basis, one of ``linalg_precision``'s names. Default:
+      ``"high"`` for 4-bit bases (unless ``linalg_precision="highest"``),
+      whose own error (≈1e-2) and 4-bit roots leave TF32's rounding invisible
+      (``tests/test_linalg.py`` measures it against float64);
+      ``linalg_precision`` otherwise.
     dimension_numbers: per-leaf :class:`DimensionNumbers` overriding the shape
       rule of ``docs/algorithms.md`` ("Shapes"): a pytree like the params with
       ``None`` for "the shape rule", or a function of the params returning
@@ -235,6 +248,7 @@ class ShampooConfig:
   error_feedback: bool = True
   preconditioning_precision: Optional[str] = None
   linalg_precision: Optional[str] = None
+  rectification_precision: Optional[str] = None
   dimension_numbers: DimensionNumbersSpec = unpreconditioned_biases
   working_set_bytes: Optional[int] = 1024 * MIB
   shard_blocks: Union[int, jax.sharding.NamedSharding] = 1
@@ -258,17 +272,10 @@ class ShampooConfig:
             "bjorck_steps must be None or a pair of non-negative ints, got "
             f"{self.bjorck_steps!r}")
       object.__setattr__(self, "bjorck_steps", tuple(int(s) for s in steps))
-    if self.inverse_root_method is not None:
-      _checks.check_choice("inverse_root_method", self.inverse_root_method,
-                           INVERSE_ROOT_METHODS)
     _checks.check_bool("error_feedback", self.error_feedback)
-    if self.preconditioning_precision is not None:
-      _checks.check_choice("preconditioning_precision",
-                           self.preconditioning_precision,
-                           PRECONDITIONING_PRECISIONS)
-    if self.linalg_precision is not None:
-      _checks.check_choice("linalg_precision", self.linalg_precision,
-                           LINALG_PRECISIONS)
+    for name, choices in _OPTIONAL_CHOICES.items():
+      if getattr(self, name) is not None:
+        _checks.check_choice(name, getattr(self, name), choices)
     if self.working_set_bytes is not None:
       _checks.check_int("working_set_bytes", self.working_set_bytes, 1)
     if not callable(self.dimension_numbers):
@@ -305,6 +312,14 @@ class ShampooConfig:
     if self.linalg_precision is not None:
       return self.linalg_precision
     return "highest" if self.bits == 32 else "bf16_3x"
+
+  @property
+  def rectification_precision_name(self) -> str:
+    if self.rectification_precision is not None:
+      return self.rectification_precision
+    if self.bits == 4 and self.linalg_precision_name != "highest":
+      return "high"
+    return self.linalg_precision_name
 
   @property
   def block_sharding(self) -> Optional[jax.sharding.NamedSharding]:

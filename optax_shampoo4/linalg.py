@@ -52,17 +52,25 @@ class Numerics(NamedTuple):
       (default: ``precision``). Their shift and tolerances are sized for
       rounding near fp32's, so a single TF32 pass (``Precision.HIGH`` on GPUs,
       rounding ≈ 5e-4) stays out of them.
+    rectification: the precision of :func:`bjorck`'s products (default:
+      ``precision``).
   """
 
   precision: Any = HIGHEST
   constraint: Optional[Callable[[jax.Array], jax.Array]] = None
   orthonormalization: Any = None
+  rectification: Any = None
 
   def orthonormalizing(self) -> "Numerics":
     """These numerics with the products at ``orthonormalization`` (when set)."""
-    if self.orthonormalization is None:
-      return self
-    return self._replace(precision=self.orthonormalization)
+    return self._at(self.orthonormalization)
+
+  def rectifying(self) -> "Numerics":
+    """These numerics with the products at ``rectification`` (when set)."""
+    return self._at(self.rectification)
+
+  def _at(self, precision) -> "Numerics":
+    return self if precision is None else self._replace(precision=precision)
 
 
 FP32 = Numerics()
@@ -147,8 +155,9 @@ def bjorck(rows: jax.Array, steps: int, numerics: Numerics = FP32) -> jax.Array:
 
   Converges quadratically while the singular values lie in (0, √3); one step
   turns a 4-bit quantized orthogonal matrix (orthogonality error ~1e-2) into one
-  with error ~1e-4 [S4, §3.2].
+  with error ~1e-4 [S4, §3.2]. The products run at ``numerics.rectifying()``.
   """
+  numerics = numerics.rectifying()
   for _ in range(steps):
     outer = matmul(rows, transpose(rows), numerics)
     rows = 1.5 * rows - 0.5 * matmul(outer, rows, numerics)

@@ -199,4 +199,6 @@ def linalg_numerics(config: ShampooConfig) -> linalg.Numerics:
     return linalg.FP32
   precision, orthonormalization = LINALG_PRECISIONS[
       config.linalg_precision_name]
-  return linalg.Numerics(precision, orthonormalization=orthonormalization)
+  rectification, _ = LINALG_PRECISIONS[config.rectification_precision_name]
+  return linalg.Numerics(precision, orthonormalization=orthonormalization,
+                         rectification=rectification)

@@ -20,10 +20,20 @@ def refresh_basis(rows, eigenvalues, gram, beta):
   return q.T[order], np.maximum(values[order], 0.0)
 
 
-def bjorck(rows, steps):
-  """``steps`` Björck steps ``V ← 1.5 V − 0.5 V Vᵀ V``."""
+def tf32(a):
+  """``a`` rounded to TF32 (fp32 with 10 explicit significand bits, to
+  nearest), as a GPU's TF32 tensor cores round their operands."""
+  bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+  bits = (bits + 0x1000) & ~np.uint64(0x1FFF)
+  return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def bjorck(rows, steps, operands=lambda a: a):
+  """``steps`` Björck steps ``V ← 1.5 V − 0.5 V Vᵀ V`` in float64, the
+  products' operands passed through ``operands`` (e.g. :func:`tf32`)."""
+  mm = lambda a, b: operands(a) @ operands(b)
   for _ in range(steps):
-    rows = 1.5 * rows - 0.5 * rows @ rows.T @ rows
+    rows = 1.5 * rows - 0.5 * mm(mm(rows, rows.T), rows)
   return rows
 
 

@@ -32,6 +32,7 @@ import optax_shampoo4 as o4
     (dict(min_quantized_size=-1), "min_quantized_size"),
     (dict(epsilon="1e-6"), "epsilon"),
     (dict(linalg_precision="tf32"), "linalg_precision"),
+    (dict(rectification_precision="tf32"), "rectification_precision"),
     (dict(shard_blocks=0), "shard_blocks"),
     (dict(replicate_roots=True), "replicate_roots"),
     (dict(replicate_roots=1), "replicate_roots"),
@@ -84,6 +85,27 @@ def test_linalg_precision_names_the_products_and_orthonormalization(
   precision_name = lambda p: None if p is None else p.name
   assert precision_name(numerics.precision) == products
   assert precision_name(numerics.orthonormalization) == orthonormalization
+
+
+@pytest.mark.parametrize("changes, rectification", [
+    ({}, "HIGH"),
+    (dict(bits=8), "BF16_BF16_F32_X3"),
+    (dict(linalg_precision="highest"), "HIGHEST"),
+    (dict(rectification_precision="bf16_3x"), "BF16_BF16_F32_X3"),
+])
+def test_rectification_precision_defaults_to_tf32_for_4bit_bases(
+    monkeypatch, changes, rectification):
+  """On a GPU the Björck steps of 4-bit bases run at TF32 while the rest of
+  the update keeps ``linalg_precision``; 8-bit bases and fp32 linear algebra
+  keep theirs; a CPU runs everything at fp32."""
+  from optax_shampoo4.stacks import linalg_numerics
+  config = o4.ShampooConfig(**changes)
+  assert linalg_numerics(config) == o4.linalg.FP32
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  numerics = linalg_numerics(config)
+  assert numerics.rectification.name == rectification
+  assert numerics.precision.name == (
+      "HIGHEST" if changes.get("linalg_precision") else "BF16_BF16_F32_X3")
 
 
 def test_dimension_numbers_from_a_function_are_checked_at_init():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from optax_shampoo4 import linalg, preconditioners
+from tests import references
 
 
 def test_linalg_inverse_roots_agree_with_float64():
@@ -120,8 +121,8 @@ def test_orthonormalization_runs_at_its_own_precision():
   # first-order corrections of orthonormalize_columns
   assert sorted(step) == ["HIGH"] * 2 + ["HIGHEST"] * 5, step
   assert precisions(
-      functools.partial(linalg.orthogonality_error_estimate,
-                        numerics=numerics), rows) == ["HIGHEST"] * 2
+      functools.partial(linalg.orthogonality_error_estimate, numerics=numerics),
+      rows) == ["HIGHEST"] * 2
   # without it, every product runs at ``precision``
   assert set(
       precisions(
@@ -133,3 +134,60 @@ def test_orthonormalization_runs_at_its_own_precision():
 def _qr_factor(x):
   q, r = np.linalg.qr(x)
   return q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+
+
+def _quantized_basis(n, bits, seed=0):
+  """A random orthogonal basis (rows), its 4- or 8-bit stored form and
+  eigenvalues spanning six decades."""
+  q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+  return q.T, _stored(q.T, bits), np.logspace(0, -6, n)
+
+
+def _stored(matrix, bits=4):
+  from optax_shampoo4.quantization import fake_quantize
+  return np.asarray(
+      fake_quantize(
+          jnp.asarray(matrix, jnp.float32), codebook="linear2", bits=bits,
+          block_size=64), np.float64)
+
+
+def test_tf32_rectification_of_4bit_bases_is_below_their_own_error():
+  """Why ``ShampooConfig.rectification_precision`` defaults to TF32 at 4 bits:
+  in float64 with TF32-rounded operands, the Björck steps change the rebuilt
+  statistic and the inverse root by under 2 % of the error that the 4-bit
+  basis (and the root's own 4-bit storage) leave in them (float64 Björck); at 8 bits TF32
+  would leave the rectified basis several times less orthogonal."""
+  rows, stored, eigenvalues = _quantized_basis(256, bits=4)
+  statistic = lambda v: (v.T * eigenvalues) @ v
+  exact = statistic(rows)
+  fp64, tf32 = (
+      references.bjorck(stored, 1, operands)
+      for operands in (lambda a: a, references.tf32))
+  own_error = np.abs(statistic(fp64) - exact).max()
+  assert own_error > 1e-3
+  assert np.abs(statistic(tf32) - statistic(fp64)).max() < 0.02 * own_error
+
+  # the inverse root, before and after its own 4-bit storage
+  damped = (eigenvalues + 1e-6)**-0.25
+  fp64, tf32 = (
+      (v.T * damped) @ v for v in (references.bjorck(stored, 4, operands)
+                                   for operands in (lambda a: a,
+                                                    references.tf32)))
+  own_error = np.abs(_stored(fp64) - (rows.T * damped) @ rows).max()
+  assert np.abs(tf32 - fp64).max() < 0.02 * own_error
+
+  _, stored, _ = _quantized_basis(256, bits=8)
+  orthogonality = lambda v: np.abs(v @ v.T - np.eye(256)).max()
+  assert orthogonality(references.bjorck(stored, 1, references.tf32)) > 3 * (
+      orthogonality(references.bjorck(stored, 1)))
+
+
+def test_rectification_runs_at_its_own_precision():
+  """``bjorck`` multiplies at ``Numerics.rectification``, not ``precision``."""
+  numerics = linalg.Numerics(jax.lax.Precision.HIGHEST,
+                             rectification=jax.lax.Precision.HIGH)
+  text = jax.jit(functools.partial(linalg.bjorck,
+                                   steps=2, numerics=numerics)).lower(
+                                       jnp.eye(8)[None]).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) == 4 and all("precision = [HIGH, HIGH]" in l for l in dots)
