@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent import futures
 
 import numpy as np
 
@@ -111,6 +112,41 @@ def compile_child(name: str, args) -> list:
   return rows
 
 
+def compile_side_by_side(name: str, args) -> list:
+  """Compiles each of ``name``'s programs in a thread as soon as it is
+  lowered, as ``train_lm.py --compile-concurrently`` does: the gradient first,
+  then the updates, most updates first (``o4.compile_scheduled``). Each row's
+  ``wall_s`` is its own compile and ``finished_s`` when it was done, from the
+  first lowering on; the last row is the whole."""
+  import jax
+  # the model and state built; the updates ordered as compile_scheduled does
+  lowers = sorted(
+      programs(name, args), key=lambda p:
+      (p[0] != "gradient", -p[0].count("True")))
+  start = time.perf_counter()
+
+  def compile_one(label, program):
+    begin = time.perf_counter()
+    compiled = program.compile()
+    end = time.perf_counter()
+    return dict(program=label, wall_s=end - begin, finished_s=end - start,
+                device=jax.devices()[0].device_kind, jax=jax.__version__,
+                **op_counts(compiled.as_text(), label.startswith("update")))
+
+  with futures.ThreadPoolExecutor(len(lowers)) as pool:
+    pending = []
+    for label, lower in lowers:
+      pending.append(pool.submit(compile_one, label, lower()))
+    lowered_s = time.perf_counter() - start
+    rows = [p.result() for p in pending]
+  total = time.perf_counter() - start
+  return rows + [
+      dict(program=f"all side by side (lowered after {lowered_s:.1f} s)",
+           wall_s=total, finished_s=total, fusions="—", library_calls="—",
+           gemms="—", by_order={})
+  ]
+
+
 def phase_seconds(stderr: str) -> dict:
   """``{program label: {"hlo_passes_s", "backend_s"}}`` from the timer lines
   between the marks (the larger module when a program compiles several)."""
@@ -183,8 +219,10 @@ def print_table(rows) -> None:
     orders = ", ".join(f"{n}: {c}" for n, c in r["by_order"].items())
     print("| " + " | ".join([
         r["flag_set"], r["name"], r["program"],
-        str(r.get("lowered_instructions", "—")), f"{r['wall_s']:.1f}",
-        f"{r.get('hlo_passes_s', 0):.1f}", f"{r.get('backend_s', 0):.1f}",
+        str(r.get("lowered_instructions", "—")), f"{r['wall_s']:.1f}" +
+        (f" (done at {r['finished_s']:.1f})" if "finished_s" in r else ""), *(
+            f"{r[k]:.1f}" if k in r else "—"
+            for k in ("hlo_passes_s", "backend_s")),
         str(r["fusions"]),
         str(r["library_calls"]),
         str(r["gemms"]), orders or "—", ", ".join(
@@ -205,6 +243,11 @@ def parser():
       "--pass-times", action="store_true",
       help="also time each HLO pass (XLA's module metadata, dumped to a "
       "temporary directory)")
+  parser.add_argument(
+      "--side-by-side", action="store_true",
+      help="compile each optimizer's programs in threads, each as soon as it "
+      "is lowered, as o4.compile_scheduled does (XLA's phase timers then mix, "
+      "and are left out)")
   parser.set_defaults(
       out="benchmarks/results/compile_phases", statistics_every=100,
       inverse_root_every=500,
@@ -217,7 +260,8 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
   if args.child:
-    print(json.dumps(compile_child(args.child, args)))
+    compile_all = compile_side_by_side if args.side_by_side else compile_child
+    print(json.dumps(compile_all(args.child, args)))
     return
   rows = []
   os.makedirs(args.out, exist_ok=True)

@@ -137,8 +137,9 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
   """The compiled program of every distinct ``due``, compiled concurrently.
 
   The programs of a host-scheduled loop (the plain step and the update steps,
-  each a whole training step) are lowered one after the other and compiled in
-  threads, since XLA releases the GIL while it compiles; how much that saves
+  each a whole training step) are lowered one after the other, each compiled in
+  a thread as soon as it is lowered, since XLA releases the GIL while it
+  compiles; how much that saves
   depends on the host's cores and, on a GPU, on the autotuners sharing it
   (``docs/benchmarks.md``, "Compiling the programs side by side").
 
@@ -176,18 +177,21 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
       _check_due("each entry of dues", due)
   if update_compiler_options is None and jax.default_backend() == "gpu":
     update_compiler_options = dict(GPU_UPDATE_COMPILER_OPTIONS)
-  # tracing holds the GIL: lowering stays sequential, only compiles overlap
-  lowered = [step.lower(*args, due=due, **kwargs) for due in dues]
   update_options = {
       **(compiler_options or {}),
       **(update_compiler_options or {})
   } or None
-  options = [
-      update_options if due and any(due) else compiler_options for due in dues
-  ]
+  # Tracing holds the GIL and XLA's compile does not: each program compiles as
+  # soon as it is lowered, while the next one lowers, the programs with the
+  # most updates (the longest compiles) first.
   with futures.ThreadPoolExecutor(max(len(dues), 1)) as pool:
-    compiled = list(pool.map(lambda l, o: l.compile(o), lowered, options))
-  return dict(zip(dues, compiled))
+    pending = {}
+    for due in sorted(dues, key=lambda due: -sum(due or ())):
+      lowered = step.lower(*args, due=due, **kwargs)
+      pending[due] = pool.submit(
+          lowered.compile,
+          update_options if due and any(due) else compiler_options)
+    return {due: pending[due].result() for due in dues}
 
 
 def apply_scheduled_gradients(train_state: Any, grads: optax.Updates,
