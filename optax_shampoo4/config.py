@@ -30,13 +30,6 @@ MIB = 2**20
 # ShampooConfig.bjorck_steps says why the uses differ. The first entries agree:
 # SOAP's refresh is Shampoo's statistics step (shampoo.update_statistics).
 DEFAULT_BJORCK_STEPS = {"shampoo": (1, 4), "soap": (1, 0)}
-# ShampooConfig's choices whose None means "the default of the bits"
-_OPTIONAL_CHOICES = {
-    "inverse_root_method": INVERSE_ROOT_METHODS,
-    "preconditioning_precision": PRECONDITIONING_PRECISIONS,
-    "linalg_precision": LINALG_PRECISIONS,
-    "rectification_precision": LINALG_PRECISIONS,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,12 +198,11 @@ class ShampooConfig:
       statistics step"). ``"high"`` suits SOAP's 4-bit bases, whose own
       rounding (≈1e-2) is far above TF32's (``docs/benchmarks.md``, "SOAP's
       refresh at TF32").
-    rectification_precision: precision of the Björck steps that rectify a
-      loaded quantized basis, one of ``linalg_precision``'s names. Default:
-      ``"high"`` for 4-bit bases (unless ``linalg_precision="highest"``),
-      whose own error (≈1e-2) and 4-bit roots leave TF32's rounding invisible
-      (``tests/test_linalg.py`` measures it against float64);
-      ``linalg_precision`` otherwise.
+    rectification_precision: of the Björck steps on a loaded quantized basis
+      (``linalg_precision``'s names). Default: ``"high"`` for 4-bit bases
+      unless ``linalg_precision="highest"``, since their own error (≈1e-2)
+      and 4-bit roots hide TF32's rounding (``docs/algorithms.md``, "4-bit
+      Shampoo"); ``linalg_precision`` otherwise.
     dimension_numbers: per-leaf :class:`DimensionNumbers` overriding the shape
       rule of ``docs/algorithms.md`` ("Shapes"): a pytree like the params with
       ``None`` for "the shape rule", or a function of the params returning
@@ -273,7 +265,11 @@ class ShampooConfig:
             f"{self.bjorck_steps!r}")
       object.__setattr__(self, "bjorck_steps", tuple(int(s) for s in steps))
     _checks.check_bool("error_feedback", self.error_feedback)
-    for name, choices in _OPTIONAL_CHOICES.items():
+    for name, choices in (
+        ("inverse_root_method", INVERSE_ROOT_METHODS),
+        ("preconditioning_precision", PRECONDITIONING_PRECISIONS),
+        ("linalg_precision", LINALG_PRECISIONS),
+        ("rectification_precision", LINALG_PRECISIONS)):
       if getattr(self, name) is not None:
         _checks.check_choice(name, getattr(self, name), choices)
     if self.working_set_bytes is not None:

@@ -139,9 +139,10 @@ def compile_scheduled(step: Any, dues: Iterable[Due], *args,
   The programs of a host-scheduled loop (the plain step and the update steps,
   each a whole training step) are lowered one after the other, each compiled in
   a thread as soon as it is lowered, since XLA releases the GIL while it
-  compiles; how much that saves
-  depends on the host's cores and, on a GPU, on the autotuners sharing it
-  (``docs/benchmarks.md``, "Compiling the programs side by side").
+  compiles. The compiles slow each other down: on a GPU the split loop's four
+  programs took about as long compiled as soon as lowered as lowered first
+  (``docs/benchmarks.md``, "Each program alone, with the update programs'
+  options").
 
   Args:
     step: a ``jax.jit``-wrapped training step whose keyword ``due`` is static

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import references
 from optax_shampoo4 import linalg, preconditioners
-from tests import references
+from optax_shampoo4.quantization import fake_quantize
 
 
 def test_linalg_inverse_roots_agree_with_float64():
@@ -144,7 +145,6 @@ def _quantized_basis(n, bits, seed=0):
 
 
 def _stored(matrix, bits=4):
-  from optax_shampoo4.quantization import fake_quantize
   return np.asarray(
       fake_quantize(
           jnp.asarray(matrix, jnp.float32), codebook="linear2", bits=bits,
@@ -155,8 +155,9 @@ def test_tf32_rectification_of_4bit_bases_is_below_their_own_error():
   """Why ``ShampooConfig.rectification_precision`` defaults to TF32 at 4 bits:
   in float64 with TF32-rounded operands, the Björck steps change the rebuilt
   statistic and the inverse root by under 2 % of the error that the 4-bit
-  basis (and the root's own 4-bit storage) leave in them (float64 Björck); at 8 bits TF32
-  would leave the rectified basis several times less orthogonal."""
+  basis (and the root's own 4-bit storage) leave in them after float64 Björck
+  steps; at 8 bits TF32 would leave the rectified basis several times less
+  orthogonal."""
   rows, stored, eigenvalues = _quantized_basis(256, bits=4)
   statistic = lambda v: (v.T * eigenvalues) @ v
   exact = statistic(rows)
@@ -169,11 +170,11 @@ def test_tf32_rectification_of_4bit_bases_is_below_their_own_error():
 
   # the inverse root, before and after its own 4-bit storage
   damped = (eigenvalues + 1e-6)**-0.25
+  root = lambda v: (v.T * damped) @ v
   fp64, tf32 = (
-      (v.T * damped) @ v for v in (references.bjorck(stored, 4, operands)
-                                   for operands in (lambda a: a,
-                                                    references.tf32)))
-  own_error = np.abs(_stored(fp64) - (rows.T * damped) @ rows).max()
+      root(references.bjorck(stored, 4, operands))
+      for operands in (lambda a: a, references.tf32))
+  own_error = np.abs(_stored(fp64) - root(rows)).max()
   assert np.abs(tf32 - fp64).max() < 0.02 * own_error
 
   _, stored, _ = _quantized_basis(256, bits=8)
