@@ -9,7 +9,8 @@ each optimizer program holds per preconditioner order.
 
 The programs are ``benchmarks/train_lm.py``'s: a variant's whole step (the
 program of step 1), or, for a split step, the model's gradient and the
-optimizer's update for every ``due`` (plain, statistics, statistics and roots).
+optimizer's update for every ``due`` (plain, statistics, statistics and roots;
+for a split of the updates, plain, statistics alone and roots alone).
 Each variant compiles in its own process per flag set (XLA reads its flags once
 per process), one program after the other. XLA's own timers (``VLOG`` of
 ``gpu_compiler``) give the seconds of the HLO passes and of the backend; the
@@ -40,7 +41,7 @@ sys.path.insert(0, HERE)
 import compile_time  # pylint: disable=wrong-import-position
 import train_lm  # pylint: disable=wrong-import-position
 import train_lm_programs  # pylint: disable=wrong-import-position
-from train_lm_variants import SPLIT_STEP  # pylint: disable=wrong-import-position
+from train_lm_variants import split_of  # pylint: disable=wrong-import-position
 
 MARK = "@@ compiling "
 TIMER = re.compile(r"GpuCompiler::(RunHloPasses|RunBackend) for \S+ time: "
@@ -48,7 +49,8 @@ TIMER = re.compile(r"GpuCompiler::(RunHloPasses|RunBackend) for \S+ time: "
 UNIT_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 LOWERED_OP = re.compile(r" = (?:stablehlo|chlo)\.")
 # the jitted functions whose modules are the programs, as XLA names them
-PROGRAM_MODULES = ("jit_step", "jit_loss_fn", "jit_apply_scheduled_gradients")
+PROGRAM_MODULES = ("jit_step", "jit_loss_fn", "jit_apply_scheduled_gradients",
+                   "jit_apply_scheduled_part")
 PASS = re.compile(
     r'pass_name: "([^"]*)".*?start_timestamp_usec: (\d+)\s*'
     r"end_timestamp_usec: (\d+)", re.S)
@@ -62,16 +64,18 @@ def programs(name: str, args):
   import jax
   run = train_lm.setup(name, args)
   x, y = train_lm.batch(run, run.corpus[0], np.random.default_rng(0))
-  if not name.endswith(SPLIT_STEP):
+  split = split_of(name)
+  if not split:
     due = run.schedule(1) if run.schedule else None
     step = run.jit(train_lm.training_step(run))
     yield "whole step", lambda: step.lower(run.state, x, y, due=due)
     return
-  gradient, update = train_lm_programs.split_step(
-      train_lm.loss_function(run.model))
+  gradient, update, parts = train_lm_programs.split_step(
+      train_lm.loss_function(run.model), apart=split == "updates")
   yield "gradient", lambda: gradient.lower(run.state.params, x, y)
   grads = jax.eval_shape(lambda params: params, run.state.params)
-  dues = dict.fromkeys(run.schedule(s) for s in range(1, args.steps + 1))
+  dues = dict.fromkeys(
+      part for s in range(1, args.steps + 1) for part in parts(run.schedule(s)))
   for due in sorted(dues):
     yield f"update {due}", lambda due=due: update.lower(run.state, grads,
                                                         due=due)

@@ -21,7 +21,9 @@ and its compile time. Prints a table, writes ``results.json`` and
 GPUs with params and optimizer state FSDP-sharded and Shampoo's / SOAP's stacks
 spread over the devices; peak memory is the largest device's. A variant whose
 name ends in ``, split step`` runs each step as two programs, the model's
-gradient and the optimizer's update (``train_lm_programs``).
+gradient and the optimizer's update, and one ending in ``, split updates``
+also runs each preconditioner update as a program of its own
+(``train_lm_programs``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from train_lm_report import SMOOTH, summarize
 # pylint: disable-next=wrong-import-position
 import train_lm_programs
 # pylint: disable-next=wrong-import-position
-from train_lm_variants import SPLIT_STEP, host_schedule, lookup, optimizers
+from train_lm_variants import host_schedule, lookup, optimizers, split_of
 # pylint: disable-next=wrong-import-position
 from train_lm_options import parser
 # steps of the loop that does not wait for each, after the run
@@ -94,7 +96,7 @@ def setup(name, args) -> Setup:
   import lm
   import optax_shampoo4 as o4
 
-  if name.endswith(SPLIT_STEP) and args.devices > 1:
+  if split_of(name) and args.devices > 1:
     raise ValueError(f"{name!r}: a split step runs on one device")
   size = dict(lm.SIZES[args.size])
   size["batch"] = args.batch or size["batch"]
@@ -161,14 +163,16 @@ def batch(run: Setup, data, rng):
       *lm.batches(data, run.size["context"], run.size["batch"], rng))
 
 
-def compile_programs(run: Setup, dues, xy, options=None, split=False):
+def compile_programs(run: Setup, dues, xy, options=None, split=None):
   """``({due: compiled}, seconds)``: the programs of every distinct schedule
-  entry (``train_lm_programs``), whole steps or, with ``split``, a gradient
-  program and the optimizer's programs; ``options``: ``compile_scheduled``'s
-  keywords, or None to compile one after the other."""
+  entry (``train_lm_programs``), whole steps or, with ``split`` (``"step"`` or
+  ``"updates"``), a gradient program and the optimizer's programs;
+  ``options``: ``compile_scheduled``'s keywords, or None to compile one after
+  the other."""
   if split:
     return train_lm_programs.compile_split(
-        loss_function(run.model), run.state, dues, xy, options)
+        loss_function(run.model), run.state, dues, xy, options,
+        apart=split == "updates")
   return train_lm_programs.compile_whole(
       run.jit(training_step(run)), run.state, dues, xy, options)
 

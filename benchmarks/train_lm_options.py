@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from train_lm_variants import SPLIT_STEP
+from train_lm_variants import SPLIT_STEP, SPLIT_UPDATES
 
 DESCRIPTION = ("Whole training runs of a Flax byte-level GPT: AdamW against "
                "Shampoo, all-4-bit and SOAP, side by side (GPU).")
@@ -54,7 +54,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
       "--only", default=None,
       help="';'-separated optimizer names (default: all); a name ending in "
       f"'{SPLIT_STEP}' runs each step as two programs (one device only): the "
-      "model's gradient and the optimizer's update; results already in "
+      "model's gradient and the optimizer's update; one ending in "
+      f"'{SPLIT_UPDATES}' also runs each preconditioner update as a program "
+      "of its own; results already in "
       "OUT/parts are reused")
   parser.add_argument("--out", default="benchmarks/results/train_lm")
 

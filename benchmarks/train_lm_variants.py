@@ -7,6 +7,19 @@ from __future__ import annotations
 #: model's gradient (compiled once) and the optimizer's update, one program per
 #: entry of the host's schedule (``train_lm_programs``).
 SPLIT_STEP = ", split step"
+#: The end of a variant's name whose loop splits the step as ``SPLIT_STEP``
+#: does and also runs each preconditioner update as a program of its own
+#: before the plain update (``o4.scheduled_parts``).
+SPLIT_UPDATES = ", split updates"
+
+
+def split_of(name):
+  """How the variant ``name`` splits its step: ``"step"``, ``"updates"`` or
+  None."""
+  for suffix, split in ((SPLIT_STEP, "step"), (SPLIT_UPDATES, "updates")):
+    if name.endswith(suffix):
+      return split
+  return None
 
 
 def _soap_b1_09_variants(soap, bf16_rotations):
@@ -148,7 +161,8 @@ def optimizers(args, base=None):
 def lookup(name, args, base=None):
   """``(peak lr, factory)`` of the variant ``name``; a split step's are its
   whole step's. Raises KeyError for an unknown name."""
-  return optimizers(args, base)[name.removesuffix(SPLIT_STEP)]
+  whole = name.removesuffix(SPLIT_STEP).removesuffix(SPLIT_UPDATES)
+  return optimizers(args, base)[whole]
 
 
 def host_schedule(name, args):

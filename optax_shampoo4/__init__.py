@@ -11,8 +11,10 @@ Public API:
   apply_gradients.
 - NaN safety: skip_nonfinite.
 - Preconditioner updates scheduled by the training loop (no conditional in the
-  step): due_at, apply_scheduled_gradients, compile_scheduled, and
-  ``update``'s keyword ``preconditioner_due``.
+  step): due_at, apply_scheduled_gradients, compile_scheduled, and, to run
+  each preconditioner update as a program of its own, scheduled_parts,
+  apply_scheduled_part and update_preconditioners; ``update``'s keyword
+  ``preconditioner_due``.
 - Transformations: scale_by_shampoo, scale_by_soap, scale_by_adam_4bit.
 - Configs: ShampooConfig, AdamConfig, DimensionNumbers (NO_PRECONDITIONER,
   unpreconditioned_biases).
@@ -59,7 +61,8 @@ from optax_shampoo4.memory import (  # noqa: E402
     format_memory_report, format_parameter_memory, memory_report,
     parameter_memory, state_nbytes)
 from optax_shampoo4.host_schedule import (  # noqa: E402
-    apply_scheduled_gradients, compile_scheduled, due_at)
+    apply_scheduled_gradients, apply_scheduled_part, compile_scheduled, due_at,
+    scheduled_parts, update_preconditioners)
 from optax_shampoo4.nonfinite import skip_nonfinite  # noqa: E402
 from optax_shampoo4.preconditioners import (  # noqa: E402
     CholeskyPreconditioner, EigenBasis, EigenPreconditioner,
@@ -89,6 +92,9 @@ __all__ = [
     "due_at",
     "apply_scheduled_gradients",
     "compile_scheduled",
+    "apply_scheduled_part",
+    "scheduled_parts",
+    "update_preconditioners",
     "scale_by_shampoo",
     "scale_by_adam_4bit",
     "ShampooConfig",

@@ -46,6 +46,21 @@ the model::
 The results are the same; the gradient stays in memory between the two
 programs (``docs/benchmarks.md``, "A loop that splits the step", measures the
 compile, the step and the peak memory).
+
+Each update program holds the plain step as well. A split loop may instead run
+every Shampoo preconditioner update as a program of its own
+(:func:`update_preconditioners`), followed by the plain update, so that no
+program compiles the plain step twice::
+
+  part_step = jax.jit(o4.apply_scheduled_part, donate_argnums=0,
+                      static_argnames="due")
+  parts = o4.compile_scheduled(
+      part_step, {part for due in dues for part in o4.scheduled_parts(due)},
+      state, state.params)
+  ...
+  loss, grads = grad_step(state.params, batch)
+  for part in o4.scheduled_parts(due):
+    state = parts[part](state, grads)
 """
 
 from __future__ import annotations
@@ -74,6 +89,10 @@ GPU_UPDATE_COMPILER_OPTIONS = types.MappingProxyType(
 #: One step's schedule: (statistics, roots) or, for SOAP, (refresh, unused);
 #: None where the transformations schedule themselves.
 Due = Optional[Tuple[bool, bool]]
+#: The class attribute of a transformation's state that names the fields a
+#: preconditioner update changes (:func:`update_preconditioners`); empty where
+#: the update cannot run apart from the step.
+PRECONDITIONER_FIELDS = "preconditioner_fields"
 
 
 def due_at(step: int, every: int, start_step: int = 1) -> bool:
@@ -208,3 +227,79 @@ def apply_scheduled_gradients(train_state: Any, grads: optax.Updates,
       step=train_state.step + 1,
       params=optax.apply_updates(train_state.params,
                                  updates), opt_state=opt_state)
+
+
+def scheduled_parts(due: Due) -> Tuple[Due, ...]:
+  """The programs, in order, of a step that runs each preconditioner update
+  apart (:func:`apply_scheduled_part`): ``((True, False), (False, True),
+  (False, False))`` for ``due = (True, True)``, the statistics, then the roots,
+  then the plain update; ``(due,)`` for a plain step or None.
+
+  Raises:
+    TypeError: unless ``due`` is None or a pair of bools.
+  """
+  if due is None:
+    return (None,)
+  _check_due("due", due)
+  updates = tuple(part for part, wanted in (((True, False), due[0]),
+                                            ((False, True), due[1])) if wanted)
+  return updates + ((False, False),)
+
+
+def apply_scheduled_part(train_state: Any, grads: optax.Updates,
+                         due: Due) -> Any:
+  """One program of a step split by :func:`scheduled_parts`: the plain update
+  (:func:`apply_scheduled_gradients`) where no entry of ``due`` is true, else
+  :func:`update_preconditioners`. One jitted function thus gives
+  :func:`compile_scheduled` every program of the loop."""
+  if due is None or not any(due):
+    return apply_scheduled_gradients(train_state, grads, due)
+  return update_preconditioners(train_state, grads, due)
+
+
+def update_preconditioners(train_state: Any, grads: optax.Updates,
+                           due: Tuple[bool, bool]) -> Any:
+  """A Flax ``TrainState`` whose Shampoo preconditioners (and failure counts)
+  took the updates that ``due`` asks for, and nothing else: its params, step,
+  counters and base optimizer's state are unchanged, so
+  ``apply_scheduled_gradients(state, grads, (False, False))`` must follow.
+
+  The two equal ``apply_scheduled_gradients(state, grads, due)``. Jitted, XLA
+  drops the unused update and base optimizer from the program, so no update
+  program compiles the plain step again.
+
+  Raises:
+    TypeError: unless ``due`` is a pair of bools.
+    ValueError: if the optimizer state holds no Shampoo state, or holds a
+      state whose update changes more than its preconditioners (SOAP's refresh
+      projects its second moment, which the step then advances).
+  """
+  _check_due("due", due)
+  _, opt_state = train_state.tx.update(grads, train_state.opt_state,
+                                       train_state.params, **{DUE_KEYWORD: due})
+  return train_state.replace(
+      opt_state=_with_new_preconditioners(train_state.opt_state, opt_state))
+
+
+def _with_new_preconditioners(old: Any, new: Any) -> Any:
+  """``old`` with the :data:`PRECONDITIONER_FIELDS` of every state that names
+  them taken from ``new`` (two trees of one structure)."""
+  owner = lambda x: hasattr(x, PRECONDITIONER_FIELDS)
+  found = []
+
+  def take(new, old):
+    if not owner(new):
+      return old
+    fields = getattr(new, PRECONDITIONER_FIELDS)
+    if not fields:
+      raise ValueError(
+          f"{type(new).__name__}'s preconditioner update cannot run apart "
+          "from the step; pass its due to apply_scheduled_gradients")
+    found.append(fields)
+    return old._replace(**{field: getattr(new, field) for field in fields})
+
+  merged = jax.tree.map(take, new, old, is_leaf=owner)
+  if not found:
+    raise ValueError("train_state.opt_state holds no Shampoo state whose "
+                     "preconditioners update_preconditioners could update")
+  return merged

@@ -59,6 +59,9 @@ class ShampooState(NamedTuple):
   nonfinite_count: jax.Array
   failure_count: jax.Array
 
+  # what a preconditioner update changes (host_schedule.update_preconditioners)
+  preconditioner_fields = ("preconditioners", "failure_count")
+
 
 def update_statistics(stacks: Stacks, preconditioners, group_blocks,
                       hyper: Hyper):

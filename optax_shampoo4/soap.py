@@ -92,6 +92,10 @@ class SoapState(NamedTuple):
   nonfinite_count: jax.Array
   failure_count: jax.Array
 
+  # a refresh projects the second moment, which the same step then advances:
+  # it cannot run apart from the step (host_schedule.update_preconditioners)
+  preconditioner_fields = ()
+
 
 def soap_moments(state: SoapState, params: Any,
                  config: ShampooConfig = SOAP_CONFIG):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import optax_shampoo4 as o4
-from helpers import assert_state_kept_but_counters
+from helpers import assert_state_kept_but_counters, substate
 
 PARAMS = {
     "w": jnp.zeros((24, 40)),
@@ -146,6 +146,72 @@ def test_compiled_scheduled_programs_step_a_flax_train_state():
   plain = optax.GradientTransformation(*optax.scale(-0.5))
   moved = o4.apply_scheduled_gradients(create(plain), grads_at(1), None)
   np.testing.assert_allclose(moved.params["w"], -0.5 * grads_at(1)["w"])
+
+
+def test_preconditioner_updates_apart_equal_the_whole_update():
+  """The parts of ``o4.scheduled_parts`` (the statistics, the roots, then the
+  plain update, each its own program of ``o4.apply_scheduled_part``) equal the
+  whole update of every ``due`` over five steps with roots and a NaN gradient,
+  leaf by leaf to fp32 rounding, under ``inject_hyperparams`` and the 4-bit
+  Adam base; each preconditioner program holds no plain step (its FLOPs are
+  the whole update's less at least 90 % of the plain update's)."""
+  from flax.training import train_state
+  tx = optax.inject_hyperparams(o4.shampoo_adamw)(learning_rate=1e-2,
+                                                  adam=o4.AdamConfig(),
+                                                  statistics_every=1,
+                                                  inverse_root_every=2)
+  create = lambda: train_state.TrainState.create(
+      apply_fn=None, params=jax.tree.map(jnp.copy, PARAMS), tx=tx)
+  jit = lambda f: jax.jit(f, donate_argnums=0, static_argnames="due")
+  whole_step, part_step = (jit(o4.apply_scheduled_gradients),
+                           jit(o4.apply_scheduled_part))
+  dues = [(True, o4.due_at(i, 2)) for i in range(1, 6)]
+  parts = o4.compile_scheduled(
+      part_step, [p for due in dues for p in o4.scheduled_parts(due)], create(),
+      PARAMS)
+  assert set(parts) == {(True, False), (False, True), (False, False)}
+  # each its own copy: the programs donate the state
+  whole, apart = create(), create()
+  for i, due in enumerate(dues, start=1):
+    grads = grads_at(i)
+    if i == 4:
+      grads["w"] = grads["w"].at[3, 5].set(jnp.nan)
+    whole = whole_step(whole, grads, due=due)
+    for part in o4.scheduled_parts(due):
+      apart = parts[part](apart, grads)
+  for a, b in zip(jax.tree.leaves(apart), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+        atol=1e-6)
+  shampoo = substate(apart.opt_state, o4.ShampooState)
+  assert (int(apart.step), int(shampoo.count),
+          int(shampoo.nonfinite_count)) == (5, 4, 1)
+  flops = lambda step, due: step.lower(create(), PARAMS, due=due).compile(
+  ).cost_analysis()["flops"]
+  plain = flops(whole_step, (False, False))
+  for due in ((True, False), (False, True)):
+    assert flops(part_step, due) <= flops(whole_step, due) - 0.9 * plain
+
+
+def test_update_preconditioners_needs_shampoo_alone_and_a_static_due():
+  """SOAP's refresh (which moves its second moment) and a state without
+  Shampoo raise a ValueError; a due that is not two bools a TypeError."""
+  from flax.training import train_state
+  create = lambda tx: train_state.TrainState.create(apply_fn=None,
+                                                    params=PARAMS, tx=tx)
+  assert o4.scheduled_parts(
+      (True, True)) == ((True, False), (False, True), (False, False))
+  assert o4.scheduled_parts((False, True)) == ((False, True), (False, False))
+  assert o4.scheduled_parts(None) == (None,)
+  for tx, match in ((OPTIMIZERS["soap"](), "SoapState"), (optax.adamw(1e-2),
+                                                          "no Shampoo state")):
+    with pytest.raises(ValueError, match=match):
+      o4.update_preconditioners(create(tx), PARAMS, (True, False))
+  with pytest.raises(TypeError, match="due"):
+    o4.update_preconditioners(
+        create(OPTIMIZERS["shampoo_adamw"]()), PARAMS, (1, 0))
+  with pytest.raises(TypeError, match="due"):
+    o4.scheduled_parts(True)
 
 
 def test_compile_scheduled_gives_update_options_to_update_programs_only():
