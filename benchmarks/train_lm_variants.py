@@ -89,6 +89,10 @@ def _shampoo_variants(shampoo, base, lr):
       # the leaves named "bias" unpreconditioned
       "shampoo 4-bit, biases preconditioned, host-scheduled updates":
           (lr, replaced(dimension_numbers=None)),
+      **{
+          f"shampoo 4-bit, {gib} GiB working set, host-scheduled updates":
+              (lr, replaced(working_set_bytes=gib * 2**30)) for gib in (2, 4)
+      },
   }
 
 
