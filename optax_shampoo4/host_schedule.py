@@ -251,8 +251,15 @@ def apply_scheduled_part(train_state: Any, grads: optax.Updates,
   """One program of a step split by :func:`scheduled_parts`: the plain update
   (:func:`apply_scheduled_gradients`) where no entry of ``due`` is true, else
   :func:`update_preconditioners`. One jitted function thus gives
-  :func:`compile_scheduled` every program of the loop."""
-  if due is None or not any(due):
+  :func:`compile_scheduled` every program of the loop.
+
+  Raises:
+    TypeError: unless ``due`` is None or a pair of bools.
+  """
+  if due is None:
+    return apply_scheduled_gradients(train_state, grads, due)
+  _check_due("due", due)
+  if not any(due):
     return apply_scheduled_gradients(train_state, grads, due)
   return update_preconditioners(train_state, grads, due)
 

@@ -212,6 +212,8 @@ def test_update_preconditioners_needs_shampoo_alone_and_a_static_due():
     alone(OPTIMIZERS["shampoo_adamw"](), (1, 0))
   with pytest.raises(TypeError, match="due"):
     o4.scheduled_parts(True)
+  with pytest.raises(TypeError, match="pair of Python bools"):
+    o4.apply_scheduled_part(create(OPTIMIZERS["shampoo_adamw"]()), PARAMS, True)
 
 
 def test_compile_scheduled_gives_update_options_to_update_programs_only():
